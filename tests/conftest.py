@@ -1,0 +1,24 @@
+"""Shared fixtures: where the official conformance vectors live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _conformance_dir() -> Path:
+    return Path(os.environ.get("EAR_CONFORMANCE_DIR", REPO.parent / "shared" / "conformance"))
+
+
+@pytest.fixture(scope="session")
+def conformance_dir() -> Path:
+    """The official EAR reference vectors; tests that need them skip when they are absent."""
+    path = _conformance_dir()
+    if not (path / "README.md").is_file():
+        pytest.skip(f"conformance vectors not found at {path} (set EAR_CONFORMANCE_DIR to the "
+                    "folder holding spiral.json and the ear_*_tiny files)")
+    return path
