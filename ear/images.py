@@ -1,0 +1,158 @@
+"""Turning whatever a user hands us into a plain RGB picture, and pictures into files safely.
+
+Uploads come from browsers, phones and scanners: rotated JPEGs, transparent PNGs, palette GIFs,
+16-bit greyscale, CMYK, truncated downloads, and the occasional decompression bomb. Everything
+below `load_image` either returns a fully decoded RGB image or raises a ValueError whose message
+is one sentence a user can act on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import struct
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 40_000_000  # far above any photo we need, far below what would exhaust memory
+ImageSource = str | os.PathLike | bytes | bytearray | Image.Image
+
+
+def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode `source` (a path, raw file bytes or a PIL image) into a loaded RGB image."""
+    if isinstance(source, Image.Image):
+        return _normalise(source, "the image", max_pixels)
+    if isinstance(source, bytes | bytearray):
+        if not source:
+            raise ValueError("The uploaded image is empty (0 bytes).")
+        return _decode(io.BytesIO(source), "the uploaded image", max_pixels)
+    path = Path(source)
+    label = f"'{path}'"
+    if path.is_dir():
+        raise ValueError(f"{label} is a folder, not an image file.")
+    if not path.is_file():
+        raise ValueError(f"No image file at {label}.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"The image file {label} is empty (0 bytes).")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"The image file {label} cannot be read ({err.strerror}).") from None
+    return _decode(io.BytesIO(data), f"the image file {label}", max_pixels)
+
+
+def _decode(stream: io.BytesIO, label: str, max_pixels: int) -> Image.Image:
+    """Open (header only), check the pixel budget, then decode the first frame."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(stream)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ValueError(f"{label.capitalize()} is too large to open safely "
+                             f"(limit {max_pixels / 1e6:.0f} megapixels).") from None
+        except UnidentifiedImageError:
+            raise ValueError(f"{label.capitalize()} is not an image format we can read "
+                             "(try PNG, JPEG, WebP or GIF).") from None
+        except OSError as err:
+            raise ValueError(f"{label.capitalize()} cannot be read ({err}).") from None
+        with img:
+            return _normalise(img, label, max_pixels)
+
+
+def _normalise(img: Image.Image, label: str, max_pixels: int) -> Image.Image:
+    """Size checks before decoding, then first frame, EXIF rotation and conversion to RGB."""
+    width, height = img.size
+    if width == 0 or height == 0:
+        raise ValueError(f"{label.capitalize()} has no pixels ({width}x{height}).")
+    if width * height > max_pixels:
+        raise ValueError(f"{label.capitalize()} is too large ({width}x{height} = "
+                         f"{width * height / 1e6:.0f} megapixels; the limit is "
+                         f"{max_pixels / 1e6:.0f}).")
+    try:
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except (OSError, SyntaxError, ValueError, EOFError, KeyError, TypeError, struct.error) as err:
+        # Pillow reports damaged data through many exception types (struct.error from headers).
+        raise ValueError(f"{label.capitalize()} is truncated or corrupt ({err}).") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB; transparency is composited on white, deep greys scaled to 8 bits."""
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _deep_grey_to_l(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img.copy()
+
+
+def _deep_grey_to_l(img: Image.Image) -> Image.Image:
+    """16/32-bit integer or float greyscale -> 8-bit, keeping the full tonal range."""
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        arr = arr / 257.0
+    elif img.mode == "F" and arr.size and arr.max() <= 1.0:
+        arr = arr * 255.0
+    elif arr.size and arr.max() > 255:  # mode "I" holding 16-bit data (how Pillow opens some PNGs)
+        arr = arr / 257.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def center_crop_resize(img: Image.Image, size: int | tuple[int, int]) -> Image.Image:
+    """Largest centred crop with the target's aspect ratio, resized with Lanczos (no distortion)."""
+    target = (size, size) if isinstance(size, int) else size
+    if min(target) < 1:
+        raise ValueError(f"target size must be positive, got {target}")
+    return ImageOps.fit(img, target, Image.Resampling.LANCZOS)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float32 in [-1, 1], the tokenizers' input range."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, on the CPU."""
+    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return arr.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path` with the same suffix; rename it into place only when
+    the block succeeds, so a crash or bad input never leaves a half-written file behind."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f"Cannot write '{path}': the folder '{path.parent}' does not exist.")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def save_image(img: Image.Image, path: str | os.PathLike) -> Path:
+    """Write one image atomically; the format follows the suffix (.png, .jpg, .webp ...)."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        try:
+            img.save(tmp)
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"Cannot save an image as '{path.name}': unknown or unsupported "
+                             f"file extension ({err}).") from None
+    return path
