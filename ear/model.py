@@ -163,7 +163,8 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         # Key name "ada_lin.1" is the official one: a Sequential of SiLU then Linear.
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(config.dim, 6 * config.dim)) if config.adaln else None
+        self.ada_lin = (nn.Sequential(nn.SiLU(), nn.Linear(config.dim, 6 * config.dim))
+                        if config.adaln else None)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
@@ -211,6 +212,10 @@ class _Layout:
         cells = (torch.arange(schedule.num_tokens) if config.rope == "sequence"
                  else torch.tensor(schedule.order))
         self.rope = _rope_table(config, cells // n, cells % n).to(device)
+
+
+def _shorten(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 def _rope_table(config: EARConfig, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -273,11 +278,9 @@ class EAR(nn.Module):
         shapes = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state_dict[k].shape)}"
                   for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
         if missing or unexpected or shapes:
-            parts = [f"missing keys: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "")] if missing else []
-            if unexpected:
-                parts.append(f"unexpected keys: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
-            parts += shapes[:8]
-            raise ValueError("state dict does not match the EAR config: " + "; ".join(parts))
+            parts = [f"{what} keys: {_shorten(keys)}" for what, keys in
+                     (("missing", missing), ("unexpected", unexpected)) if keys]
+            raise ValueError("state dict does not match the EAR config: " + "; ".join(parts + shapes[:8]))
         self.load_state_dict(state_dict, strict=True)
 
     def layout(self, schedule: Schedule | None = None) -> _Layout:
@@ -301,7 +304,8 @@ class EAR(nn.Module):
             raise ValueError(f"class ids must lie in [0, {top}], got {class_ids.tolist()}")
 
     def check_tokens(self, tokens: torch.Tensor, length: int | None = None) -> None:
-        if tokens.dtype.is_floating_point or tokens.ndim != 2 or (length is not None and tokens.shape[1] != length):
+        wrong_length = length is not None and tokens.ndim == 2 and tokens.shape[1] != length
+        if tokens.dtype.is_floating_point or tokens.ndim != 2 or wrong_length:
             raise ValueError(f"tokens must be an integer tensor of shape (batch, {length or 'n'}), "
                              f"got {tuple(tokens.shape)} {tokens.dtype}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, cached_property
+from itertools import pairwise
 
 MIN_GRID, MAX_GRID = 2, 64
 SPIRAL_SCHEDULES = ("arms", "rings")
@@ -119,7 +120,7 @@ def _is_central(lo: int, k: int, n: int) -> bool:
 def _cut(order: tuple[int, ...], counts: list[int]) -> tuple[tuple[int, ...], ...]:
     """Split `order` at the cumulative `counts`."""
     bounds = [0, *counts]
-    return tuple(order[a:b] for a, b in zip(bounds, bounds[1:], strict=False))
+    return tuple(order[a:b] for a, b in pairwise(bounds))
 
 
 def arms(n: int) -> tuple[tuple[int, ...], ...]:
