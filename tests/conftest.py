@@ -22,3 +22,15 @@ def conformance_dir() -> Path:
         pytest.skip(f"conformance vectors not found at {path} (set EAR_CONFORMANCE_DIR to the "
                     "folder holding spiral.json and the ear_*_tiny files)")
     return path
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """One intra-op thread for tiny-model tests: on a busy shared 2-core machine OpenMP's second
+    thread mostly waits, and small ops took ~30 ms each instead of microseconds."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

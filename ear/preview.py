@@ -1,0 +1,233 @@
+"""Partial canvases for every EAR step, grids of them, and GIF/MP4 files.
+
+A frame shows the tokens known so far, decoded to pixels; cells not generated yet show a dim
+checkerboard of token cells, and the cells a step added can be outlined. Cost matters because a
+frame is drawn after every step: `PreviewRenderer` decodes the whole batch in one tokenizer call
+per step, with unknown cells filled by a *neutral* token (the code a flat mid-grey image encodes
+to, found once) and then masked in pixel space, so no decode is ever spent on cells that are not
+shown. Everything that does not change between steps (the background, the pixel -> cell maps) is
+built once per renderer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ear.images import atomic_output, to_uint8
+from ear.sampler import UNKNOWN, StepState
+from ear.tokenizer import Tokenizer
+
+CANVAS_RGB = ((34, 36, 42), (44, 46, 54))  # dim checkerboard for cells not generated yet
+OUTLINE_RGB = (255, 176, 32)
+ANIMATION_SUFFIXES = (".gif", ".mp4")
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's tensors live (parameters, or buffers for parameter-free modules)."""
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def neutral_token(tokenizer: Tokenizer) -> int:
+    """The code a flat mid-grey image encodes to (its most frequent cell): decoding it next to
+    known cells disturbs them least, whatever the tokenizer."""
+    grey = torch.zeros(1, 3, tokenizer.image_size, tokenizer.image_size, device=module_device(tokenizer))
+    with torch.no_grad():
+        codes = tokenizer.encode(grey).flatten().cpu()
+    return int(codes.mode().values)
+
+
+class PreviewRenderer:
+    """Draws display-size frames for a stream of StepStates of one tokenizer.
+
+    `decode_seconds` / `decode_calls` accumulate the time spent in the tokenizer, which is what
+    the benchmark compares with the sampling time."""
+
+    def __init__(self, tokenizer: Tokenizer, display_size: int = 256, outline: bool = True,
+                 fill_token: int | None = None) -> None:
+        if not 16 <= display_size <= 4096:
+            raise ValueError(f"display_size must lie in [16, 4096], got {display_size}")
+        self.tokenizer, self.display_size, self.outline = tokenizer, display_size, outline
+        self.fill_token = neutral_token(tokenizer) if fill_token is None else fill_token
+        g, d, s = tokenizer.grid_size, display_size, tokenizer.image_size
+        self._cell = (np.arange(d) * g) // d  # grid row/col of each display pixel row/col
+        checker = (self._cell[:, None] + self._cell[None, :]) % 2
+        self.canvas = np.asarray(CANVAS_RGB, dtype=np.uint8)[checker]
+        # Small tokenizers (e.g. 64 px) look right as crisp pixel art; others get a smooth resize.
+        self._resample = (Image.Resampling.NEAREST if d > s and d % s == 0
+                          else Image.Resampling.LANCZOS)
+        self._thickness = max(1, d // 128)
+        self.decode_seconds, self.decode_calls = 0.0, 0
+
+    def decode(self, tokens: torch.Tensor) -> np.ndarray:
+        """(B, g, g) ids with UNKNOWN holes -> (B, D, D, 3) uint8 at display size."""
+        filled = torch.where(tokens == UNKNOWN, self.fill_token, tokens)
+        device = module_device(self.tokenizer)
+        started = time.perf_counter()
+        with torch.no_grad():
+            pixels = to_uint8(self.tokenizer.decode(filled.to(device)))
+        self.decode_seconds += time.perf_counter() - started
+        self.decode_calls += 1
+        if pixels.shape[1] == self.display_size:
+            return pixels
+        size = (self.display_size, self.display_size)
+        return np.stack([np.asarray(Image.fromarray(p).resize(size, self._resample)) for p in pixels])
+
+    def cell_mask(self, cells: torch.Tensor) -> np.ndarray:
+        """(g, g) bool cells -> (D, D) bool display pixels."""
+        cells = cells.numpy()
+        return cells[self._cell[:, None], self._cell[None, :]]
+
+    def render(self, state: StepState) -> list[Image.Image]:
+        """One frame per batch item: known cells decoded, the rest dim, this step's cells outlined
+        (except on the last step, whose frame is the finished picture)."""
+        if state.done:
+            return self.final(state.tokens)
+        known = self.cell_mask(state.known)[None, :, :, None]
+        frames = np.where(known, self.decode(state.tokens), self.canvas[None])
+        if self.outline:
+            frames[:, _border(self.cell_mask(state.new), self._thickness)] = OUTLINE_RGB
+        return [Image.fromarray(f) for f in frames]
+
+    def final(self, tokens: torch.Tensor) -> list[Image.Image]:
+        """Finished pictures (every cell known) at display size."""
+        return [Image.fromarray(f) for f in self.decode(tokens)]
+
+    def shrink(self, image: Image.Image, box: tuple[int, int, int, int], count: int) -> list[Image.Image]:
+        """`count` frames moving `image` from the full canvas into `box` (left, top, right, bottom
+        in grid cells) on the dim background, with geometric easing so the zoom speed feels
+        constant: the bridge between two rounds of a zoom-out."""
+        d, g = self.display_size, self.tokenizer.grid_size
+        target = [c * d / g for c in box]
+        scale = (target[2] - target[0]) / d
+        frames = []
+        for i in range(1, count + 1):
+            t = i / count
+            s = scale ** t  # geometric: each frame shrinks by the same factor
+            w = max(1, round(d * s))
+            # the box's centre moves from the canvas centre to the target centre as the size shrinks
+            u = (1 - s) / (1 - scale) if scale < 1 else t
+            cx = d / 2 + u * ((target[0] + target[2]) / 2 - d / 2)
+            cy = d / 2 + u * ((target[1] + target[3]) / 2 - d / 2)
+            frame = Image.fromarray(self.canvas)
+            corner = (round(cx - w / 2), round(cy - w / 2))
+            frame.paste(image.resize((w, w), Image.Resampling.LANCZOS), corner)
+            frames.append(frame)
+        return frames
+
+
+def _border(mask: np.ndarray, thickness: int) -> np.ndarray:
+    """Pixels of `mask` within `thickness` of its edge (the outline of a group of cells)."""
+    inner = mask
+    for _ in range(thickness):
+        p = np.pad(inner, 1)
+        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return mask & ~inner
+
+
+def render_frame(state: StepState, tokenizer: Tokenizer, *, display_size: int = 256,
+                 outline: bool = True, fill_token: int | None = None) -> list[Image.Image]:
+    """One-off frame for a single StepState; loops should keep a PreviewRenderer instead."""
+    return PreviewRenderer(tokenizer, display_size, outline, fill_token).render(state)
+
+
+def make_grid(images: Sequence[Image.Image], gap: int = 4, background: str = "#e5e7eb") -> Image.Image:
+    """Batch -> one near-square image (a single image comes back unchanged)."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    if len(images) == 1:
+        return images[0]
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), background)
+    for i, image in enumerate(images):
+        grid.paste(image.convert("RGB"), ((i % cols) * (w + gap), (i // cols) * (h + gap)))
+    return grid
+
+
+def ffmpeg_exe() -> str | None:
+    """Path of the MP4 encoder (imageio-ffmpeg's bundled binary or IMAGEIO_FFMPEG_EXE), if any."""
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError, OSError):
+        return None
+
+
+def save_animation(frames: Sequence[Image.Image], path: str | os.PathLike, fps: float = 8,
+                   hold_last: float = 1.5) -> Path:
+    """Write frames as .gif or .mp4, holding the last frame `hold_last` seconds longer. Without an
+    MP4 encoder the animation is written as .gif next to the requested path, with a warning.
+    Returns the path actually written; the file appears only once complete."""
+    path = Path(path)
+    if path.suffix.lower() not in ANIMATION_SUFFIXES:
+        raise ValueError(f"Animations can be saved as {' or '.join(ANIMATION_SUFFIXES)}, "
+                         f"not '{path.suffix or path.name}'.")
+    if not frames:
+        raise ValueError("There are no frames to save.")
+    if not 0 < fps <= 60 or hold_last < 0:
+        raise ValueError(f"fps must lie in (0, 60] and hold_last be >= 0, got {fps} and {hold_last}")
+    arrays = _same_size([np.asarray(f.convert("RGB")) for f in frames])
+    if path.suffix.lower() == ".mp4":
+        exe = ffmpeg_exe()
+        if exe is not None:
+            return _write_mp4(arrays, path, fps, hold_last)
+        path = path.with_suffix(".gif")
+        warnings.warn(f"No MP4 encoder found (install imageio-ffmpeg or set IMAGEIO_FFMPEG_EXE); "
+                      f"wrote a GIF instead: {path}", RuntimeWarning, stacklevel=2)
+    return _write_gif(arrays, path, fps, hold_last)
+
+
+def _same_size(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Pad every frame to the largest one (centred, dim background) so encoders accept them."""
+    h = max(a.shape[0] for a in arrays)
+    w = max(a.shape[1] for a in arrays)
+    h, w = h + h % 2, w + w % 2  # yuv420p needs even sizes
+    out = []
+    for a in arrays:
+        if a.shape[:2] != (h, w):
+            canvas = np.empty((h, w, 3), np.uint8)
+            canvas[:] = CANVAS_RGB[0]
+            top, left = (h - a.shape[0]) // 2, (w - a.shape[1]) // 2
+            canvas[top:top + a.shape[0], left:left + a.shape[1]] = a
+            a = canvas
+        out.append(a)
+    return out
+
+
+def _write_gif(arrays: list[np.ndarray], path: Path, fps: float, hold_last: float) -> Path:
+    import imageio.v3 as iio
+
+    durations = [1000.0 / fps] * len(arrays)
+    durations[-1] += 1000.0 * hold_last
+    with atomic_output(path) as tmp:
+        iio.imwrite(tmp, np.stack(arrays), extension=".gif", duration=durations, loop=0)
+    return path
+
+
+def _write_mp4(arrays: list[np.ndarray], path: Path, fps: float, hold_last: float) -> Path:
+    import imageio.v2 as imageio
+
+    extra = round(hold_last * fps)
+    with atomic_output(path) as tmp:
+        writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                    pixelformat="yuv420p", quality=8, macro_block_size=2,
+                                    ffmpeg_log_level="error")
+        try:
+            for a in [*arrays, *[arrays[-1]] * extra]:
+                writer.append_data(a)
+        finally:
+            writer.close()
+    return path

@@ -1,0 +1,102 @@
+"""Tiny models for pipeline/preview/hub/CLI tests: random weights, real on-disk layouts.
+
+`write_tiny_model` writes a folder in our own format (docs/api.md: config.json, ear.safetensors,
+tokenizer.safetensors) so that loading is exercised exactly as for the bundled model.
+`PaletteTokenizer` is a deterministic tokenizer whose decode(encode(x)) is a blocky version of x,
+so tests can check that extension really keeps the user's picture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from ear.model import EAR, EARConfig
+from ear.tokenizer import Tokenizer
+from ear.tokenizer.conv_vq import ConvVQ, ConvVQConfig
+
+CLASS_NAMES = ["cat", "dog", "fish, goldfish"]
+
+
+def tiny_ear(vocab: int, grid: int = 8, num_classes: int = len(CLASS_NAMES), seed: int = 0) -> EAR:
+    """A 2-layer EAR with loud random weights (the default init zeroes the output head)."""
+    model = EAR(EARConfig(dim=32, n_layer=2, n_head=2, vocab_size=vocab, num_classes=num_classes,
+                          grid_size=grid))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model.eval()
+
+
+def tiny_conv_vq(grid: int = 8, codebook: int = 32, seed: int = 0) -> ConvVQ:
+    torch.manual_seed(seed)
+    config = ConvVQConfig(image_size=grid * 4, grid_size=grid, codebook_size=codebook, codebook_dim=4,
+                          channels=(8, 16, 16), enc_blocks=1, dec_blocks=1)
+    return ConvVQ(config).eval()
+
+
+def write_tiny_model(folder: Path, grid: int = 8, codebook: int = 32, seed: int = 0) -> Path:
+    """A complete random model folder in our format; returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_conv_vq(grid, codebook, seed)
+    model = tiny_ear(codebook, grid, seed=seed)
+    config = {
+        "name": "tiny-test", "format": "ear-studio/1", "model": model.config.to_dict(),
+        "tokenizer": {"type": "conv_vq", **tokenizer.config.to_dict()}, "class_names": CLASS_NAMES,
+        "presets": {"default": {"cfg_scale": 1.5, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
+                    "greedyish": {"cfg_scale": 1.0, "temperature": 0.5, "top_k": 4, "top_p": 0.9}},
+        "licence": "MIT (test)", "attribution": "random weights",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    save_file({k: v.half() for k, v in model.state_dict().items()}, folder / "ear.safetensors")
+    save_file(tokenizer.state_dict(), folder / "tokenizer.safetensors")
+    return folder
+
+
+def add_to_hub_cache(cache: Path, repo_id: str, files: dict[str, Path], revision: str = "main") -> str:
+    """Place files in a Hugging Face Hub cache exactly as huggingface_hub lays it out
+    (models--org--name/{blobs,snapshots/<commit>,refs/<revision>}); returns the commit hash."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    for sub in (repo / "blobs", snapshot, repo / "refs"):
+        sub.mkdir(parents=True, exist_ok=True)
+    for name, source in files.items():
+        data = source.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs" / revision).write_text(commit)
+    return commit
+
+
+class PaletteTokenizer(Tokenizer):
+    """Token = nearest of levels^3 flat colours to a patch's mean; decode paints flat patches."""
+
+    def __init__(self, grid: int = 8, patch: int = 4, levels: int = 4) -> None:
+        super().__init__()
+        self.grid_size, self.image_size, self.codebook_size = grid, grid * patch, levels ** 3
+        axis = torch.linspace(-1, 1, levels)
+        palette = torch.cartesian_prod(axis, axis, axis)
+        self.register_buffer("palette", palette)
+        self.patch = patch
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_images(images)
+        means = F.avg_pool2d(images.float(), self.patch).permute(0, 2, 3, 1)  # (B, g, g, 3)
+        return torch.cdist(means.flatten(1, 2), self.palette[None]).argmin(-1).view(-1, self.grid_size,
+                                                                                   self.grid_size)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.check_tokens(tokens)
+        colours = self.palette[tokens].permute(0, 3, 1, 2)
+        return colours.repeat_interleave(self.patch, 2).repeat_interleave(self.patch, 3)
