@@ -30,9 +30,6 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 DEFAULT_PREFER = ("model", "ema", "module", "state_dict")
 
-# Wrappers added by DistributedDataParallel ("module.") and torch.compile ("_orig_mod.").
-_WRAPPER_COMPONENTS = ("module", "_orig_mod")
-
 
 # --- inert stand-ins for config objects that training scripts pickle next to the weights ----------
 
@@ -213,7 +210,8 @@ def load_checkpoint(path: str | Path) -> Any:
 
 
 def _strip_wrappers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop ``_orig_mod`` components anywhere and a ``module.`` prefix shared by every key."""
+    """Drop the wrappers torch.compile (``_orig_mod`` components, anywhere) and
+    DistributedDataParallel (a ``module.`` prefix shared by every key) add to names."""
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         parts = [p for p in key.split(".") if p != "_orig_mod"]
