@@ -1,0 +1,308 @@
+"""EARPipeline: one loaded model + tokenizer, and every way of using them (docs/api.md).
+
+The pipeline is the only place that knows how the pieces fit: it validates user arguments
+up front (every bad value is a ValueError naming the allowed range, raised before any work),
+turns sampler StepStates into display frames, and implements image extension (a user's picture
+becomes the first steps of the spiral) and the zoom-out built on it. Loading happens once, in
+`from_pretrained`; every call after that reuses the same modules.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ear import hub
+from ear.images import ImageSource, center_crop_resize, load_image, to_tensor
+from ear.model import EAR
+from ear.order import Schedule, make_schedule
+from ear.preview import PreviewRenderer, module_device, neutral_token
+from ear.sampler import SamplingParams, StepState, sample
+from ear.tokenizer import Tokenizer
+
+MAX_BATCH = 64
+MAX_ZOOM_ROUNDS = 32
+ZOOM_TRANSITION = 8  # bridge frames between zoom-out rounds
+
+
+@dataclass
+class SamplingSettings:
+    cfg_scale: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def merged(self, **overrides: Any) -> SamplingSettings:
+        """These settings with every non-None override applied, then checked."""
+        out = replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        SamplingParams(**asdict(out))  # the sampler's own range checks, run before any work
+        return out
+
+
+@dataclass
+class Frame:
+    """One streamed EAR step (or one bridge frame of a zoom-out)."""
+
+    state: StepState
+    images: list[Image.Image]  # display-size previews, one per batch item
+    caption: str
+
+
+class EARPipeline:
+    def __init__(self, loaded: hub.LoadedModel, device: torch.device, dtype: torch.dtype) -> None:
+        self.name = loaded.name
+        self.device, self.dtype = device, dtype
+        self.model: EAR = loaded.model.to(device=device, dtype=dtype).eval()
+        # The tokenizer stays float32: one decode per step is cheap and half precision costs colour.
+        self.tokenizer: Tokenizer = loaded.tokenizer.to(device).eval()
+        self.class_names = loaded.class_names
+        self.presets = {k: SamplingSettings(**v) for k, v in loaded.presets.items()}
+        self.default_settings = self.presets[loaded.default_preset]
+        self._loaded = loaded
+        self._fill_token: int | None = None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = hub.DEFAULT_MODEL, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None, **hub_overrides: str | None) -> EARPipeline:
+        """Load once: CUDA -> bfloat16 on the GPU, CPU -> float32 (unless told otherwise)."""
+        dev = _device(device)
+        dt = _dtype(dtype, dev)  # both checked before the (possibly long) load
+        return cls(hub.load(name_or_path, **hub_overrides), dev, dt)
+
+    # ---- facts ---------------------------------------------------------------------------------
+
+    @property
+    def grid(self) -> int:
+        return self.model.config.grid_size
+
+    def info(self) -> dict[str, Any]:
+        loaded = self._loaded
+        files = loaded.hub_files
+        return {
+            "name": self.name, "source": loaded.source, "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."), "parameters": self.model.num_params(),
+            "tokenizer_parameters": sum(p.numel() for p in self.tokenizer.parameters()),
+            "licence": loaded.licence, "attribution": loaded.attribution,
+            "schedule": self.model.schedule.name, "steps": self.model.schedule.num_steps,
+            "grid": self.grid, "image_size": self.tokenizer.image_size, "classes": len(self.class_names),
+            "presets": {k: asdict(v) for k, v in self.presets.items()},
+            "cached": all(hub.cached_path(f) for f in files) if files else None,
+        }
+
+    def class_id(self, name_or_id: str | int) -> int:
+        """A class index from an index or a (case-insensitive) name or synonym."""
+        n = len(self.class_names)
+        if isinstance(name_or_id, str) and name_or_id.strip().lstrip("-").isdigit():
+            name_or_id = int(name_or_id.strip())
+        if isinstance(name_or_id, int | np.integer) and not isinstance(name_or_id, bool):
+            if not 0 <= name_or_id < n:
+                raise ValueError(f"class id must lie in [0, {n - 1}] for {self.name}, got {name_or_id}")
+            return int(name_or_id)
+        if not isinstance(name_or_id, str):
+            raise ValueError(f"a class is an index in [0, {n - 1}] or a name, got {name_or_id!r}")
+        wanted = name_or_id.strip().lower()
+        lowered = [c.lower() for c in self.class_names]
+        if wanted in lowered:
+            return lowered.index(wanted)
+        for i, name in enumerate(lowered):  # synonyms: "tench, Tinca tinca"
+            if wanted in (s.strip() for s in name.split(",")):
+                return i
+        close = difflib.get_close_matches(wanted, lowered, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(repr(self.class_names[lowered.index(c)]) for c in close)}?" \
+            if close else ""
+        raise ValueError(f"Unknown class {name_or_id!r} for {self.name}: give an index in [0, {n - 1}] "
+                         f"or one of its class names.{hint}")
+
+    def keep_sizes(self) -> list[int]:
+        """Centre sizes k (k x k tokens) that extension can keep: the spiral must pass through
+        exactly that square, and something must be left to generate."""
+        return sorted(k for k in self.model.schedule.square_steps() if k < self.grid)
+
+    def frame_count(self, keep: int | None = None, times: int = 1, transition: int = ZOOM_TRANSITION) -> int:
+        """Frames that stream (keep=None), extend (times=1) or zoom_out yield: for progress bars."""
+        steps = self.model.schedule.num_steps
+        per_round = steps if keep is None else steps - self._keep_steps(keep) + 1
+        return times * per_round + (times - 1) * transition
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    def stream(self, class_ids: int | str | Sequence[int | str], *, seed: int | None = None,
+               cfg_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
+               top_p: float | None = None, schedule: str | Schedule | None = None, outline: bool = True,
+               display_size: int = 256) -> Iterator[Frame]:
+        """A Frame after every step. Arguments are checked now, before the first frame."""
+        states = self.states(class_ids, seed=seed, cfg_scale=cfg_scale, temperature=temperature,
+                             top_k=top_k, top_p=top_p, schedule=schedule)
+        return self._frames(states, self.renderer(display_size, outline))
+
+    def states(self, class_ids: int | str | Sequence[int | str], **sampling: Any) -> Iterator[StepState]:
+        """Bare StepStates, nothing decoded (progress bars, token-level uses); same arguments as
+        `stream` without the display ones."""
+        return self._states(self._class_list(class_ids), **sampling)
+
+    def generate(self, class_ids: int | str | Sequence[int | str], *, display_size: int = 256,
+                 outline: bool = True, **sampling: Any) -> list[Image.Image]:
+        """Final images only: nothing is decoded until the last step. (`outline` is accepted so
+        stream and generate share arguments; finished pictures are never outlined.)"""
+        renderer = self.renderer(display_size, outline)
+        return renderer.final(_last(self.states(class_ids, **sampling)).tokens)
+
+    def extend(self, image: ImageSource, keep: int, class_id: int | str | None = None, *,
+               display_size: int = 256, outline: bool = True, **sampling: Any) -> Iterator[Frame]:
+        """Grow a picture outward from `image`: it is centre-cropped into the central keep x keep
+        token square, encoded, and those tokens become the spiral's first steps. `class_id=None`
+        samples unconditionally (the null class, no guidance)."""
+        self._keep_steps(keep)
+        if class_id is None:
+            if self.model.cls_embedding.embedding_table.num_embeddings <= self.model.null_class:
+                raise ValueError(f"{self.name} has no unconditional class: pass a class to extend with.")
+            ids = [self.model.null_class]
+            sampling = {**sampling, "cfg_scale": 1.0}
+        else:
+            ids = [self.class_id(class_id)]
+        prefix = self.encode_centre(load_image(image), keep)
+        states = self._states(ids, prefix=prefix, **sampling)
+        return self._frames(states, self.renderer(display_size, outline))
+
+    def zoom_out(self, image: ImageSource, times: int, keep: int, class_id: int | str | None = None, *,
+                 seed: int | None = None, transition: int = ZOOM_TRANSITION, display_size: int = 256,
+                 outline: bool = True, **sampling: Any) -> Iterator[Frame]:
+        """`times` rounds of "shrink the last picture into the centre, extend again", with
+        `transition` bridge frames between rounds that shrink the finished picture into the
+        centre square, so the frames play as one continuous zoom-out."""
+        if not isinstance(times, int) or not 1 <= times <= MAX_ZOOM_ROUNDS:
+            raise ValueError(f"times must be an integer in [1, {MAX_ZOOM_ROUNDS}], got {times!r}")
+        if not isinstance(transition, int) or not 0 <= transition <= 60:
+            raise ValueError(f"transition must be an integer in [0, 60] frames, got {transition!r}")
+        first = self.extend(image, keep, class_id, seed=seed, display_size=display_size, outline=outline,
+                            **sampling)  # checks every argument before the first frame
+        return self._zoom(first, times, keep, class_id, seed, transition, display_size, outline, sampling)
+
+    def _zoom(self, first: Iterator[Frame], times: int, keep: int, class_id: int | str | None,
+              seed: int | None, transition: int, display_size: int, outline: bool,
+              sampling: dict[str, Any]) -> Iterator[Frame]:
+        box = self.centre_box(keep)
+        renderer = self.renderer(display_size, outline)
+        rounds = first
+        for t in range(times):
+            last = None
+            for frame in rounds:
+                last = replace(frame, caption=f"zoom {t + 1} / {times} · {frame.caption}")
+                yield last
+            assert last is not None
+            if t == times - 1:
+                return
+            picture = last.images[0]
+            for i, img in enumerate(renderer.shrink(picture, box, transition), 1):
+                yield Frame(last.state, [img], f"zoom {t + 1} / {times} · zooming out {i} / {transition}")
+            rounds = self.extend(picture, keep, class_id, seed=None if seed is None else seed + t + 1,
+                                 display_size=display_size, outline=outline, **sampling)
+
+    # ---- pieces ---------------------------------------------------------------------------------
+
+    def renderer(self, display_size: int = 256, outline: bool = True) -> PreviewRenderer:
+        """A frame renderer; the neutral fill token is found once per pipeline and reused."""
+        if self._fill_token is None:
+            self._fill_token = neutral_token(self.tokenizer)
+        return PreviewRenderer(self.tokenizer, display_size, outline, self._fill_token)
+
+    def centre_box(self, keep: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) in grid cells of the keep x keep square the spiral fills first."""
+        cells = self.model.schedule.order[: self.model.schedule.prefix_len(self._keep_steps(keep))]
+        rows = [c // self.grid for c in cells]
+        cols = [c % self.grid for c in cells]
+        return min(cols), min(rows), max(cols) + 1, max(rows) + 1
+
+    def encode_centre(self, image: Image.Image, keep: int) -> torch.Tensor:
+        """The generation-order prefix that shows `image` in the central keep x keep square.
+
+        The picture is cropped and resized to exactly that square's pixels; the rest of the
+        tokenizer's canvas is filled by mirroring it, so encoders with a wide receptive field see
+        natural surroundings rather than a hard border."""
+        left, top, right, bottom = self.centre_box(keep)
+        size, cell = self.tokenizer.image_size, self.tokenizer.image_size // self.grid
+        centre = np.asarray(center_crop_resize(image, keep * cell))
+        pads = ((top * cell, size - bottom * cell), (left * cell, size - right * cell), (0, 0))
+        canvas = Image.fromarray(np.pad(centre, pads, mode="symmetric"))
+        device = module_device(self.tokenizer)
+        with torch.no_grad():
+            grid = self.tokenizer.encode(to_tensor(canvas)[None].to(device)).flatten().cpu()
+        order = torch.tensor(self.model.schedule.order[: (right - left) * (bottom - top)])
+        return grid[order]
+
+    def _keep_steps(self, keep: int) -> int:
+        sizes = self.keep_sizes()
+        if isinstance(keep, bool) or not isinstance(keep, int | np.integer) or keep not in sizes:
+            raise ValueError(f"keep must be one of {sizes} for {self.name} (the centre squares its "
+                             f"spiral passes through), got {keep!r}")
+        return self.model.schedule.square_steps()[int(keep)]
+
+    def _class_list(self, class_ids: int | str | Sequence[int | str]) -> list[int]:
+        items = [class_ids] if isinstance(class_ids, int | str | np.integer) else list(class_ids)
+        if not 1 <= len(items) <= MAX_BATCH:
+            raise ValueError(f"give between 1 and {MAX_BATCH} classes, got {len(items)}")
+        return [self.class_id(c) for c in items]
+
+    def _schedule(self, schedule: str | Schedule | None) -> Schedule | None:
+        if schedule is None or isinstance(schedule, Schedule):
+            return schedule
+        return make_schedule(schedule, self.grid)
+
+    def _states(self, ids: list[int], *, seed: int | None = None, cfg_scale: float | None = None,
+                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                schedule: str | Schedule | None = None, prefix: torch.Tensor | None = None
+                ) -> Iterator[StepState]:
+        """Checked arguments -> the sampler's generator (which itself starts work lazily)."""
+        settings = self.default_settings.merged(cfg_scale=cfg_scale, temperature=temperature,
+                                                top_k=top_k, top_p=top_p)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | np.integer)
+                                 or not 0 <= seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        return sample(self.model, ids, **asdict(settings), seed=seed, prefix=prefix,
+                      schedule=self._schedule(schedule))
+
+    def _frames(self, states: Iterator[StepState], renderer: PreviewRenderer) -> Iterator[Frame]:
+        cells = self.grid * self.grid
+        for state in states:
+            caption = (f"step {state.step} / {state.num_steps} · {state.num_known} / {cells} tokens · "
+                       f"{state.elapsed:.2f} s")
+            yield Frame(state, renderer.render(state), caption)
+
+
+def _last(states: Iterator[StepState]) -> StepState:
+    state = None
+    for state in states:  # noqa: B007
+        pass
+    assert state is not None
+    return state
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r} (use cpu, cuda or cuda:N): {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but no CUDA GPU is available; use cpu")
+    return dev
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]

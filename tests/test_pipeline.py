@@ -1,0 +1,191 @@
+"""EARPipeline on tiny random models: streaming, generation, extension, zoom-out, bad arguments."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ear import hub
+from ear.pipeline import EARPipeline, Frame, SamplingSettings
+from ear.preview import OUTLINE_RGB
+from tests.helpers import CLASS_NAMES, PaletteTokenizer, tiny_ear, write_tiny_model
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory, torch_single_thread) -> EARPipeline:
+    """The tiny model in our on-disk format, loaded the way users load models."""
+    return EARPipeline.from_pretrained(str(write_tiny_model(tmp_path_factory.mktemp("m") / "tiny")))
+
+
+@pytest.fixture(scope="module")
+def palette_pipe(torch_single_thread) -> EARPipeline:
+    """A pipeline whose tokenizer reproduces pictures faithfully (blocky), to see kept content."""
+    tokenizer = PaletteTokenizer(grid=8, patch=4, levels=4)
+    loaded = hub.LoadedModel(name="palette", source="test", model=tiny_ear(tokenizer.codebook_size, grid=8),
+                             tokenizer=tokenizer, class_names=list(CLASS_NAMES),
+                             presets={"default": {"cfg_scale": 2.0}}, default_preset="default")
+    return EARPipeline(loaded, torch.device("cpu"), torch.float32)
+
+
+def _quadrants(size: int = 200) -> Image.Image:
+    """Four flat colours: easy to recognise after any crop, resize and quantisation."""
+    arr = np.zeros((size, size, 3), np.uint8)
+    h = size // 2
+    arr[:h, :h], arr[:h, h:], arr[h:, :h], arr[h:, h:] = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 0)
+    return Image.fromarray(arr)
+
+
+def test_loads_on_cpu_in_float32_with_config_presets(pipe: EARPipeline) -> None:
+    info = pipe.info()
+    assert (info["device"], info["dtype"]) == ("cpu", "float32")
+    assert pipe.model.output.weight.dtype == torch.float32  # float16 file, float32 model
+    assert info["steps"] == 15 and info["grid"] == 8 and info["cached"] is None
+    assert pipe.default_settings == SamplingSettings(cfg_scale=1.5, temperature=1.0, top_k=0, top_p=1.0)
+    assert set(pipe.presets) == {"default", "greedyish"}
+    assert pipe.class_names == CLASS_NAMES
+
+
+def test_stream_yields_a_frame_per_step(pipe: EARPipeline) -> None:
+    frames = list(pipe.stream(["cat", 1], seed=0, display_size=64))
+    assert len(frames) == pipe.frame_count() == 15
+    assert all(isinstance(f, Frame) and len(f.images) == 2 for f in frames)
+    assert frames[0].images[0].size == (64, 64)
+    assert [f.state.step for f in frames] == list(range(1, 16))
+    assert frames[3].caption.startswith("step 4 / 15 · 6 / 64 tokens · ")
+    assert frames[-1].state.done
+
+
+def test_generate_is_reproducible_by_seed(pipe: EARPipeline) -> None:
+    a = pipe.generate(0, seed=7, display_size=32)
+    b = pipe.generate(0, seed=7, display_size=32)
+    c = pipe.generate(0, seed=8, display_size=32)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
+    last = list(pipe.stream(0, seed=7, display_size=32))[-1]
+    assert np.array_equal(np.asarray(last.images[0]), np.asarray(a[0]))  # finished frame = final image
+
+
+def test_class_names_ids_and_synonyms(pipe: EARPipeline) -> None:
+    assert pipe.class_id("dog") == 1 and pipe.class_id("DOG ") == 1 and pipe.class_id("2") == 2
+    assert pipe.class_id("goldfish") == 2 and pipe.class_id(np.int64(0)) == 0
+    with pytest.raises(ValueError, match=r"Did you mean 'dog'"):
+        pipe.class_id("dgo")
+    with pytest.raises(ValueError, match=r"\[0, 2\]"):
+        pipe.class_id(3)
+    with pytest.raises(ValueError, match=r"\[0, 2\]"):
+        pipe.class_id(True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "phrase"),
+    [
+        ({"cfg_scale": -1.0}, "cfg_scale must be >= 0"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_p": 0.0}, r"top_p must lie in \(0, 1\]"),
+        ({"seed": -3}, "seed"),
+        ({"schedule": "zigzag"}, "schedule must be one of"),
+        ({"display_size": 2}, "display_size"),
+    ],
+)
+def test_bad_sampling_arguments_fail_at_call_time(pipe: EARPipeline, kwargs, phrase: str) -> None:
+    with pytest.raises(ValueError, match=phrase):
+        pipe.stream(0, **kwargs)  # no iteration needed: checked before any work
+
+
+def test_bad_classes_and_batches(pipe: EARPipeline) -> None:
+    with pytest.raises(ValueError, match="Unknown class"):
+        pipe.stream("unicorn")
+    with pytest.raises(ValueError, match="between 1 and 64"):
+        pipe.generate([])
+    with pytest.raises(ValueError, match="device"):
+        EARPipeline.from_pretrained("ear-emoji", device="tpu")
+    with pytest.raises(ValueError, match="dtype"):
+        EARPipeline.from_pretrained("ear-emoji", dtype="float8")
+
+
+def test_keep_sizes_and_bad_keep(pipe: EARPipeline) -> None:
+    assert pipe.keep_sizes() == [1, 2, 3, 4, 5, 6, 7]
+    for keep in (0, 8, 2.0, True):
+        with pytest.raises(ValueError, match=r"keep must be one of \[1, 2, 3, 4, 5, 6, 7\]"):
+            pipe.extend(_quadrants(), keep)
+    with pytest.raises(ValueError, match="not an image format"):
+        pipe.extend(b"not an image", 4)
+
+
+def test_extension_keeps_the_encoded_centre(pipe: EARPipeline) -> None:
+    image = _quadrants()
+    prefix = pipe.encode_centre(image, 4)
+    frames = list(pipe.extend(image, 4, "cat", seed=1, display_size=32))
+    steps = pipe.model.schedule.square_steps()[4]
+    assert len(frames) == pipe.frame_count(keep=4) == 15 - steps + 1
+    order = torch.tensor(pipe.model.schedule.order)
+    first, last = frames[0].state, frames[-1].state
+    assert first.step == steps and first.num_known == 16  # the first frame shows the kept centre
+    assert torch.equal(last.tokens[0].flatten()[order[:16]], prefix)
+    assert pipe.centre_box(4) == (2, 2, 6, 6)
+
+
+def test_extension_shows_the_users_picture_in_the_centre(palette_pipe: EARPipeline) -> None:
+    image = _quadrants()
+    frames = list(palette_pipe.extend(image, 4, None, seed=3, display_size=32))  # unconditional
+    final = np.asarray(frames[-1].images[0]).astype(int)
+    centre = final[8:24, 8:24]  # cells 2..5 of 8 at 4 px per cell
+    expected = np.asarray(_quadrants(16)).astype(int)
+    assert np.abs(centre - expected).mean() < 40  # palette quantisation only
+    outside = final[:8].reshape(-1, 3)
+    assert np.abs(outside - expected.reshape(-1, 3).mean(0)).mean() > 0  # something was generated
+    first = np.asarray(frames[0].images[0]).astype(int)
+    assert np.abs(first[8:24, 8:24] - expected).mean() < 40
+
+
+@pytest.mark.parametrize("source", ["rgba", "bytes", "path"])
+def test_extension_accepts_any_image_source(palette_pipe: EARPipeline, tmp_path: Path, source: str) -> None:
+    img = _quadrants(40).convert("RGBA")
+    if source == "bytes":
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        img = buf.getvalue()
+    elif source == "path":
+        img.convert("P").save(tmp_path / "a.gif")
+        img = tmp_path / "a.gif"
+    frames = list(palette_pipe.extend(img, 6, 0, seed=0, display_size=16))
+    assert frames[-1].state.done
+
+
+def test_zoom_out_frame_count_and_continuity(palette_pipe: EARPipeline) -> None:
+    keep, times, transition = 4, 3, 5
+    frames = list(palette_pipe.zoom_out(_quadrants(), times, keep, "dog", seed=0, transition=transition,
+                                        display_size=32))
+    per_round = 15 - palette_pipe.model.schedule.square_steps()[keep] + 1
+    assert len(frames) == times * per_round + (times - 1) * transition
+    assert len(frames) == palette_pipe.frame_count(keep, times, transition)
+    assert frames[0].caption.startswith("zoom 1 / 3 · step")
+    assert frames[-1].caption.startswith("zoom 3 / 3 · step 15 / 15")
+    # The bridge ends with the previous picture squeezed into the centre square, and the next
+    # round starts from (the tokens of) that same picture there, outlined as the kept square.
+    bridge_end = np.asarray(frames[per_round + transition - 1].images[0]).astype(float)
+    next_start = np.asarray(frames[per_round + transition].images[0]).astype(float)
+    assert np.all(next_start[8, 8:24] == OUTLINE_RGB)
+
+    def cells(a: np.ndarray) -> np.ndarray:  # mean colour of each 4x4-pixel cell of the centre
+        return a[8:24, 8:24].reshape(4, 4, 4, 4, 3).mean(axis=(1, 3))
+
+    inner = (slice(1, 3), slice(1, 3))  # away from the outline
+    assert np.abs(cells(bridge_end)[inner] - cells(next_start)[inner]).max() <= 43  # palette step / 2
+
+
+def test_zoom_out_bad_arguments(palette_pipe: EARPipeline) -> None:
+    with pytest.raises(ValueError, match="times"):
+        palette_pipe.zoom_out(_quadrants(), 0, 4)
+    with pytest.raises(ValueError, match="keep"):
+        palette_pipe.zoom_out(_quadrants(), 2, 8)
+    with pytest.raises(ValueError, match="transition"):
+        palette_pipe.zoom_out(_quadrants(), 2, 4, transition=-1)
