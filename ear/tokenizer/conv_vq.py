@@ -13,7 +13,7 @@ Why this design:
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ class ConvVQConfig:
 
     image_size: int = 64
     grid_size: int = 16
-    codebook_size: int = 1024
+    codebook_size: int = 512
     codebook_dim: int = 8
     channels: tuple[int, ...] = (32, 64, 128)  # widths at full, 1/2, 1/4 ... resolution
     enc_blocks: int = 1  # residual blocks per resolution below full size in the encoder
@@ -177,16 +177,6 @@ class EMAQuantizer(nn.Module):
         return q, ids.view(b, h, w), commit
 
 
-@dataclass
-class VQOutput:
-    """What training needs from one forward pass."""
-
-    recon: torch.Tensor  # (B, 3, S, S), not clamped so the pixel loss keeps gradients at the edges
-    ids: torch.Tensor  # (B, g, g)
-    commit: torch.Tensor  # scalar
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
 class ConvVQ(Tokenizer):
     """64x64 RGB <-> 16x16 grid of ids in [0, codebook_size)."""
 
@@ -199,14 +189,15 @@ class ConvVQ(Tokenizer):
         self.quantizer = EMAQuantizer(c.codebook_size, c.codebook_dim, c.ema_decay, c.dead_threshold)
         self.decoder = Decoder(c)
 
-    def forward(self, images: torch.Tensor) -> VQOutput:
-        """Training pass; accepts any size divisible by the downsampling factor (e.g. crops)."""
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training pass -> {"loss", "l1", "l2", "commit" (scalars), "recon" (unclamped, so the pixel
+        loss keeps its gradient near the range ends), "ids"}. A plain dict so DDP can handle it."""
         q, ids, commit = self.quantizer(self.encoder(images))
-        recon = self.decoder(q)
+        recon = self.decoder(q).float()
         l1 = (recon - images).abs().mean()
         l2 = F.mse_loss(recon, images)
         loss = l1 + l2 + self.config.commitment * commit
-        return VQOutput(recon, ids, commit, {"loss": loss, "l1": l1, "l2": l2, "commit": commit})
+        return {"loss": loss, "l1": l1, "l2": l2, "commit": commit, "recon": recon, "ids": ids}
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
