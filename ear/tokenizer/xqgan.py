@@ -4,16 +4,14 @@ Reference semantics: /work/shared/conformance/xqgan/README.md (the official ``VQ
 repository, DINOv2-style ViT encoder and decoder with 256 latent tokens and a 8192 x 32 codebook).
 State-dict names and shapes equal the official ones, so a released checkpoint loads strictly.
 
-The ViT blocks are timm's ``Block`` (LayerScale on, exact GELU, LayerNorm eps 1e-6). timm imports
-torchvision at import time, and a torchvision binary built for another torch makes that import
-raise; the tokenizer then uses ``_Block``, a same-named, same-maths equivalent, so a broken
-optional image library does not take the tokenizer down. Nothing is ever downloaded: blocks are
-constructed directly, never through ``timm.create_model``.
+The ViT blocks follow timm's pre-norm ``Block`` (LayerScale on, exact GELU, LayerNorm eps 1e-6)
+with the same parameter names, written here rather than imported: timm drags in torchvision,
+whose only wheels for this stack are CUDA builds that fail to import beside a CPU torch, and the
+official constructor's ``create_model`` would download DINOv2 weights. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from collections.abc import Iterable
@@ -122,7 +120,7 @@ class _Mlp(nn.Module):
 
 
 class _Block(nn.Module):
-    """timm's pre-norm ViT block with LayerScale, same parameter names (used without timm)."""
+    """timm's pre-norm ViT block with LayerScale, same parameter names, no timm dependency."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, init_values: float) -> None:
         super().__init__()
@@ -138,29 +136,8 @@ class _Block(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
-def _resolve_block_class() -> type[nn.Module]:
-    """timm's ViT ``Block`` when timm imports, else the equivalent ``_Block`` (see module doc).
-
-    Resolved once at import time, so that building a model under ``torch.device("meta")`` never
-    runs timm's module-level code inside that context."""
-    try:
-        from timm.models.vision_transformer import Block
-    except (ImportError, RuntimeError, OSError) as exc:
-        log.warning("timm is not importable (%s: %s); XQGAN uses its built-in equivalent ViT block",
-                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        return _Block
-    return Block
-
-
-BLOCK_CLASS = _resolve_block_class()
-
-
 def _make_block(config: XQGANConfig) -> nn.Module:
-    if BLOCK_CLASS is _Block:
-        return _Block(config.dim, config.num_heads, config.mlp_ratio, config.layer_scale_init)
-    return BLOCK_CLASS(config.dim, config.num_heads, mlp_ratio=config.mlp_ratio, qkv_bias=True,
-                       init_values=config.layer_scale_init,
-                       norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
+    return _Block(config.dim, config.num_heads, config.mlp_ratio, config.layer_scale_init)
 
 
 # --- encoder / decoder ----------------------------------------------------------------------------
