@@ -136,3 +136,16 @@ def test_bad_training_inputs():
         model(torch.full((1, 64), 64), torch.tensor([1]))
     with pytest.raises(ValueError, match="eval"):
         next(sample(model.train(), [1]))
+
+
+def test_bfloat16_path_tracks_float32():
+    """The GPU path runs the model in bfloat16 (rotary tables and logits stay float32)."""
+    model = noisy_model()
+    tokens = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
+    cond = torch.tensor([1, 2])
+    reference = model(tokens, cond)
+    half = noisy_model().to(torch.bfloat16)
+    logits = half(tokens, cond)
+    assert logits.dtype == torch.float32
+    assert (logits - reference).abs().max() < 0.1
+    assert generate(half, [1, 2], seed=0, cfg_scale=1.5).shape == (2, 8, 8)
