@@ -79,6 +79,24 @@ def add_to_hub_cache(cache: Path, repo_id: str, files: dict[str, Path], revision
     return commit
 
 
+def offline_hub_cache(monkeypatch, root: Path) -> Path:
+    """Point huggingface_hub at an empty cache under `root`, offline, with no EAR_* overrides.
+    huggingface_hub reads HF_HOME/HF_HUB_CACHE/HF_HUB_OFFLINE once at import, so its module
+    constants are patched as well as the environment (which subprocesses inherit)."""
+    from huggingface_hub import constants
+
+    cache = root / "hf" / "hub"
+    cache.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("HF_HOME", str(root / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for key in [k for k in os.environ if k.startswith("EAR_")]:
+        monkeypatch.delenv(key)
+    return cache
+
+
 class PaletteTokenizer(Tokenizer):
     """Token = nearest of levels^3 flat colours to a patch's mean; decode paints flat patches."""
 

@@ -9,31 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import constants
 
 from ear import hub
 from ear.hub import HubFile, ModelEntry
 from ear.model import EAR, EARConfig
 from ear.pipeline import EARPipeline
-from tests.helpers import add_to_hub_cache, write_tiny_model
+from tests.helpers import add_to_hub_cache, offline_hub_cache, write_tiny_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 @pytest.fixture
 def hub_cache(tmp_path: Path, monkeypatch) -> Path:
-    """An empty Hub cache, offline. huggingface_hub reads HF_HOME/HF_HUB_CACHE/HF_HUB_OFFLINE
-    once at import, so the module constants are pointed there as well as the environment."""
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    for key in [k for k in os.environ if k.startswith("EAR_")]:
-        monkeypatch.delenv(key)
-    return cache
+    return offline_hub_cache(monkeypatch, tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,250 @@
+"""Command line: `python -m ear models | download | generate | extend` (each has --help).
+
+Bad input of any kind (unreadable image, unknown model or class, bad --keep, corrupt checkpoint,
+offline without a cached model) ends with one line on stderr and exit code 2, never a traceback.
+Outputs are checked before the model loads and written to temporary files that are renamed into
+place only when complete, so a failed run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+from huggingface_hub import constants
+from PIL import Image
+from tqdm import tqdm
+
+from ear import hub
+from ear.images import load_image, save_image
+from ear.pipeline import MAX_BATCH, EARPipeline, Frame
+from ear.preview import ANIMATION_SUFFIXES, make_grid, save_animation
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_hub_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where the weights come from (each also read from the EAR_* variable shown)")
+    for component in hub.COMPONENTS:
+        for what in hub.OVERRIDE_FIELDS:
+            g.add_argument(hub.override_flag(component, what), dest=f"{component}_{what}", metavar="X",
+                           help=f"{component} {what} ({hub.override_env_name(component, what)})")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=hub.DEFAULT_MODEL,
+                   help=f"registry name ({', '.join(hub.REGISTRY)}), a model folder, a released .pt "
+                        f"file or a Hub repo id in our format (default {hub.DEFAULT_MODEL})")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="model precision (default: bfloat16 on CUDA, float32 on CPU)")
+    _add_hub_flags(p)
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: the model's preset)")
+    g.add_argument("--preset", help="named settings of the model (see `models`), e.g. visual or fid")
+    g.add_argument("--seed", type=int, help="random seed (same seed, same picture)")
+    g.add_argument("--cfg", type=float, dest="cfg_scale", help="classifier-free guidance scale (>= 0)")
+    g.add_argument("--temperature", type=float, help="sampling temperature (> 0)")
+    g.add_argument("--top-k", type=int, dest="top_k", help="keep the k most likely codes (0 = all)")
+    g.add_argument("--top-p", type=float, dest="top_p", help="nucleus sampling mass in (0, 1]")
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=Path, help="final image (.png, .jpg, .webp ...)")
+    p.add_argument("--animation", type=Path, help="also write the growth as .gif or .mp4")
+    p.add_argument("--fps", type=float, default=8.0, help="animation frames per second (default 8)")
+    p.add_argument("--size", type=int, default=256, help="output/display size in pixels (default 256)")
+    p.add_argument("--no-outline", dest="outline", action="store_false",
+                   help="do not outline the cells each step adds")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_class_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--class-id", dest="class_", type=int, metavar="N", help="class index")
+    g.add_argument("--class", dest="class_", metavar="NAME", help="class name (e.g. 'tench')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ear", description="EAR Studio: images that grow "
+                                     "from the centre outward, a few tokens per step.")
+    parser.add_argument("--verbose", action="store_true", help="log what is loaded and from where")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the known models and what is cached locally")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_hub_flags(p)
+
+    p = sub.add_parser("download", help="fetch a Hub model into the Hugging Face cache")
+    p.add_argument("name", help="registry name or Hub repo id")
+    _add_hub_flags(p)
+
+    p = sub.add_parser("generate", help="generate images of a class, step by step")
+    _add_model_flags(p)
+    _add_class_flags(p, required=True)
+    p.add_argument("--batch", type=int, default=1, help="number of images (saved as a grid)")
+    p.add_argument("--schedule", help="another generation order: arms, rings, raster or radial "
+                                      "(off-distribution unless the model was trained with it)")
+    _add_sampling_flags(p)
+    _add_output_flags(p)
+
+    p = sub.add_parser("extend", help="grow a picture outward from your image")
+    _add_model_flags(p)
+    p.add_argument("--image", required=True, type=Path, help="the picture to keep in the centre")
+    p.add_argument("--keep", required=True, type=int, help="centre size in tokens (see the error "
+                                                           "message for the allowed sizes)")
+    _add_class_flags(p, required=False)
+    p.add_argument("--zoom-out", type=int, default=0, metavar="N",
+                   help="repeat N times: shrink the result into the centre and extend again")
+    _add_sampling_flags(p)
+    _add_output_flags(p)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str | None]:
+    return {f"{c}_{w}": getattr(args, f"{c}_{w}") for c in hub.COMPONENTS for w in hub.OVERRIDE_FIELDS}
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Fail on unwritable outputs now, not after minutes of sampling."""
+    formats = Image.registered_extensions()
+    if formats.get(args.out.suffix.lower()) not in Image.SAVE:
+        raise ValueError(f"--out must end in an image extension such as .png, .jpg or .webp, got "
+                         f"'{args.out.name}'.")
+    outputs = [args.out]
+    if args.animation is not None:
+        if args.animation.suffix.lower() not in ANIMATION_SUFFIXES:
+            raise ValueError(f"--animation must end in .gif or .mp4, got '{args.animation.name}'.")
+        outputs.append(args.animation)
+    for path in outputs:
+        if not path.parent.is_dir():
+            raise ValueError(f"Cannot write '{path}': the folder '{path.parent}' does not exist.")
+
+
+def _sampling(args: argparse.Namespace, pipe: EARPipeline) -> dict:
+    base = {}
+    if args.preset is not None:
+        if args.preset not in pipe.presets:
+            raise ValueError(f"Unknown preset '{args.preset}' for {pipe.name}; it has "
+                             f"{', '.join(pipe.presets)}.")
+        base = vars(pipe.presets[args.preset]).copy()
+    given = {k: getattr(args, k) for k in ("cfg_scale", "temperature", "top_k", "top_p")}
+    return {**base, **{k: v for k, v in given.items() if v is not None}, "seed": args.seed}
+
+
+def _load(args: argparse.Namespace) -> EARPipeline:
+    return EARPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, **_overrides(args))
+
+
+def _run_frames(frames: Iterator[Frame], total: int, args: argparse.Namespace, keep_frames: bool
+                ) -> tuple[Frame, list[Image.Image]]:
+    """Consume frames with a progress bar; keep grid images only when an animation is wanted."""
+    shown: list[Image.Image] = []
+    last = None
+    with tqdm(total=total, unit="frame", disable=args.quiet, file=sys.stderr) as bar:
+        for last in frames:
+            if keep_frames:
+                shown.append(make_grid(last.images))
+            bar.set_postfix_str(last.caption.split(" · ")[-1], refresh=False)
+            bar.update()
+    assert last is not None
+    return last, shown
+
+
+def _write(args: argparse.Namespace, final: Image.Image, frames: list[Image.Image]) -> None:
+    if args.animation is not None:
+        written = save_animation(frames, args.animation, fps=args.fps)
+        print(f"wrote {written}")
+    print(f"wrote {save_image(final, args.out)}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    _check_outputs(args)
+    if not 1 <= args.batch <= MAX_BATCH:
+        raise ValueError(f"--batch must lie in [1, {MAX_BATCH}], got {args.batch}.")
+    pipe = _load(args)
+    classes = [pipe.class_id(args.class_)] * args.batch
+    sampling = _sampling(args, pipe)
+    if args.animation is None:  # no previews needed: decode once, at the end
+        states = pipe.states(classes, schedule=args.schedule, **sampling)
+        with tqdm(total=pipe.model.schedule.num_steps, unit="step", disable=args.quiet,
+                  file=sys.stderr) as bar:
+            for state in states:
+                bar.set_postfix_str(f"{state.num_known} tokens", refresh=False)
+                bar.update()
+        final = make_grid(pipe.renderer(args.size).final(state.tokens))
+        _write(args, final, [])
+        return
+    frames = pipe.stream(classes, schedule=args.schedule, outline=args.outline, display_size=args.size,
+                         **sampling)
+    _, shown = _run_frames(frames, pipe.frame_count(), args, keep_frames=True)
+    _write(args, shown[-1], shown)
+
+
+def cmd_extend(args: argparse.Namespace) -> None:
+    _check_outputs(args)
+    if args.zoom_out < 0:
+        raise ValueError(f"--zoom-out must be 0 (no zoom) or a number of rounds, got {args.zoom_out}.")
+    image = load_image(args.image)  # before the model: a bad image should fail fast
+    pipe = _load(args)
+    class_id = None if args.class_ is None else pipe.class_id(args.class_)
+    sampling = _sampling(args, pipe)
+    extra = {"display_size": args.size, "outline": args.outline, **sampling}
+    if args.zoom_out:
+        frames = pipe.zoom_out(image, args.zoom_out, args.keep, class_id, **extra)
+    else:
+        frames = pipe.extend(image, args.keep, class_id, **extra)
+    total = pipe.frame_count(args.keep, max(1, args.zoom_out))
+    last, shown = _run_frames(frames, total, args, keep_frames=args.animation is not None)
+    _write(args, make_grid(last.images), shown)
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    rows = hub.list_models(**_overrides(args))
+    if args.json:
+        print(json.dumps([vars(r) for r in rows], indent=1))
+        return
+    width = max(len(r.name) for r in rows)
+    for r in rows:
+        size = f"{r.size_bytes / 1e6:,.1f} MB" if r.size_bytes else "-"
+        print(f"{r.name:<{width}}  {r.status:<14}  {size:>11}  {r.description}\n{'':<{width}}  {r.location}")
+    offline = " (HF_HUB_OFFLINE is set)" if constants.is_offline_mode() else ""
+    print(f"\nHub cache: {constants.HF_HUB_CACHE}{offline}")
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    paths = hub.download(args.name, **_overrides(args))
+    for path in paths:
+        print(f"cached {path}")
+    if not paths:
+        print(f"{args.name} is bundled; nothing to download.")
+
+
+COMMANDS = {"models": cmd_models, "download": cmd_download, "generate": cmd_generate,
+            "extend": cmd_extend}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
