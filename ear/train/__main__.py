@@ -1,0 +1,78 @@
+"""Command line for both training stages.
+
+    python -m ear.train tokenizer --run-dir runs/tok --export assets/ear-emoji
+    python -m ear.train ear --tokenizer runs/tok --run-dir runs/ear --export assets/ear-emoji
+    accelerate launch -m ear.train ear ...        # same flags on one or several GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_common(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
+    p.add_argument("--data", default="emoji",
+                   help='"emoji" (npm Twemoji + Noto), a prepared .npz, an image folder root/<class>/*, '
+                        "or unpacked emoji-datasource package folders joined with os.pathsep")
+    p.add_argument("--cache-dir", default=None, help="npm tarballs and prepared .npz "
+                   "(default ~/.cache/ear-studio/emoji)")
+    p.add_argument("--min-class-size", type=int, default=20,
+                   help="distinct emoji a subcategory needs to be its own class")
+    p.add_argument("--run-dir", required=True, help="checkpoints, logs and the final weights")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch", type=int, default=batch, help="global batch (split across processes)")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="stop after this much training wall time; the LR schedule follows whichever "
+                        "of steps/budget runs out first")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.999, help="weight EMA decay")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint interval in steps")
+    p.add_argument("--resume", action="store_true", help="continue from run-dir/checkpoint if present")
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                   help="auto: bf16 on GPU, full precision on CPU")
+    p.add_argument("--export", default=None, help="asset folder to write (e.g. assets/ear-emoji)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ear.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    tok = sub.add_parser("tokenizer", help="train the ConvVQ tokenizer")
+    add_common(tok, steps=1200, batch=32, lr=2e-3)
+    tok.add_argument("--codebook-size", type=int, default=512)
+    tok.add_argument("--codebook-dim", type=int, default=8)
+    tok.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
+    tok.add_argument("--crop", type=int, default=32, help="train on random crops of this size (64 = off)")
+
+    ear = sub.add_parser("ear", help="train the EAR transformer on tokenized images")
+    add_common(ear, steps=4000, batch=16, lr=2e-3)
+    ear.add_argument("--tokenizer", required=True, help="folder with config.json + tokenizer.safetensors")
+    ear.add_argument("--dim", type=int, default=128)
+    ear.add_argument("--n-layer", type=int, default=4)
+    ear.add_argument("--n-head", type=int, default=4)
+    ear.add_argument("--multiple-of", type=int, default=64, help="SwiGLU hidden width rounding")
+    ear.add_argument("--schedule", default="arms")
+    ear.add_argument("--rope", default="sequence", choices=["sequence", "true2d"])
+    ear.add_argument("--no-adaln", dest="adaln", action="store_false")
+    ear.add_argument("--class-dropout", type=float, default=0.1)
+    ear.add_argument("--dropout", type=float, default=0.0)
+    ear.add_argument("--aug-copies", type=int, default=4,
+                     help="tokenized copies per image (copy 0 plain, the rest shifted/zoomed)")
+    ear.add_argument("--name", default="ear-emoji")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.stage == "tokenizer":
+        from ear.train.stage_tokenizer import train
+    else:
+        from ear.train.stage_ear import train
+    train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Stage 2: train the EAR transformer on token grids from a trained tokenizer.
+
+Images are tokenized once up front (copy 0 plain, further copies shifted/zoomed) and cached in the
+run folder, keyed by the tokenizer's weights: on a CPU the tokenizer's encoder would otherwise cost
+as much as the transformer step itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ear.model import EAR, EARConfig
+from ear.tokenizer.conv_vq import ConvVQ
+from ear.train.common import (
+    EMA,
+    Progress,
+    Timer,
+    all_agree,
+    augment,
+    batch_indices,
+    fraction_done,
+    half_state_dict,
+    load_checkpoint,
+    lr_factor,
+    make_accelerator,
+    save_checkpoint,
+    to_float,
+    update_asset,
+)
+from ear.train.data import ImageDataset, attribution_text, load_dataset
+from ear.train.stage_tokenizer import load_tokenizer, tokenizer_asset_config
+
+DEFAULT_PRESET = {"cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+WEIGHTS_LICENCE = ("CC-BY-4.0 for the weights (trained on Twemoji, CC-BY 4.0, and Noto Emoji, "
+                   "Apache-2.0; see ATTRIBUTION.md); code MIT")
+
+
+class LossOnly(nn.Module):
+    """Routes EAR.loss through forward(), the only entry point DDP synchronises gradients for."""
+
+    def __init__(self, model: EAR) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(tokens, class_ids)
+
+
+def weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def tokenize(tokenizer: ConvVQ, images: torch.Tensor, copies: int, seed: int,
+             batch: int = 256) -> torch.Tensor:
+    """uint8 images (N, S, S, 3) -> int16 tokens (copies, N, g*g), raster layout."""
+    out = []
+    for c in range(copies):
+        gen = torch.Generator().manual_seed(seed * 7919 + c)
+        chunks = []
+        for i in range(0, len(images), batch):
+            x = to_float(images[i:i + batch])
+            if c:
+                x = augment(x, gen)
+            chunks.append(tokenizer.encode(x).flatten(1).to(torch.int16))
+        out.append(torch.cat(chunks))
+    return torch.stack(out)
+
+
+def cached_tokens(run_dir: Path, tokenizer: ConvVQ, images: torch.Tensor, copies: int, seed: int,
+                  tag: str) -> torch.Tensor:
+    key = f"{tag}-{weights_digest(tokenizer)}-{len(images)}-{copies}-{seed}"
+    path = run_dir / f"tokens-{tag}.pt"
+    if path.is_file():
+        saved = torch.load(path)
+        if saved["key"] == key:
+            return saved["tokens"]
+    tokens = tokenize(tokenizer, images, copies, seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "tokens": tokens}, path)
+    return tokens
+
+
+@torch.no_grad()
+def heldout_loss(model: EAR, tokens: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> float:
+    """Mean cross-entropy (nats/token) with true labels, eval mode (no label dropout)."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(labels), batch):
+        t, y = tokens[i:i + batch].long(), labels[i:i + batch]
+        total += float(model.loss(t, y)) * len(y)
+    return total / max(1, len(labels))
+
+
+def ear_asset_config(model: EAR, class_names: list[str], name: str, sources: set[str]) -> dict:
+    return {"name": name, "model": model.config.to_dict(), "class_names": class_names,
+            "presets": {"default": dict(DEFAULT_PRESET)}, "licence": WEIGHTS_LICENCE,
+            "attribution": attribution_text(sources)}
+
+
+def train(args: argparse.Namespace) -> dict[str, float]:
+    accelerator = make_accelerator(args.mixed_precision, args.seed)
+    run_dir = Path(args.run_dir)
+    data = load_dataset(args.data, args.cache_dir, min_class_size=args.min_class_size)
+    train_set, heldout_set = data.split(heldout=False), data.split(heldout=True)
+    tokenizer = load_tokenizer(Path(args.tokenizer))
+    # every process tokenizes (cheap relative to training, and no file race on shared disks)
+    tokens = cached_tokens(run_dir, tokenizer, torch.from_numpy(train_set.images), args.aug_copies,
+                           args.seed, f"train-r{accelerator.process_index}")
+    copies, n, length = tokens.shape
+    tokens = tokens.reshape(copies * n, length)
+    labels = torch.from_numpy(train_set.labels).repeat(copies)
+    held_tokens = tokenize(tokenizer, torch.from_numpy(heldout_set.images), 1, args.seed)[0]
+    held_labels = torch.from_numpy(heldout_set.labels)
+
+    config = EARConfig(dim=args.dim, n_layer=args.n_layer, n_head=args.n_head,
+                       vocab_size=tokenizer.codebook_size, num_classes=len(data.class_names),
+                       grid_size=tokenizer.grid_size, schedule=args.schedule, adaln=args.adaln,
+                       class_dropout_prob=args.class_dropout, dropout=args.dropout, rope=args.rope,
+                       multiple_of=args.multiple_of)
+    model = EAR(config)
+    accelerator.print(f"EAR parameters: {model.num_params() / 1e6:.2f} M, training sequences: {len(labels)}")
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    progress = Progress()
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+        lambda s: lr_factor(s, args.warmup, fraction_done(progress, args.steps, args.time_budget)))
+    ema = EMA(model, args.ema)
+    wrapped, optimizer, scheduler = accelerator.prepare(LossOnly(model), optimizer, scheduler)
+    accelerator.register_for_checkpointing(ema, progress)
+    if args.resume and load_checkpoint(accelerator, run_dir):
+        accelerator.print(f"resumed from step {progress.step}")
+    ema.model.to(accelerator.device)
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    timer = Timer(progress)
+    bar = tqdm(range(progress.step, args.steps), initial=progress.step, total=args.steps,
+               disable=not accelerator.is_main_process, desc="ear", dynamic_ncols=True)
+    wrapped.train()
+    smooth = None
+    for step in bar:
+        idx = batch_indices(len(labels), args.batch, step, args.seed, rank, world)
+        loss = wrapped(tokens[idx].long().to(accelerator.device), labels[idx].to(accelerator.device))
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(wrapped.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(accelerator.unwrap_model(wrapped).model)
+        progress.step = step + 1
+        timer.tick()
+        finished = all_agree(accelerator, fraction_done(progress, args.steps, args.time_budget) >= 1)
+        smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{smooth:.3f}")
+        if progress.step % args.save_every == 0 or finished:
+            save_checkpoint(accelerator, run_dir)
+            if accelerator.is_main_process:
+                export(run_dir, ema.model, tokenizer, data, args.name)
+        if finished:
+            break
+
+    stats = {"heldout_loss": heldout_loss(ema.model.cpu(), held_tokens, held_labels),
+             "train_seconds": progress.seconds, "steps": progress.step,
+             "parameters": ema.model.num_params()}
+    if accelerator.is_main_process:
+        (run_dir / "ear_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        if args.export:
+            export(Path(args.export), ema.model, tokenizer, data, args.name)
+        accelerator.print(json.dumps(stats))
+    return stats
+
+
+def export(folder: Path, model: EAR, tokenizer: ConvVQ, data: ImageDataset, name: str) -> None:
+    """EAR + the exact tokenizer it was trained on, so the asset folder is always consistent."""
+    sources = set(data.sources.tolist())
+    config = {**tokenizer_asset_config(tokenizer, data),
+              **ear_asset_config(model, data.class_names, name, sources)}
+    update_asset(folder, {"ear": half_state_dict(model), "tokenizer": half_state_dict(tokenizer)}, config)
