@@ -1,0 +1,358 @@
+"""EAR Studio: watch class-conditional images grow from the centre outward, one EAR step at a time.
+
+UI only. Every request goes through `ear.pipeline.EARPipeline` (picked from a small model
+registry) and every value is checked again on the server by `ear.app_support`, because the HTTP
+API accepts whatever a client sends. `python app.py` serves it; GRADIO_SERVER_NAME and
+GRADIO_SERVER_PORT choose the address, EAR_STUDIO_MODEL adds a local model folder as default.
+"""
+
+from __future__ import annotations
+
+try:  # ZeroGPU (Hugging Face Spaces) must patch torch before anything initialises CUDA
+    import spaces
+except ImportError:
+    spaces = None
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ear.app_support import (
+    ANIMATION_FORMATS,
+    CFG,
+    MAX_UPLOAD_BYTES,
+    NUM_IMAGES,
+    SEED,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+    UNCONDITIONAL,
+    ZOOM_ROUNDS,
+    AnimationStore,
+    ModelRegistry,
+    Range,
+    check_format,
+    check_keep,
+    default_keep,
+    extra_model,
+    info_markdown,
+    keep_choices,
+    load_upload,
+    model_choices,
+    resolve_class,
+    sampling_kwargs,
+    timed,
+)
+from ear.order import SCHEDULES
+from ear.pipeline import EARPipeline, Frame
+from ear.preview import make_grid
+
+gpu: Callable[[Callable], Callable] = spaces.GPU if spaces is not None else (lambda fn: fn)
+
+EXAMPLES = sorted((Path(__file__).parent / "assets" / "examples").glob("*.png"))
+MODEL_CHOICES = model_choices(extra_model())
+MODELS = ModelRegistry([name for _, name in MODEL_CHOICES], EARPipeline.from_pretrained)
+ANIMATIONS = AnimationStore()
+CONCURRENCY_LIMIT = 2  # generations at once: one per CPU core on a basic Space
+QUEUE_SIZE = 24  # beyond this the page says the app is busy and to try again
+RANDOM_SEED_JS = f"() => Math.floor(Math.random() * {SEED.hi + 1})"
+CSS = """
+.caption p { font-family: ui-monospace, monospace; font-size: 0.95rem; }
+.canvas img { image-rendering: pixelated; }
+"""
+
+
+@contextlib.contextmanager
+def shown_to_user() -> Iterator[None]:
+    """Refusals (ValueErrors with a readable sentence) become an error toast; the server keeps serving."""
+    try:
+        yield
+    except ValueError as err:
+        raise gr.Error(str(err), print_exception=False) from None
+
+
+def _play(frames: Iterator[Frame], stem: str, fmt: str) -> Iterator[tuple[Any, ...]]:
+    """Stream one canvas per frame, then the finished images and the growth animation file.
+
+    The first update also clears the previous run's results and animation."""
+    canvases, last = [], None
+    for frame in frames:
+        canvas = make_grid(frame.images)
+        canvases.append(canvas)
+        if last is None:
+            yield canvas, frame.caption, None, None
+        else:
+            yield canvas, frame.caption, gr.skip(), gr.skip()
+        last = frame
+    if last is None:
+        raise gr.Error("The model produced no frames.")
+    path = ANIMATIONS.save(canvases, stem, fmt)
+    yield canvas, f"{last.caption} · done", last.images, str(path)
+
+
+@gpu
+def generate(class_name: str, num_images: int, seed: int, cfg_scale: float, temperature: float,
+             top_k: int, top_p: float, model: str, animation_format: str) -> Iterator[tuple[Any, ...]]:
+    """Grow `num_images` images of a class: the canvas after every step, then the final images
+    (a gallery) and the growth as a GIF/MP4 file."""
+    with shown_to_user():
+        pipe = MODELS.get(model)
+        class_id = resolve_class(pipe, class_name, required=True)
+        batch = [class_id] * NUM_IMAGES.check(num_images)
+        kwargs = sampling_kwargs(pipe, seed, cfg_scale, temperature, top_k, top_p)
+        fmt = check_format(animation_format)
+        yield from _play(pipe.stream(batch, **kwargs), "ear-generate", fmt)
+
+
+@gpu
+def extend(image: Any, keep: int, class_name: str, zoom_rounds: int, seed: int, cfg_scale: float,
+           temperature: float, top_k: int, top_p: float, model: str,
+           animation_format: str) -> Iterator[tuple[Any, ...]]:
+    """Grow a border around an uploaded picture (kept as the central keep x keep tokens); with
+    zoom-out rounds > 0, shrink the result into the centre and extend again, as one zoom-out."""
+    with shown_to_user():
+        pipe = MODELS.get(model)
+        picture = load_upload(image)
+        keep = check_keep(pipe, keep)
+        class_id = resolve_class(pipe, class_name, required=False)
+        rounds = ZOOM_ROUNDS.check(zoom_rounds)
+        kwargs = sampling_kwargs(pipe, seed, cfg_scale, temperature, top_k, top_p)
+        fmt = check_format(animation_format)
+        frames = (pipe.zoom_out(picture, rounds, keep, class_id, **kwargs) if rounds
+                  else pipe.extend(picture, keep, class_id, **kwargs))
+        for canvas, caption, finals, download in _play(frames, "ear-extend", fmt):
+            yield canvas, caption, finals[0] if isinstance(finals, list) else finals, download
+
+
+def extend_example(image: Any, keep: int, class_name: str) -> Iterator[tuple[Any, ...]]:
+    """The cached examples: the default model and its preset, seed 0, no zoom."""
+    pipe = MODELS.get(None)
+    preset = pipe.default_settings
+    yield from extend(image, keep, class_name, 0, 0, preset.cfg_scale, preset.temperature,
+                      preset.top_k, preset.top_p, MODELS.default, "gif")
+
+
+def _order_caption(name: str, trained: str, frame: Frame, seconds: float) -> str:
+    state = frame.state
+    kind = "trained order" if name == trained else f"off-distribution (model trained on {trained})"
+    done = " · done" if state.done else ""
+    return (f"**{name}** · {kind}  \nstep {state.step} / {state.num_steps} · "
+            f"{state.num_known} / {state.known.numel()} tokens · {seconds:.2f} s{done}")
+
+
+@gpu
+def compare(class_name: str, seed: int, model: str) -> Iterator[list[Any]]:
+    """The same class and seed generated with every order in `ear.order.SCHEDULES`, advanced in
+    lockstep; each order's time counts only its own steps."""
+    with shown_to_user():
+        pipe = MODELS.get(model)
+        class_id = resolve_class(pipe, class_name, required=True)
+        seed = SEED.check(seed)
+        trained = pipe.model.config.schedule
+        streams = {name: timed(pipe.stream(class_id, seed=seed, schedule=name)) for name in SCHEDULES}
+        spent = dict.fromkeys(SCHEDULES, 0.0)
+        while streams:
+            update: list[Any] = []
+            for name in SCHEDULES:
+                item = next(streams[name], None) if name in streams else None
+                if item is None:
+                    streams.pop(name, None)
+                    update += [gr.skip(), gr.skip()]
+                    continue
+                frame, seconds = item
+                spent[name] += seconds
+                update += [frame.images[0], _order_caption(name, trained, frame, spent[name])]
+            if streams:
+                yield update
+
+
+def model_info(model: str) -> tuple[str, dict[str, Any]]:
+    """What is loaded: model, device, dtype, parameters, licence and attribution, Hub cache state."""
+    with shown_to_user():
+        info = MODELS.get(model).info()
+    return info_markdown(info), info
+
+
+def _slider(r: Range, value: float, step: float, **kwargs: Any) -> gr.Slider:
+    """A slider whose bounds are the server-side check's bounds."""
+    return gr.Slider(r.lo, kwargs.pop("maximum", r.hi), value=value, step=step, label=r.label, **kwargs)
+
+
+def _sampling_controls(pipe: EARPipeline) -> list[gr.components.Component]:
+    """Seed (with a random button) and the four sampling sliders, preset from the model."""
+    preset = pipe.default_settings
+    with gr.Row(equal_height=True):
+        seed = gr.Number(0, label=SEED.label, precision=0, minimum=SEED.lo, maximum=SEED.hi, scale=3)
+        dice = gr.Button("Random", size="sm", scale=1, min_width=80)
+    dice.click(None, js=RANDOM_SEED_JS, outputs=seed, queue=False, api_visibility="private")
+    with gr.Accordion("Sampling", open=False):
+        cfg = _slider(CFG, preset.cfg_scale, 0.05, info="classifier-free guidance; 1 = none")
+        temperature = _slider(TEMPERATURE, preset.temperature, 0.05)
+        top_k = _slider(TOP_K, preset.top_k, 1, maximum=pipe.tokenizer.codebook_size, info="0 = off")
+        top_p = _slider(TOP_P, preset.top_p, 0.01, info="1 = off")
+    return [seed, cfg, temperature, top_k, top_p]
+
+
+def _outputs(prefix: str, final: gr.components.Component) -> list[gr.components.Component]:
+    """Live canvas, step caption, finished result and the animation download of one tab."""
+    canvas = gr.Image(label="Canvas", format="png", interactive=False, elem_id=f"{prefix}-canvas",
+                      elem_classes="canvas", placeholder="The latest step's cells are outlined.")
+    caption = gr.Markdown(label="Caption", elem_id=f"{prefix}-caption", elem_classes="caption")
+    final.render()
+    download = gr.DownloadButton("Download animation", elem_id=f"{prefix}-download")
+    return [canvas, caption, final, download]
+
+
+def _format_picker() -> gr.Radio:
+    return gr.Radio([(f.upper(), f) for f in ANIMATION_FORMATS], value="gif", label="Animation format")
+
+
+def _run_and_stop(label: str, prefix: str) -> tuple[gr.Button, gr.Button]:
+    with gr.Row():
+        return (gr.Button(label, variant="primary", elem_id=f"{prefix}-run"),
+                gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop"))
+
+
+def _class_picker(names: list[str], **kwargs: Any) -> gr.Dropdown:
+    """Searchable class names (typing filters the list); the first class preselected."""
+    return gr.Dropdown(names, value=names[0], label="Class", info="type to search", **kwargs)
+
+
+def _generate_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Component]:
+    with gr.Row():
+        with gr.Column(scale=1):
+            klass = _class_picker(pipe.class_names)
+            count = gr.Slider(NUM_IMAGES.lo, NUM_IMAGES.hi, value=1, step=1, label=NUM_IMAGES.label,
+                              info="shown as a grid")
+            sampling = _sampling_controls(pipe)
+            fmt = _format_picker()
+            run, stop = _run_and_stop("Generate", "gen")
+        with gr.Column(scale=2):
+            outputs = _outputs("gen", gr.Gallery(label="Final images", columns=4, format="png", preview=False,
+                                                 height="auto", render=False, elem_id="gen-final"))
+    event = run.click(generate, [klass, count, *sampling, model, fmt], outputs, api_name="generate", **HEAVY)
+    stop.click(None, cancels=[event], queue=False, api_visibility="private")
+    return [klass, *sampling[1:]]
+
+
+def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Component]:
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = gr.Image(label="Your picture", type="filepath", sources=["upload", "clipboard"],
+                             elem_id="ext-image")
+            keep = gr.Dropdown(keep_choices(pipe), value=default_keep(pipe), label="Kept centre",
+                               info="how much of the final canvas your picture covers")
+            klass = gr.Dropdown([UNCONDITIONAL, *pipe.class_names], value=UNCONDITIONAL, label="Class",
+                                info="optional; type to search")
+            rounds = gr.Slider(ZOOM_ROUNDS.lo, ZOOM_ROUNDS.hi, value=0, step=1, label=ZOOM_ROUNDS.label,
+                               info="0 = extend once; n = zoom out n times")
+            sampling = _sampling_controls(pipe)
+            fmt = _format_picker()
+            run, stop = _run_and_stop("Extend", "ext")
+        with gr.Column(scale=2):
+            outputs = _outputs("ext", gr.Image(label="Result", format="png", interactive=False,
+                                               render=False, elem_id="ext-final"))
+    gr.Examples([[str(p), default_keep(pipe), UNCONDITIONAL] for p in EXAMPLES], inputs=[image, keep, klass],
+                outputs=outputs, fn=extend_example, cache_examples=True, cache_mode="lazy",
+                preprocess=False, label="Examples (results cached, default model)")
+    event = run.click(extend, [image, keep, klass, rounds, *sampling, model, fmt], outputs,
+                      api_name="extend", **HEAVY)
+    stop.click(None, cancels=[event], queue=False, api_visibility="private")
+    return [klass, keep, *sampling[1:]]
+
+
+def _compare_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Component]:
+    gr.Markdown("Same class, same seed, every generation order. The model only ever saw its training "
+                "order; the others show what happens off-distribution.")
+    with gr.Row(equal_height=True):
+        klass = _class_picker(pipe.class_names, scale=3)
+        seed = gr.Number(0, label=SEED.label, precision=0, minimum=SEED.lo, maximum=SEED.hi, scale=2)
+        with gr.Column(scale=2):
+            run, stop = _run_and_stop("Compare", "cmp")
+    outputs: list[gr.components.Component] = []
+    with gr.Row():
+        for name in SCHEDULES:
+            with gr.Column(min_width=160):
+                outputs.append(gr.Image(label=name, format="png", interactive=False, elem_classes="canvas",
+                                        elem_id=f"cmp-{name}-canvas"))
+                outputs.append(gr.Markdown(label=f"{name} caption", elem_classes="caption",
+                                           elem_id=f"cmp-{name}-caption"))
+    event = run.click(compare, [klass, seed, model], outputs, api_name="compare", **HEAVY)
+    stop.click(None, cancels=[event], queue=False, api_visibility="private")
+    return [klass]
+
+
+def _info_tab(model: gr.Dropdown) -> list[gr.components.Component]:
+    text, info = model_info(MODELS.default)
+    view = gr.Markdown(text)
+    with gr.Accordion("As JSON", open=False):
+        raw = gr.JSON(info)
+    refresh = gr.Button("Refresh", size="sm")
+    refresh.click(model_info, model, [view, raw], api_name="model_info")
+    return [view, raw]
+
+
+def _model_updates(pipe: EARPipeline, name: str) -> list[Any]:
+    """New choices and presets for every model-dependent control, in `build_demo`'s order."""
+    preset, names = pipe.default_settings, pipe.class_names
+    sliders = [gr.Slider(value=preset.cfg_scale), gr.Slider(value=preset.temperature),
+               gr.Slider(value=preset.top_k, maximum=pipe.tokenizer.codebook_size),
+               gr.Slider(value=preset.top_p)]
+    return [gr.Dropdown(choices=names, value=names[0]), *sliders,
+            gr.Dropdown(choices=[UNCONDITIONAL, *names], value=UNCONDITIONAL),
+            gr.Dropdown(choices=keep_choices(pipe), value=default_keep(pipe)), *sliders,
+            gr.Dropdown(choices=names, value=names[0]), *model_info(name)]
+
+
+def select_model(name: str, previous: str) -> list[Any]:
+    """Load the picked model and refill the controls that depend on it; if it cannot be loaded,
+    say why and switch back to the model that was loaded."""
+    try:
+        pipe = MODELS.get(name)
+    except ValueError as err:
+        gr.Warning(str(err))
+        return [previous, previous, *[gr.skip()] * MODEL_DEPENDENT]
+    return [name, name, *_model_updates(pipe, name)]
+
+
+HEAVY: dict[str, Any] = {"concurrency_id": "ear", "preprocess": False}
+MODEL_DEPENDENT = 14  # outputs of _model_updates: class pickers, sliders, keep sizes, info
+
+
+def build_demo() -> gr.Blocks:
+    """The whole page. Module-level `demo` below, so `gradio app.py` reload mode and tests find it."""
+    pipe = MODELS.get(None)
+    with gr.Blocks(title="EAR Studio") as demo:
+        gr.Markdown("# EAR Studio\nWatch an image grow from its centre outward: EAR (Expanding "
+                    "Autoregressive Representation, [arXiv 2511.15499](https://arxiv.org/abs/2511.15499)) "
+                    "predicts image tokens in a spiral, several per step.")
+        model = gr.Dropdown(MODEL_CHOICES, value=MODELS.default, label="Model", filterable=False,
+                            info="Hub models load only if already downloaded (or online)")
+        loaded = gr.State(MODELS.default)
+        with gr.Tab("Generate"):
+            dependent = _generate_tab(pipe, model)
+        with gr.Tab("Extend"):
+            dependent += _extend_tab(pipe, model)
+        with gr.Tab("Compare orders"):
+            dependent += _compare_tab(pipe, model)
+        with gr.Tab("Model info"):
+            dependent += _info_tab(model)
+        model.input(select_model, [model, loaded], [model, loaded, *dependent], api_visibility="private",
+                    concurrency_id="ear")
+    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
+    return demo
+
+
+demo = build_demo()
+
+
+def launch(**kwargs: Any) -> Any:
+    """Start the server; address and port come from GRADIO_SERVER_NAME/PORT unless passed here."""
+    return demo.launch(css=CSS, max_file_size=MAX_UPLOAD_BYTES, **kwargs)
+
+
+if __name__ == "__main__":
+    launch()

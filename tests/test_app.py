@@ -1,0 +1,312 @@
+"""The app's handlers called directly (no server, no browser): every endpoint streams frames and
+ends with its results, and every kind of bad input becomes a `gr.Error` a person can read.
+
+The app is imported with a tiny random model as its default (EAR_STUDIO_MODEL), so this file runs
+in seconds on a CPU whether or not the bundled model is present.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import itertools
+import os
+import sys
+import types
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import gradio as gr
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from ear.app_support import UNCONDITIONAL
+from ear.order import SCHEDULES, make_schedule
+from tests.helpers import CLASS_NAMES, write_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLING = {"seed": 3, "cfg_scale": 1.5, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(write_tiny_model(tmp_path_factory.mktemp("app") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def app(tiny: str) -> types.ModuleType:
+    with mock.patch.dict(os.environ, {"EAR_STUDIO_MODEL": tiny, "GRADIO_ANALYTICS_ENABLED": "False"}):
+        import app as module
+    assert module.MODELS.default == tiny, "app was imported before this fixture with another model"
+    return module
+
+
+@pytest.fixture(scope="module")
+def steps(app: types.ModuleType) -> int:
+    return app.MODELS.get(None).model.schedule.num_steps
+
+
+def generate(app: types.ModuleType, class_name: Any = "cat", num_images: Any = 1, model: Any = None,
+             fmt: Any = "gif", **sampling: Any) -> list[tuple]:
+    args = {**SAMPLING, **sampling}
+    return list(app.generate(class_name, num_images, args["seed"], args["cfg_scale"], args["temperature"],
+                             args["top_k"], args["top_p"], model or app.MODELS.default, fmt))
+
+
+def extend(app: types.ModuleType, image: Any, keep: Any = 4, class_name: Any = UNCONDITIONAL,
+           rounds: Any = 0, model: Any = None, fmt: Any = "gif", **sampling: Any) -> list[tuple]:
+    args = {**SAMPLING, **sampling}
+    return list(app.extend(image, keep, class_name, rounds, args["seed"], args["cfg_scale"],
+                           args["temperature"], args["top_k"], args["top_p"],
+                           model or app.MODELS.default, fmt))
+
+
+def upload(path: Path) -> dict[str, Any]:
+    """What Gradio hands a handler for an uploaded file when preprocessing is off."""
+    return {"path": str(path), "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
+
+
+def saved(tmp_path: Path, image: Image.Image, name: str, **kwargs: Any) -> dict[str, Any]:
+    path = tmp_path / name
+    image.save(path, **kwargs)
+    return upload(path)
+
+
+def assert_user_error(call: Any, *fragments: str) -> str:
+    """`call` raises gr.Error whose message contains every fragment and no traceback noise."""
+    with pytest.raises(gr.Error) as info:
+        call()
+    message = info.value.message
+    for fragment in fragments:
+        assert fragment.lower() in message.lower(), message
+    assert "Traceback" not in message and len(message) < 600
+    return message
+
+
+def is_skip(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1
+
+
+# ---- endpoints --------------------------------------------------------------------------------
+
+def test_generate_streams_every_step_then_images_and_gif(app: types.ModuleType, steps: int) -> None:
+    outs = generate(app, num_images=4)
+    assert len(outs) == steps + 1  # one canvas per step, then the results
+    captions = [o[1] for o in outs]
+    assert captions[0].startswith(f"step 1 / {steps} · ")
+    assert f"step {steps} / {steps}" in captions[-1] and captions[-1].endswith("done")
+    canvases = [np.asarray(o[0]) for o in outs[:-1]]
+    assert all(not np.array_equal(a, b) for a, b in itertools.pairwise(canvases))
+    assert canvases[0].shape[0] > 256  # four images shown as a 2 x 2 grid
+    assert outs[0][2] is None and outs[0][3] is None  # the first update clears the last run
+    assert all(is_skip(o[2]) and is_skip(o[3]) for o in outs[1:-1])
+    finals, animation = outs[-1][2], Path(outs[-1][3])
+    assert len(finals) == 4 and all(isinstance(im, Image.Image) for im in finals)
+    with Image.open(animation) as gif:
+        assert gif.format == "GIF" and gif.n_frames == steps
+
+
+def test_generate_mp4_and_class_by_index(app: types.ModuleType) -> None:
+    outs = generate(app, class_name="2", fmt="MP4")
+    assert Path(outs[-1][3]).suffix == ".mp4" and Path(outs[-1][3]).stat().st_size > 0
+
+
+def test_same_seed_same_images(app: types.ModuleType) -> None:
+    a, b = (np.asarray(generate(app, seed=11)[-1][2][0]) for _ in range(2))
+    assert np.array_equal(a, b)
+
+
+def test_extend_streams_border_around_upload(app: types.ModuleType, steps: int) -> None:
+    example = upload(REPO / "assets" / "examples" / "heart.png")
+    outs = extend(app, example, keep=4, class_name="dog")
+    pipe = app.MODELS.get(None)
+    first_step = pipe.model.schedule.square_steps()[4]
+    assert outs[0][1].startswith(f"step {first_step} / {steps}")  # the upload is the first frame
+    assert len(outs) == steps - first_step + 2
+    assert isinstance(outs[-1][2], Image.Image) and outs[-1][1].endswith("done")
+    assert Path(outs[-1][3]).read_bytes()[:4] == b"GIF8"
+
+
+def test_extend_zoom_out_plays_rounds(app: types.ModuleType) -> None:
+    outs = extend(app, upload(REPO / "assets" / "examples" / "smiley.png"), keep=4, rounds=2)
+    captions = [o[1] for o in outs]
+    assert captions[0].startswith("zoom 1 / 2") and captions[-1].startswith("zoom 2 / 2")
+    assert any("zooming out" in c for c in captions)
+    with Image.open(outs[-1][3]) as gif:
+        assert gif.n_frames == len(outs) - 1
+
+
+def test_extend_examples_are_cacheable(app: types.ModuleType) -> None:
+    outs = list(app.extend_example(upload(REPO / "assets" / "examples" / "sunset.png"), 4, UNCONDITIONAL))
+    assert len(outs) > 2 and outs[-1][1].endswith("done")
+
+
+def test_compare_streams_every_order_side_by_side(app: types.ModuleType) -> None:
+    outs = list(app.compare("fish", 5, app.MODELS.default))
+    pipe = app.MODELS.get(None)
+    longest = max(make_schedule(s, pipe.grid).num_steps for s in SCHEDULES)
+    assert len(outs) == longest and all(len(o) == 2 * len(SCHEDULES) for o in outs)
+    trained = pipe.model.config.schedule
+    last_caption = {}
+    for out in outs:
+        for i, name in enumerate(SCHEDULES):
+            if not is_skip(out[2 * i + 1]):
+                last_caption[name] = out[2 * i + 1]
+    for name in SCHEDULES:
+        caption = last_caption[name]
+        assert caption.startswith(f"**{name}**") and caption.endswith("done")
+        assert ("trained order" in caption) == (name == trained)
+        assert ("off-distribution" in caption) == (name != trained)
+
+
+def test_model_info_panel(app: types.ModuleType) -> None:
+    text, info = app.model_info(app.MODELS.default)
+    for key in ("name", "device", "dtype", "parameters", "licence", "attribution", "cached"):
+        assert key in info
+    assert "Parameters" in text and "MIT (test)" in text and "cpu / float32" in text
+
+
+def test_select_model_refills_controls_or_goes_back(app: types.ModuleType,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    fn = next(f for f in app.demo.fns.values() if f.name == "select_model")
+    out = app.select_model(app.MODELS.default, app.MODELS.default)
+    assert len(out) == len(fn.outputs) == app.MODEL_DEPENDENT + 2
+    assert out[2].choices == [(c, c) for c in CLASS_NAMES]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.warns(UserWarning, match="cannot be loaded"):
+        out = app.select_model("EAR-adaLN-B", app.MODELS.default)
+    assert out[:2] == [app.MODELS.default] * 2 and all(is_skip(o) for o in out[2:])
+
+
+# ---- hosting ----------------------------------------------------------------------------------
+
+def test_every_tab_is_a_named_endpoint_behind_a_bounded_queue(app: types.ModuleType) -> None:
+    names = {f.api_name: f for f in app.demo.fns.values()}
+    for name in ("generate", "extend", "compare", "model_info"):
+        assert name in names and names[name].api_visibility == "public"
+    for name in ("generate", "extend", "compare"):
+        assert names[name].concurrency_id == "ear" and not names[name].preprocess
+    assert app.demo._queue.max_size == app.QUEUE_SIZE
+    assert app.demo._queue.default_concurrency_limit == app.CONCURRENCY_LIMIT
+    cancels = [f for f in app.demo.fns.values() if f.cancels]
+    assert len(cancels) == 3
+
+
+def test_readme_front_matter_makes_a_space() -> None:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and (REPO / "app.py").is_file()
+    assert meta["sdk_version"] == gr.__version__
+    assert f"gradio=={meta['sdk_version']}" in (REPO / "requirements.txt").read_text()
+    for key in ("title", "license", "short_description"):
+        assert meta.get(key)
+
+
+def test_zerogpu_decorator_used_when_spaces_exists(tiny: str) -> None:
+    wrapped = []
+    fake = types.ModuleType("spaces")
+    fake.GPU = lambda fn: wrapped.append(fn.__name__) or fn
+    spec = importlib.util.spec_from_file_location("app_on_zerogpu", REPO / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    with mock.patch.dict(sys.modules, {"spaces": fake}), \
+            mock.patch.dict(os.environ, {"EAR_STUDIO_MODEL": tiny}):
+        spec.loader.exec_module(module)
+    assert sorted(wrapped) == ["compare", "extend", "generate"]
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("field", "value", "fragment"), [
+    ("num_images", 0, "Number of images must be between 1 and 8"),
+    ("num_images", 9, "between 1 and 8"),
+    ("num_images", 2.5, "whole number"),
+    ("seed", -1, "Seed must be between 0"),
+    ("seed", "abc", "Seed must be a number"),
+    ("cfg_scale", 99, "CFG scale must be between 0 and 10"),
+    ("cfg_scale", float("nan"), "finite"),
+    ("temperature", 0, "Temperature must be between 0.05 and 3"),
+    ("top_k", 33, "Top-k must be between 0 and 32"),  # the tiny model has 32 codes
+    ("top_p", 0, "Top-p must be between 0.05 and 1"),
+    ("top_p", None, "Top-p must be a number"),
+    ("fmt", "avi", "gif, mp4"),
+    ("class_name", "", "Pick a class"),
+    ("class_name", True, "class"),
+])
+def test_out_of_range_values_sent_through_the_api(app: types.ModuleType, field: str, value: Any,
+                                                   fragment: str) -> None:
+    assert_user_error(lambda: generate(app, **{field: value}), fragment)
+
+
+def test_unknown_class_suggests_close_names(app: types.ModuleType) -> None:
+    assert_user_error(lambda: generate(app, class_name="dgo"), "Unknown class 'dgo'", "Did you mean 'dog'")
+    assert_user_error(lambda: extend(app, upload(REPO / "assets/examples/heart.png"), class_name="x" * 500),
+                      "too long")
+
+
+def test_unknown_and_unloadable_models(app: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert_user_error(lambda: generate(app, model="/etc"), "Unknown model '/etc'")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    message = assert_user_error(lambda: generate(app, model="EAR-adaLN-L"), "EAR-adaLN-L",
+                                "cannot be loaded", "not downloaded")
+    assert "HF_HUB_OFFLINE" in message
+    assert len(generate(app)) > 2  # and the default model still serves
+
+
+@pytest.mark.parametrize(("field", "value", "fragment"), [
+    ("keep", 99, "Kept centre must be between 1 and 7"),
+    ("keep", "four", "Kept centre must be a number"),
+    ("rounds", 7, "Zoom-out rounds must be between 0 and 6"),
+    ("rounds", -1, "between 0 and 6"),
+])
+def test_extend_checks_its_own_fields(app: types.ModuleType, field: str, value: Any, fragment: str) -> None:
+    example = upload(REPO / "assets" / "examples" / "heart.png")
+    assert_user_error(lambda: extend(app, example, **{field: value}), fragment)
+
+
+def test_non_image_truncated_and_missing_uploads(app: types.ModuleType, tmp_path: Path) -> None:
+    text = tmp_path / "notes.png"
+    text.write_text("this is not a picture")
+    assert_user_error(lambda: extend(app, upload(text)), "not an image format")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "teal").save(buffer, "PNG")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    assert_user_error(lambda: extend(app, upload(truncated)), "truncated or corrupt")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    assert_user_error(lambda: extend(app, upload(empty)), "empty")
+    assert_user_error(lambda: extend(app, None), "Upload an image first")
+    assert_user_error(lambda: extend(app, upload(tmp_path / "gone.png")), "could not be read")
+    message = assert_user_error(lambda: extend(app, upload(text)), "image")
+    assert str(tmp_path) not in message  # no server paths in messages
+
+
+def test_decompression_bomb_is_refused_before_decoding(app: types.ModuleType, tmp_path: Path) -> None:
+    bomb = saved(tmp_path, Image.new("1", (12_000, 12_000)), "bomb.png")  # 144 MP, a few KB on disk
+    assert Path(bomb["path"]).stat().st_size < 100_000
+    assert_user_error(lambda: extend(app, bomb), "too large")
+
+
+@pytest.mark.parametrize("kind", ["rgba", "cmyk", "grey16", "grey", "palette", "animated"])
+def test_unusual_image_modes_are_accepted(app: types.ModuleType, tmp_path: Path, kind: str) -> None:
+    ramp = np.linspace(0, 255, 48 * 48, dtype=np.uint8).reshape(48, 48)
+    if kind == "rgba":
+        payload = saved(tmp_path, Image.fromarray(np.dstack([ramp] * 4), "RGBA"), "a.png")
+    elif kind == "cmyk":
+        payload = saved(tmp_path, Image.new("CMYK", (40, 30), (0, 120, 200, 10)), "c.jpg")
+    elif kind == "grey16":
+        payload = saved(tmp_path, Image.fromarray(ramp.astype(np.uint16) * 257), "g16.png")
+    elif kind == "grey":
+        payload = saved(tmp_path, Image.fromarray(ramp), "g.jpg")
+    elif kind == "palette":
+        payload = saved(tmp_path, Image.fromarray(ramp).convert("P"), "p.gif", transparency=0)
+    else:
+        frames = [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue")]
+        payload = saved(tmp_path, frames[0], "anim.gif", save_all=True, append_images=frames[1:])
+    outs = extend(app, payload, keep=2)
+    assert len(outs) > 2 and outs[-1][1].endswith("done")
