@@ -189,3 +189,24 @@ def test_zoom_out_bad_arguments(palette_pipe: EARPipeline) -> None:
         palette_pipe.zoom_out(_quadrants(), 2, 8)
     with pytest.raises(ValueError, match="transition"):
         palette_pipe.zoom_out(_quadrants(), 2, 4, transition=-1)
+
+
+@pytest.fixture(scope="module")
+def emoji_pipe(torch_single_thread) -> EARPipeline:
+    if next(r for r in hub.list_models() if r.name == hub.DEFAULT_MODEL).status != "bundled":
+        pytest.skip("assets/ear-emoji is not complete yet")
+    return EARPipeline.from_pretrained(hub.DEFAULT_MODEL)
+
+
+@pytest.mark.parametrize("example", ["smiley", "heart"])
+def test_bundled_model_keeps_a_recognisable_centre(emoji_pipe: EARPipeline, example: str) -> None:
+    """With the trained embedded tokenizer the kept centre is visibly the user's picture: much
+    closer to it than the picture's own mean colour is."""
+    pipe = emoji_pipe
+    image = Image.open(hub.ASSETS / "examples" / f"{example}.png").convert("RGB")
+    first = next(iter(pipe.extend(image, 12, seed=0, display_size=64, outline=False)))
+    left, top, right, bottom = pipe.centre_box(12)
+    cell = 64 // pipe.grid
+    got = np.asarray(first.images[0]).astype(float)[top * cell:bottom * cell, left * cell:right * cell]
+    want = np.asarray(image.resize((12 * cell, 12 * cell), Image.Resampling.LANCZOS)).astype(float)
+    assert np.abs(got - want).mean() < 0.6 * np.abs(want - want.mean(axis=(0, 1))).mean()
