@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 from ear.app_support import (
     ANIMATION_FORMATS,
@@ -31,8 +32,8 @@ from ear.app_support import (
     TOP_P,
     UNCONDITIONAL,
     ZOOM_ROUNDS,
-    AnimationStore,
     ModelRegistry,
+    OutputFiles,
     Range,
     check_format,
     check_keep,
@@ -55,7 +56,7 @@ gpu: Callable[[Callable], Callable] = spaces.GPU if spaces is not None else (lam
 EXAMPLES = sorted((Path(__file__).parent / "assets" / "examples").glob("*.png"))
 MODEL_CHOICES = model_choices(extra_model())
 MODELS = ModelRegistry([name for _, name in MODEL_CHOICES], EARPipeline.from_pretrained)
-ANIMATIONS = AnimationStore()
+FILES = OutputFiles()
 CONCURRENCY_LIMIT = 2  # generations at once: one per CPU core on a basic Space
 QUEUE_SIZE = 24  # beyond this the page says the app is busy and to try again
 RANDOM_SEED_JS = f"() => Math.floor(Math.random() * {SEED.hi + 1})"
@@ -75,22 +76,25 @@ def shown_to_user() -> Iterator[None]:
 
 
 def _play(frames: Iterator[Frame], stem: str, fmt: str) -> Iterator[tuple[Any, ...]]:
-    """Stream one canvas per frame, then the finished images and the growth animation file.
+    """Stream one canvas per frame, then the finished images, then also the growth animation.
 
     The first update also clears the previous run's results and animation."""
-    canvases, last = [], None
+    canvases: list[Image.Image] = []
+    shown, last = None, None
     for frame in frames:
-        canvas = make_grid(frame.images)
-        canvases.append(canvas)
+        canvases.append(make_grid(frame.images))
+        shown = FILES.image(canvases[-1], stem)
         if last is None:
-            yield canvas, frame.caption, None, None
+            yield shown, frame.caption, None, None
         else:
-            yield canvas, frame.caption, gr.skip(), gr.skip()
+            yield shown, frame.caption, gr.skip(), gr.skip()
         last = frame
     if last is None:
         raise gr.Error("The model produced no frames.")
-    path = ANIMATIONS.save(canvases, stem, fmt)
-    yield canvas, f"{last.caption} · done", last.images, str(path)
+    finals = [FILES.image(image, f"{stem}-final") for image in last.images]
+    yield shown, f"{last.caption} · writing the animation…", finals, None
+    animation = FILES.animation(canvases, stem, fmt)  # seconds for big grids: results are shown first
+    yield shown, f"{last.caption} · done", finals, animation
 
 
 @gpu
@@ -164,7 +168,8 @@ def compare(class_name: str, seed: int, model: str) -> Iterator[list[Any]]:
                     continue
                 frame, seconds = item
                 spent[name] += seconds
-                update += [frame.images[0], _order_caption(name, trained, frame, spent[name])]
+                update += [FILES.image(frame.images[0], f"ear-{name}"),
+                           _order_caption(name, trained, frame, spent[name])]
             if streams:
                 yield update
 
@@ -231,8 +236,9 @@ def _generate_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.C
             fmt = _format_picker()
             run, stop = _run_and_stop("Generate", "gen")
         with gr.Column(scale=2):
-            outputs = _outputs("gen", gr.Gallery(label="Final images", columns=4, format="png", preview=False,
-                                                 height="auto", render=False, elem_id="gen-final"))
+            finals = gr.Gallery(label="Final images", columns=4, fit_columns=False, preview=False,
+                                format="png", height="auto", render=False, elem_id="gen-final")
+            outputs = _outputs("gen", finals)
     event = run.click(generate, [klass, count, *sampling, model, fmt], outputs, api_name="generate", **HEAVY)
     stop.click(None, cancels=[event], queue=False, api_visibility="private")
     return [klass, *sampling[1:]]
@@ -325,7 +331,7 @@ MODEL_DEPENDENT = 14  # outputs of _model_updates: class pickers, sliders, keep 
 def build_demo() -> gr.Blocks:
     """The whole page. Module-level `demo` below, so `gradio app.py` reload mode and tests find it."""
     pipe = MODELS.get(None)
-    with gr.Blocks(title="EAR Studio") as demo:
+    with gr.Blocks(title="EAR Studio", delete_cache=(3600, 3600)) as demo:  # hourly, files > 1 h
         gr.Markdown("# EAR Studio\nWatch an image grow from its centre outward: EAR (Expanding "
                     "Autoregressive Representation, [arXiv 2511.15499](https://arxiv.org/abs/2511.15499)) "
                     "predicts image tokens in a spiral, several per step.")

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from ear import hub
-from ear.images import load_image
+from ear.images import load_image, save_image
 from ear.preview import save_animation
 
 T = TypeVar("T")
@@ -188,18 +188,31 @@ class ModelRegistry:
             return pipeline
 
 
-class AnimationStore:
-    """Animation files offered for download, in one temp folder; old files are pruned on write."""
+class OutputFiles:
+    """Files the page shows or offers for download, each under a unique name in one temp folder.
+
+    Handlers hand Gradio paths rather than PIL images: Gradio then copies each file into its cache
+    atomically and never rewrites an existing copy, whereas a PIL image is re-encoded into a
+    content-named file that is overwritten in place, so identical frames (the same class and
+    seed from two users, or a final image equal to the last canvas) could be served half-written.
+    """
 
     def __init__(self, root: Path | None = None, max_age_s: float = 3600.0) -> None:
         self.root = root or Path(tempfile.gettempdir()) / "ear-studio"
         self.max_age_s = max_age_s
 
-    def save(self, frames: Sequence[Image.Image], stem: str, fmt: str, fps: float = 8) -> Path:
-        """Write `frames` as `fmt` and return the path written (GIF if no MP4 encoder exists)."""
+    def _path(self, stem: str, suffix: str) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
+        return self.root / f"{stem}-{uuid.uuid4().hex[:12]}.{suffix}"
+
+    def image(self, image: Image.Image, stem: str) -> str:
+        return str(save_image(image, self._path(stem, "png")))
+
+    def animation(self, frames: Sequence[Image.Image], stem: str, fmt: str, fps: float = 8) -> str:
+        """Write `frames` as `fmt` and return the path written (GIF if no MP4 encoder exists).
+        Old files are pruned here, once per request."""
         self.prune()
-        return save_animation(frames, self.root / f"{stem}-{uuid.uuid4().hex[:10]}.{fmt}", fps=fps)
+        return str(save_animation(frames, self._path(stem, fmt), fps=fps))
 
     def prune(self) -> None:
         cutoff = time.time() - self.max_age_s

@@ -87,6 +87,12 @@ def assert_user_error(call: Any, *fragments: str) -> str:
     return message
 
 
+def pixels(path: str) -> np.ndarray:
+    """Handlers return file paths (see OutputFiles); this is the picture behind one."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
 def is_skip(value: Any) -> bool:
     return isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1
 
@@ -95,17 +101,19 @@ def is_skip(value: Any) -> bool:
 
 def test_generate_streams_every_step_then_images_and_gif(app: types.ModuleType, steps: int) -> None:
     outs = generate(app, num_images=4)
-    assert len(outs) == steps + 1  # one canvas per step, then the results
+    assert len(outs) == steps + 2  # one canvas per step, the results, then also the animation
     captions = [o[1] for o in outs]
     assert captions[0].startswith(f"step 1 / {steps} · ")
     assert f"step {steps} / {steps}" in captions[-1] and captions[-1].endswith("done")
-    canvases = [np.asarray(o[0]) for o in outs[:-1]]
+    canvases = [pixels(o[0]) for o in outs[:-2]]
     assert all(not np.array_equal(a, b) for a, b in itertools.pairwise(canvases))
     assert canvases[0].shape[0] > 256  # four images shown as a 2 x 2 grid
     assert outs[0][2] is None and outs[0][3] is None  # the first update clears the last run
-    assert all(is_skip(o[2]) and is_skip(o[3]) for o in outs[1:-1])
+    assert all(is_skip(o[2]) and is_skip(o[3]) for o in outs[1:-2])
+    assert "writing the animation" in captions[-2] and outs[-2][3] is None  # results before the GIF
     finals, animation = outs[-1][2], Path(outs[-1][3])
-    assert len(finals) == 4 and all(isinstance(im, Image.Image) for im in finals)
+    assert finals is outs[-2][2]
+    assert len(finals) == 4 and all(pixels(path).shape == (256, 256, 3) for path in finals)
     with Image.open(animation) as gif:
         assert gif.format == "GIF" and gif.n_frames == steps
 
@@ -116,7 +124,7 @@ def test_generate_mp4_and_class_by_index(app: types.ModuleType) -> None:
 
 
 def test_same_seed_same_images(app: types.ModuleType) -> None:
-    a, b = (np.asarray(generate(app, seed=11)[-1][2][0]) for _ in range(2))
+    a, b = (pixels(generate(app, seed=11)[-1][2][0]) for _ in range(2))
     assert np.array_equal(a, b)
 
 
@@ -126,8 +134,8 @@ def test_extend_streams_border_around_upload(app: types.ModuleType, steps: int) 
     pipe = app.MODELS.get(None)
     first_step = pipe.model.schedule.square_steps()[4]
     assert outs[0][1].startswith(f"step {first_step} / {steps}")  # the upload is the first frame
-    assert len(outs) == steps - first_step + 2
-    assert isinstance(outs[-1][2], Image.Image) and outs[-1][1].endswith("done")
+    assert len(outs) == steps - first_step + 3
+    assert pixels(outs[-1][2]).shape == (256, 256, 3) and outs[-1][1].endswith("done")
     assert Path(outs[-1][3]).read_bytes()[:4] == b"GIF8"
 
 
@@ -137,7 +145,7 @@ def test_extend_zoom_out_plays_rounds(app: types.ModuleType) -> None:
     assert captions[0].startswith("zoom 1 / 2") and captions[-1].startswith("zoom 2 / 2")
     assert any("zooming out" in c for c in captions)
     with Image.open(outs[-1][3]) as gif:
-        assert gif.n_frames == len(outs) - 1
+        assert gif.n_frames == len(outs) - 2
 
 
 def test_extend_examples_are_cacheable(app: types.ModuleType) -> None:

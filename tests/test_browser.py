@@ -107,6 +107,12 @@ def wait_caption(page: Any, selector: str, text: str) -> None:
                            arg=[selector, text])
 
 
+def assert_image_loaded(page: Any, selector: str) -> None:
+    """The <img> under `selector` finished loading a real picture (not a broken or partial file)."""
+    page.wait_for_function("(sel) => { const img = document.querySelector(sel + ' img');"
+                           " return img && img.complete && img.naturalWidth > 0; }", arg=selector)
+
+
 def open_tab(page: Any, name: str) -> None:
     page.get_by_role("tab", name=name).click()
 
@@ -128,8 +134,11 @@ def test_generate_streams_every_step_and_downloads_the_animation(page: Any, step
     shown = step_numbers(captions)
     assert len(set(shown) - {steps}) >= min(steps - 1, 3), captions
     assert shown == sorted(shown) and shown[-1] == steps
-    first_frame_ms, final_ms = srcs[0][1], captions[-1][1]
-    assert first_frame_ms < final_ms
+    first_frame_ms = srcs[0][1]
+    final_image_ms = next(t for text, t in captions if text.startswith(f"step {steps} / {steps}"))
+    assert first_frame_ms < final_image_ms <= captions[-1][1]
+    for selector in ("#gen-canvas", "#gen-final"):
+        assert_image_loaded(page, selector)
     page.screenshot(path=ARTIFACTS / "browser-generate.png", full_page=True)
 
     with page.expect_download() as download_info:
@@ -140,8 +149,8 @@ def test_generate_streams_every_step_and_downloads_the_animation(page: Any, step
     with Image.open(path) as gif:
         assert gif.n_frames == steps
     (ARTIFACTS / "browser-timings.json").write_text(json.dumps(
-        {"steps": steps, "first_frame_ms": round(first_frame_ms), "final_ms": round(final_ms),
-         "canvases_seen": len(srcs)}, indent=1))
+        {"steps": steps, "first_frame_ms": round(first_frame_ms), "final_image_ms": round(final_image_ms),
+         "animation_ready_ms": round(captions[-1][1]), "canvases_seen": len(srcs)}, indent=1))
 
 
 def test_bad_upload_shows_a_readable_message(page: Any, tmp_path: Path) -> None:
@@ -168,7 +177,8 @@ def test_extend_grows_a_border_around_the_upload(page: Any, steps: int) -> None:
     seen = page.evaluate("window.__seen")
     assert len({src for src, _ in seen["srcs"]}) >= 3
     assert f"step {steps} / {steps}" in seen["captions"][-1][0]
-    page.wait_for_selector("#ext-final img")
+    for selector in ("#ext-canvas", "#ext-final"):
+        assert_image_loaded(page, selector)
     page.screenshot(path=ARTIFACTS / "browser-extend.png", full_page=True)
 
 
