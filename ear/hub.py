@@ -18,7 +18,6 @@ Every failure is a ValueError naming what was tried and how to point elsewhere.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from collections.abc import Callable
@@ -461,18 +460,12 @@ def list_models(**hub_overrides: str | None) -> list[ModelStatus]:
 
 @cache
 def imagenet_class_names(num_classes: int = 1000) -> list[str]:
-    """ImageNet-1k names ("tench, Tinca tinca", ...) from the data files timm ships. The files
-    are read directly, so a broken timm/torchvision install cannot stop us; without them classes
-    are just numbered."""
-    spec = importlib.util.find_spec("timm")
-    info = Path(spec.origin).parent / "data" / "_info" if spec and spec.origin else None
+    """ImageNet-1k names ("tench, Tinca tinca", ...) for the released models, from
+    assets/imagenet_classes.tsv; any other class count (or a missing file) gets numbered names."""
     try:
-        assert info is not None
-        synsets = (info / "imagenet_synsets.txt").read_text().split()
-        lemmas = dict(line.split("\t", 1) for line in
-                      (info / "imagenet_synset_to_lemma.txt").read_text().splitlines() if "\t" in line)
-        names = [lemmas[s].strip() for s in synsets]
-    except (AssertionError, OSError, KeyError, ValueError):
+        rows = (ASSETS / "imagenet_classes.tsv").read_text(encoding="utf-8").splitlines()
+        names = [row.split("\t", 1)[1].strip() for row in rows if row and not row.startswith("#")]
+    except (OSError, IndexError):
         names = []
     if len(names) != num_classes:
         return [f"class {i}" for i in range(num_classes)]

@@ -222,7 +222,6 @@ def test_bundled_model_status() -> None:
 
 def test_imagenet_class_names() -> None:
     names = hub.imagenet_class_names(1000)
-    assert len(names) == 1000
-    if names[0] != "class 0":  # timm's data files are present
-        assert names[0].startswith("tench") and names[207].startswith("golden retriever")
+    assert len(names) == 1000 and len(set(names)) > 990
+    assert names[0] == "tench, Tinca tinca" and names[207] == "golden retriever"
     assert hub.imagenet_class_names(10) == [f"class {i}" for i in range(10)]
