@@ -163,27 +163,27 @@ def choose_default(sweep: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_media(pipe: EARPipeline, folder: Path, settings: dict[str, Any], classes: list[int],
-                seed: int) -> None:
-    """samples.png (rows of classes) and growth.gif (a few classes growing step by step)."""
-    from PIL import Image
+                seed: int, per_row: int = 6, size: int = 96) -> None:
+    """samples.png (one labelled row per class) and growth.gif (four classes growing step by step)."""
+    from PIL import Image, ImageDraw
 
     from ear.preview import make_grid, save_animation
 
-    per_row = 6
-    images = []
-    for c in classes:
-        images += pipe.generate([c] * per_row, seed=seed + c, display_size=128, **settings)
-    rows = [make_grid(images[i:i + per_row], gap=4) for i in range(0, len(images), per_row)]
-    width = max(r.width for r in rows)
-    sheet = Image.new("RGB", (width, sum(r.height for r in rows)), "#e5e7eb")
-    y = 0
-    for r in rows:
-        sheet.paste(r, (0, y))
-        y += r.height
+    gap, label_h = 4, 16
+    row_h = label_h + size + gap
+    sheet = Image.new("RGB", (per_row * (size + gap) + gap, len(classes) * row_h + gap), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, c in enumerate(classes):
+        y = gap + r * row_h
+        draw.text((gap, y + 2), pipe.class_names[c], fill=(40, 40, 40))
+        for i, image in enumerate(pipe.generate([c] * per_row, seed=seed + c, display_size=size, **settings)):
+            sheet.paste(image.convert("RGB"), (gap + i * (size + gap), y + label_h))
     sheet.save(folder / "samples.png")
     frames = [make_grid(f.images, gap=4) for f in
               pipe.stream(classes[:4], seed=seed, display_size=128, **settings)]
     save_animation(frames, folder / "growth.gif", fps=6, hold_last=2.0)
+    for name in ("samples.png", "growth.gif"):
+        (folder / name).chmod(0o644)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
