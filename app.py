@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import torch
 from PIL import Image
 
 from ear.app_support import (
@@ -45,6 +46,7 @@ from ear.app_support import (
     model_choices,
     resolve_class,
     sampling_kwargs,
+    threads_per_request,
     timed,
 )
 from ear.order import SCHEDULES
@@ -186,19 +188,40 @@ def _slider(r: Range, value: float, step: float, **kwargs: Any) -> gr.Slider:
     return gr.Slider(r.lo, kwargs.pop("maximum", r.hi), value=value, step=step, label=r.label, **kwargs)
 
 
-def _sampling_controls(pipe: EARPipeline) -> list[gr.components.Component]:
-    """Seed (with a random button) and the four sampling sliders, preset from the model."""
+def _preset_name(pipe: EARPipeline) -> str:
+    return next(name for name, settings in pipe.presets.items() if settings is pipe.default_settings)
+
+
+def apply_preset(preset: str, model: str) -> list[float]:
+    """The four slider values of one of the model's named presets (e.g. "visual", "fid")."""
+    with shown_to_user():
+        pipe = MODELS.get(model)
+        if not isinstance(preset, str) or preset not in pipe.presets:
+            raise ValueError(f"Unknown preset {str(preset)[:40]!r}; {pipe.name} has "
+                             f"{', '.join(pipe.presets)}.")
+    settings = pipe.presets[preset]
+    return [settings.cfg_scale, settings.temperature, settings.top_k, settings.top_p]
+
+
+def _sampling_controls(pipe: EARPipeline, model: gr.Dropdown) -> tuple[list[Any], list[Any]]:
+    """Seed (with a random button), a preset picker and the four sampling sliders.
+
+    Returns the handler inputs (seed and sliders) and the controls a model change refills."""
     preset = pipe.default_settings
     with gr.Row(equal_height=True):
         seed = gr.Number(0, label=SEED.label, precision=0, minimum=SEED.lo, maximum=SEED.hi, scale=3)
         dice = gr.Button("Random", size="sm", scale=1, min_width=80)
     dice.click(None, js=RANDOM_SEED_JS, outputs=seed, queue=False, api_visibility="private")
     with gr.Accordion("Sampling", open=False):
+        presets = gr.Dropdown(list(pipe.presets), value=_preset_name(pipe), label="Preset",
+                              info="the model's recommended settings")
         cfg = _slider(CFG, preset.cfg_scale, 0.05, info="classifier-free guidance; 1 = none")
         temperature = _slider(TEMPERATURE, preset.temperature, 0.05)
         top_k = _slider(TOP_K, preset.top_k, 1, maximum=pipe.tokenizer.codebook_size, info="0 = off")
         top_p = _slider(TOP_P, preset.top_p, 0.01, info="1 = off")
-    return [seed, cfg, temperature, top_k, top_p]
+    sliders = [cfg, temperature, top_k, top_p]
+    presets.select(apply_preset, [presets, model], sliders, api_visibility="private", queue=False)
+    return [seed, *sliders], [presets, *sliders]
 
 
 def _outputs(prefix: str, final: gr.components.Component) -> list[gr.components.Component]:
@@ -232,7 +255,7 @@ def _generate_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.C
             klass = _class_picker(pipe.class_names)
             count = gr.Slider(NUM_IMAGES.lo, NUM_IMAGES.hi, value=1, step=1, label=NUM_IMAGES.label,
                               info="shown as a grid")
-            sampling = _sampling_controls(pipe)
+            sampling, refilled = _sampling_controls(pipe, model)
             fmt = _format_picker()
             run, stop = _run_and_stop("Generate", "gen")
         with gr.Column(scale=2):
@@ -241,7 +264,7 @@ def _generate_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.C
             outputs = _outputs("gen", finals)
     event = run.click(generate, [klass, count, *sampling, model, fmt], outputs, api_name="generate", **HEAVY)
     stop.click(None, cancels=[event], queue=False, api_visibility="private")
-    return [klass, *sampling[1:]]
+    return [klass, *refilled]
 
 
 def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Component]:
@@ -255,7 +278,7 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Com
                                 info="optional; type to search")
             rounds = gr.Slider(ZOOM_ROUNDS.lo, ZOOM_ROUNDS.hi, value=0, step=1, label=ZOOM_ROUNDS.label,
                                info="0 = extend once; n = zoom out n times")
-            sampling = _sampling_controls(pipe)
+            sampling, refilled = _sampling_controls(pipe, model)
             fmt = _format_picker()
             run, stop = _run_and_stop("Extend", "ext")
         with gr.Column(scale=2):
@@ -267,7 +290,7 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Com
     event = run.click(extend, [image, keep, klass, rounds, *sampling, model, fmt], outputs,
                       api_name="extend", **HEAVY)
     stop.click(None, cancels=[event], queue=False, api_visibility="private")
-    return [klass, keep, *sampling[1:]]
+    return [klass, keep, *refilled]
 
 
 def _compare_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Component]:
@@ -304,7 +327,8 @@ def _info_tab(model: gr.Dropdown) -> list[gr.components.Component]:
 def _model_updates(pipe: EARPipeline, name: str) -> list[Any]:
     """New choices and presets for every model-dependent control, in `build_demo`'s order."""
     preset, names = pipe.default_settings, pipe.class_names
-    sliders = [gr.Slider(value=preset.cfg_scale), gr.Slider(value=preset.temperature),
+    sliders = [gr.Dropdown(choices=list(pipe.presets), value=_preset_name(pipe)),
+               gr.Slider(value=preset.cfg_scale), gr.Slider(value=preset.temperature),
                gr.Slider(value=preset.top_k, maximum=pipe.tokenizer.codebook_size),
                gr.Slider(value=preset.top_p)]
     return [gr.Dropdown(choices=names, value=names[0]), *sliders,
@@ -325,7 +349,7 @@ def select_model(name: str, previous: str) -> list[Any]:
 
 
 HEAVY: dict[str, Any] = {"concurrency_id": "ear", "preprocess": False}
-MODEL_DEPENDENT = 14  # outputs of _model_updates: class pickers, sliders, keep sizes, info
+MODEL_DEPENDENT = 16  # outputs of _model_updates: class pickers, presets, sliders, keep sizes, info
 
 
 def build_demo() -> gr.Blocks:
@@ -346,8 +370,10 @@ def build_demo() -> gr.Blocks:
             dependent += _compare_tab(pipe, model)
         with gr.Tab("Model info"):
             dependent += _info_tab(model)
-        model.input(select_model, [model, loaded], [model, loaded, *dependent], api_visibility="private",
-                    concurrency_id="ear")
+        # `select`, not `input` (Gradio 6's dropdown fires that twice per pick) nor `change` (also
+        # fired when a failed load puts the previous model back)
+        model.select(select_model, [model, loaded], [model, loaded, *dependent], api_visibility="private",
+                     concurrency_id="ear")
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
     return demo
 
@@ -357,6 +383,9 @@ demo = build_demo()
 
 def launch(**kwargs: Any) -> Any:
     """Start the server; address and port come from GRADIO_SERVER_NAME/PORT unless passed here."""
+    threads = threads_per_request(CONCURRENCY_LIMIT)
+    if threads is not None:
+        torch.set_num_threads(threads)
     return demo.launch(css=CSS, max_file_size=MAX_UPLOAD_BYTES, **kwargs)
 
 

@@ -235,6 +235,29 @@ def timed(items: Iterator[T]) -> Iterator[tuple[T, float]]:
         yield item, time.perf_counter() - start
 
 
+def available_cpus() -> int:
+    """Cores this process may really use: its CPU affinity, capped by a cgroup v2 quota (in
+    containers such as Spaces, affinity alone can report the host's cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def threads_per_request(concurrency: int) -> int | None:
+    """PyTorch intra-op threads for each of `concurrency` simultaneous requests, so together they
+    use the cores without oversubscribing them: with more busy threads than cores, OpenMP's
+    waiting makes small models ten times slower or worse. None when OMP_NUM_THREADS is set (the
+    host's choice wins)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, available_cpus() // max(1, concurrency))
+
+
 def extra_model() -> str | None:
     """A local model folder from EAR_STUDIO_MODEL, offered first and used by default."""
     return os.environ.get("EAR_STUDIO_MODEL") or None

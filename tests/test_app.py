@@ -13,6 +13,7 @@ import itertools
 import os
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -21,10 +22,11 @@ import gradio as gr
 import huggingface_hub.constants
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
-from ear.app_support import UNCONDITIONAL
+from ear.app_support import UNCONDITIONAL, OutputFiles, available_cpus, threads_per_request
 from ear.order import SCHEDULES, make_schedule
 from tests.helpers import CLASS_NAMES, write_tiny_model
 
@@ -43,6 +45,15 @@ def app(tiny: str) -> types.ModuleType:
         import app as module
     assert module.MODELS.default == tiny, "app was imported before this fixture with another model"
     return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def served_threads(app: types.ModuleType) -> Iterator[None]:
+    """Run handlers with the thread count the served app uses (see `threads_per_request`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads_per_request(app.CONCURRENCY_LIMIT) or before)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -318,3 +329,29 @@ def test_unusual_image_modes_are_accepted(app: types.ModuleType, tmp_path: Path,
         payload = saved(tmp_path, frames[0], "anim.gif", save_all=True, append_images=frames[1:])
     outs = extend(app, payload, keep=2)
     assert len(outs) > 2 and outs[-1][1].endswith("done")
+
+
+def test_presets_fill_the_sliders(app: types.ModuleType) -> None:
+    assert app.apply_preset("greedyish", app.MODELS.default) == [1.0, 0.5, 4, 0.9]
+    assert app.apply_preset("default", app.MODELS.default)[0] == 1.5
+    assert_user_error(lambda: app.apply_preset("fid", app.MODELS.default), "Unknown preset 'fid'",
+                      "greedyish")
+
+
+def test_threads_per_request_never_oversubscribe(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = available_cpus()
+    assert 1 <= cores <= (os.cpu_count() or 1)
+    assert threads_per_request(2) * 2 <= max(2, cores) and threads_per_request(cores + 5) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads_per_request(2) is None
+
+
+def test_output_files_are_unique_and_pruned(tmp_path: Path) -> None:
+    files = OutputFiles(tmp_path / "out", max_age_s=60)
+    image = Image.new("RGB", (8, 8), "red")
+    first, second = files.image(image, "x"), files.image(image, "x")
+    assert first != second and pixels(first).shape == (8, 8, 3)
+    os.utime(first, (0, 0))  # an hour-old file
+    animation = files.animation([image, image], "anim", "gif")
+    assert not Path(first).exists() and Path(second).exists() and Path(animation).is_file()

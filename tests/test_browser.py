@@ -206,3 +206,18 @@ def test_stop_halts_a_run_and_frees_the_worker(page: Any, steps: int) -> None:
       return start >= 0 && texts.slice(start).some((text) => text.endsWith('done'));
     }""")
     assert f"step {steps} / {steps}" in page.inner_text("#gen-caption")
+
+
+def test_random_seed_and_a_model_that_cannot_load(page: Any) -> None:
+    open_tab(page, "Generate")
+    seed = page.get_by_label("Seed").first
+    seed.fill("0")
+    page.get_by_role("button", name="Random").first.click()
+    page.wait_for_function("(el) => el.value !== '0'", arg=seed.element_handle())
+    model = page.get_by_label("Model")
+    before = model.input_value()
+    model.click()
+    page.get_by_role("option", name=re.compile("EAR-adaLN-B")).click()  # offline: HF_HUB_OFFLINE=1
+    page.get_by_text(re.compile("EAR-adaLN-B' cannot be loaded")).first.wait_for()
+    page.wait_for_function("([el, value]) => el.value === value", arg=[model.element_handle(), before])
+    page.screenshot(path=ARTIFACTS / "browser-model-unavailable.png")
