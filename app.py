@@ -39,6 +39,7 @@ from ear.app_support import (
     check_format,
     check_keep,
     default_keep,
+    examples_cache,
     extra_model,
     info_markdown,
     keep_choices,
@@ -284,9 +285,10 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Com
         with gr.Column(scale=2):
             outputs = _outputs("ext", gr.Image(label="Result", format="png", interactive=False,
                                                render=False, elem_id="ext-final"))
-    gr.Examples([[str(p), default_keep(pipe), UNCONDITIONAL] for p in EXAMPLES], inputs=[image, keep, klass],
-                outputs=outputs, fn=extend_example, cache_examples=True, cache_mode="lazy",
-                preprocess=False, label="Examples (results cached, default model)")
+    with examples_cache(pipe):
+        gr.Examples([[str(p), default_keep(pipe), UNCONDITIONAL] for p in EXAMPLES],
+                    inputs=[image, keep, klass], outputs=outputs, fn=extend_example, cache_examples=True,
+                    cache_mode="lazy", preprocess=False, label="Examples (results cached, default model)")
     event = run.click(extend, [image, keep, klass, rounds, *sampling, model, fmt], outputs,
                       api_name="extend", **HEAVY)
     stop.click(None, cancels=[event], queue=False, api_visibility="private")
@@ -355,7 +357,8 @@ MODEL_DEPENDENT = 16  # outputs of _model_updates: class pickers, presets, slide
 def build_demo() -> gr.Blocks:
     """The whole page. Module-level `demo` below, so `gradio app.py` reload mode and tests find it."""
     pipe = MODELS.get(None)
-    with gr.Blocks(title="EAR Studio", delete_cache=(3600, 3600)) as demo:  # hourly, files > 1 h
+    with gr.Blocks(title="EAR Studio", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as demo:  # hourly: files older than an hour
         gr.Markdown("# EAR Studio\nWatch an image grow from its centre outward: EAR (Expanding "
                     "Autoregressive Representation, [arXiv 2511.15499](https://arxiv.org/abs/2511.15499)) "
                     "predicts image tokens in a spiral, several per step.")

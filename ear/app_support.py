@@ -8,6 +8,8 @@ person in front of the page; app.py shows them with `gr.Error`. Nothing here imp
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import os
 import tempfile
@@ -256,6 +258,26 @@ def threads_per_request(concurrency: int) -> int | None:
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     return max(1, available_cpus() // max(1, concurrency))
+
+
+@contextlib.contextmanager
+def examples_cache(pipeline: Any) -> Iterator[Path]:
+    """While Gradio examples are created, point their result cache at a folder named after the
+    model's files: Gradio keys the cache by component id only, so a retrained model would keep
+    showing the old model's results."""
+    source = Path(str(pipeline.info()["source"]))
+    files = sorted(source.iterdir()) if source.is_dir() else []
+    stamp = repr([pipeline.name, *[(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
+    base = os.environ.get("GRADIO_EXAMPLES_CACHE")
+    folder = Path(base or ".gradio/cached_examples") / hashlib.sha256(stamp.encode()).hexdigest()[:12]
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(folder)
+    try:
+        yield folder
+    finally:
+        if base is None:
+            del os.environ["GRADIO_EXAMPLES_CACHE"]
+        else:
+            os.environ["GRADIO_EXAMPLES_CACHE"] = base
 
 
 def extra_model() -> str | None:

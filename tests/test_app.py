@@ -26,7 +26,13 @@ import torch
 import yaml
 from PIL import Image
 
-from ear.app_support import UNCONDITIONAL, OutputFiles, available_cpus, threads_per_request
+from ear.app_support import (
+    UNCONDITIONAL,
+    OutputFiles,
+    available_cpus,
+    examples_cache,
+    threads_per_request,
+)
 from ear.order import SCHEDULES, make_schedule
 from tests.helpers import CLASS_NAMES, write_tiny_model
 
@@ -355,3 +361,14 @@ def test_output_files_are_unique_and_pruned(tmp_path: Path) -> None:
     os.utime(first, (0, 0))  # an hour-old file
     animation = files.animation([image, image], "anim", "gif")
     assert not Path(first).exists() and Path(second).exists() and Path(animation).is_file()
+
+
+def test_example_cache_follows_the_model_files(app: types.ModuleType, tiny: str) -> None:
+    pipe = app.MODELS.get(None)
+    with examples_cache(pipe) as first:
+        assert os.environ["GRADIO_EXAMPLES_CACHE"] == str(first)
+    assert "GRADIO_EXAMPLES_CACHE" not in os.environ or os.environ["GRADIO_EXAMPLES_CACHE"] != str(first)
+    config = Path(tiny) / "config.json"
+    os.utime(config, ns=(0, config.stat().st_mtime_ns + 1))  # the model was retrained
+    with examples_cache(pipe) as second:
+        assert second != first and second.parent == first.parent
