@@ -128,14 +128,18 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise ValueError(f"Cannot write '{path}': the folder '{path.parent}' does not exist.")
 
 
+SAMPLING_FLAGS = ("cfg_scale", "temperature", "top_k", "top_p")
+
+
 def _sampling(args: argparse.Namespace, pipe: EARPipeline) -> dict:
     base = {}
     if args.preset is not None:
         if args.preset not in pipe.presets:
             raise ValueError(f"Unknown preset '{args.preset}' for {pipe.name}; it has "
                              f"{', '.join(pipe.presets)}.")
-        base = vars(pipe.presets[args.preset]).copy()
-    given = {k: getattr(args, k) for k in ("cfg_scale", "temperature", "top_k", "top_p")}
+        preset = pipe.presets[args.preset]
+        base = {k: getattr(preset, k) for k in SAMPLING_FLAGS}
+    given = {k: getattr(args, k) for k in SAMPLING_FLAGS}
     return {**base, **{k: v for k, v in given.items() if v is not None}, "seed": args.seed}
 
 

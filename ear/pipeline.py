@@ -32,20 +32,6 @@ ZOOM_TRANSITION = 8  # bridge frames between zoom-out rounds
 
 
 @dataclass
-class SamplingSettings:
-    cfg_scale: float = 1.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def merged(self, **overrides: Any) -> SamplingSettings:
-        """These settings with every non-None override applied, then checked."""
-        out = replace(self, **{k: v for k, v in overrides.items() if v is not None})
-        SamplingParams(**asdict(out))  # the sampler's own range checks, run before any work
-        return out
-
-
-@dataclass
 class Frame:
     """One streamed EAR step (or one bridge frame of a zoom-out)."""
 
@@ -62,7 +48,7 @@ class EARPipeline:
         # The tokenizer stays float32: one decode per step is cheap and half precision costs colour.
         self.tokenizer: Tokenizer = loaded.tokenizer.to(device).eval()
         self.class_names = loaded.class_names
-        self.presets = {k: SamplingSettings(**v) for k, v in loaded.presets.items()}
+        self.presets = {k: SamplingParams(**v) for k, v in loaded.presets.items()}
         self.default_settings = self.presets[loaded.default_preset]
         self._loaded = loaded
         self._fill_token: int | None = None

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -56,6 +57,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+    def merged(self, **overrides: Any) -> SamplingParams:
+        """These settings with every non-None override applied (and checked again)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     @property
     def guided(self) -> bool:

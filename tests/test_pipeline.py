@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from ear import hub
-from ear.pipeline import EARPipeline, Frame, SamplingSettings
+from ear.pipeline import EARPipeline, Frame
 from ear.preview import OUTLINE_RGB
+from ear.sampler import SamplingParams
 from tests.helpers import CLASS_NAMES, PaletteTokenizer, tiny_ear, write_tiny_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -47,7 +48,7 @@ def test_loads_on_cpu_in_float32_with_config_presets(pipe: EARPipeline) -> None:
     assert (info["device"], info["dtype"]) == ("cpu", "float32")
     assert pipe.model.output.weight.dtype == torch.float32  # float16 file, float32 model
     assert info["steps"] == 15 and info["grid"] == 8 and info["cached"] is None
-    assert pipe.default_settings == SamplingSettings(cfg_scale=1.5, temperature=1.0, top_k=0, top_p=1.0)
+    assert pipe.default_settings == SamplingParams(cfg_scale=1.5, temperature=1.0, top_k=0, top_p=1.0)
     assert set(pipe.presets) == {"default", "greedyish"}
     assert pipe.class_names == CLASS_NAMES
 
