@@ -39,6 +39,9 @@ SWEEP = [  # (cfg_scale, temperature, top_k, top_p)
     (3.0, 0.9, 0, 1.0), (3.0, 1.0, 64, 1.0), (3.0, 1.0, 0, 0.9), (5.0, 0.9, 0, 0.95),
 ]
 
+SHOWCASE = ("Smileys & Emotion (other)", "country-flag", "person-role", "time", "face-concerned",
+            "transport-ground", "heart", "sky & weather")
+
 
 class EmojiClassifier(nn.Module):
     """Four conv stages and global pooling; the pooled 96-d vector is the FID feature."""
@@ -199,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sweep-per-class", type=int, default=3)
     p.add_argument("--classifier-epochs", type=int, default=6)
     p.add_argument("--media", action="store_true", help="write samples.png and growth.gif")
+    p.add_argument("--media-classes", nargs="+", default=list(SHOWCASE),
+                   help="class names for samples.png (the first four also grow in growth.gif)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     asset, out = Path(args.asset), Path(args.out)
@@ -261,7 +266,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                 metrics["samples"]["per_class_accuracy"].items()}
     metrics["seconds_per_image_batch1"] = speed(pipe, default)
     if args.media:
-        write_media(pipe, asset, default, list(range(0, len(data.class_names), 4))[:8], args.seed)
+        shown = [pipe.class_id(c) for c in args.media_classes if c in data.class_names]
+        write_media(pipe, asset, default, shown or list(range(min(8, len(data.class_names)))), args.seed)
     metrics["eval_seconds"] = time.perf_counter() - t0
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("sweep", "samples")}, indent=2))
