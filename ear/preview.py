@@ -6,7 +6,11 @@ frame is drawn after every step: `PreviewRenderer` decodes the whole batch in on
 per step, with unknown cells filled by a *neutral* token (the code a flat mid-grey image encodes
 to, found once) and then masked in pixel space, so no decode is ever spent on cells that are not
 shown. Everything that does not change between steps (the background, the pixel -> cell maps) is
-built once per renderer.
+built once per renderer. Large tokenizers on slow devices (XQGAN's ViT decoder takes seconds on a
+CPU) would still dominate, so a renderer also keeps a decode budget: once decoding has taken more
+than `decode_share` of the other work's time (after `decode_slack` free seconds, which small
+models never exceed), a frame reuses the last decoded pixels and shows the cells known since as
+"pending" tiles, until the budget allows the next decode. The final frame is always decoded.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from ear.sampler import UNKNOWN, StepState
 from ear.tokenizer import Tokenizer
 
 CANVAS_RGB = ((34, 36, 42), (44, 46, 54))  # dim checkerboard for cells not generated yet
+PENDING_RGB = ((92, 96, 110), (108, 112, 126))  # generated, not decoded yet (decode budget)
+DECODE_SHARE = 0.5  # previews may take at most half as long as everything else ...
+DECODE_SLACK = 1.0  # ... after this many seconds of decoding, which small models never use up
 OUTLINE_RGB = (255, 176, 32)
 ANIMATION_SUFFIXES = (".gif", ".mp4")
 
@@ -54,20 +61,27 @@ class PreviewRenderer:
     the benchmark compares with the sampling time."""
 
     def __init__(self, tokenizer: Tokenizer, display_size: int = 256, outline: bool = True,
-                 fill_token: int | None = None) -> None:
+                 fill_token: int | None = None, decode_share: float | None = DECODE_SHARE,
+                 decode_slack: float = DECODE_SLACK) -> None:
         if not 16 <= display_size <= 4096:
             raise ValueError(f"display_size must lie in [16, 4096], got {display_size}")
         self.tokenizer, self.display_size, self.outline = tokenizer, display_size, outline
+        self.decode_share, self.decode_slack = decode_share, decode_slack
         self.fill_token = neutral_token(tokenizer) if fill_token is None else fill_token
         g, d, s = tokenizer.grid_size, display_size, tokenizer.image_size
         self._cell = (np.arange(d) * g) // d  # grid row/col of each display pixel row/col
         checker = (self._cell[:, None] + self._cell[None, :]) % 2
         self.canvas = np.asarray(CANVAS_RGB, dtype=np.uint8)[checker]
+        self.pending = np.asarray(PENDING_RGB, dtype=np.uint8)[checker]
         # Small tokenizers (e.g. 64 px) look right as crisp pixel art; others get a smooth resize.
         self._resample = (Image.Resampling.NEAREST if d > s and d % s == 0
                           else Image.Resampling.LANCZOS)
         self._thickness = max(1, d // 128)
         self.decode_seconds, self.decode_calls = 0.0, 0
+        self._started: float | None = None
+        self._pixels: np.ndarray | None = None  # the last decoded frame and the cells it showed
+        self._drawn: torch.Tensor | None = None
+        self._last_step = 0
 
     def decode(self, tokens: torch.Tensor) -> np.ndarray:
         """(B, g, g) ids with UNKNOWN holes -> (B, D, D, 3) uint8 at display size."""
@@ -89,15 +103,33 @@ class PreviewRenderer:
         return cells[self._cell[:, None], self._cell[None, :]]
 
     def render(self, state: StepState) -> list[Image.Image]:
-        """One frame per batch item: known cells decoded, the rest dim, this step's cells outlined
-        (except on the last step, whose frame is the finished picture)."""
-        if state.done:
+        """One frame per batch item: known cells decoded (or pending, over the decode budget), the
+        rest dim, this step's cells outlined (except on the last step: the finished picture)."""
+        if state.step <= self._last_step:
+            self._pixels = None  # a new stream (the next zoom-out round, a restart): stale pixels
+        self._last_step = state.step
+        if state.done:  # whatever comes next is a new stream
+            self._pixels, self._last_step = None, 0
             return self.final(state.tokens)
-        known = self.cell_mask(state.known)[None, :, :, None]
-        frames = np.where(known, self.decode(state.tokens), self.canvas[None])
+        if self._pixels is None or self._affordable():
+            self._pixels, self._drawn = self.decode(state.tokens), state.known.clone()
+        assert self._drawn is not None
+        drawn = self.cell_mask(self._drawn)[None, :, :, None]
+        pending = self.cell_mask(state.known & ~self._drawn)[None, :, :, None]
+        frames = np.where(drawn, self._pixels, np.where(pending, self.pending[None], self.canvas[None]))
         if self.outline:
             frames[:, _border(self.cell_mask(state.new), self._thickness)] = OUTLINE_RGB
         return [Image.fromarray(f) for f in frames]
+
+    def _affordable(self) -> bool:
+        """Whether decoding this frame keeps previews within the decode budget."""
+        now = time.perf_counter()
+        if self._started is None:
+            self._started = now
+        if self.decode_share is None:
+            return True
+        other_work = now - self._started - self.decode_seconds
+        return self.decode_seconds <= self.decode_share * other_work + self.decode_slack
 
     def final(self, tokens: torch.Tensor) -> list[Image.Image]:
         """Finished pictures (every cell known) at display size."""

@@ -15,6 +15,7 @@ import ear.preview as preview
 from ear.preview import (
     CANVAS_RGB,
     OUTLINE_RGB,
+    PENDING_RGB,
     PreviewRenderer,
     make_grid,
     neutral_token,
@@ -47,6 +48,27 @@ def test_frames_show_known_cells_and_a_dim_canvas_elsewhere(states) -> None:
     assert np.array_equal(arr[known], final[1][known])
     assert set(map(tuple, arr[~known].reshape(-1, 3))) <= set(CANVAS_RGB)
     assert renderer.decode_calls == 2  # one batched decode per call, never one per image
+
+
+def test_decode_budget_shows_pending_cells_until_a_decode_is_affordable(states) -> None:
+    tokenizer, all_states = states
+    generous = PreviewRenderer(tokenizer, display_size=64, outline=False)
+    for state in all_states:
+        generous.render(state)
+    assert generous.decode_calls == len(all_states)  # small models: every step decoded
+    strict = PreviewRenderer(tokenizer, display_size=64, outline=False, decode_share=0.0, decode_slack=0.0)
+    first = strict.render(all_states[0])  # the first frame is always decoded
+    later = np.asarray(strict.render(all_states[4])[0])
+    assert strict.decode_calls == 1
+    since = strict.cell_mask(all_states[4].known & ~all_states[0].known)
+    assert set(map(tuple, later[since].reshape(-1, 3))) <= set(PENDING_RGB)
+    shown = strict.cell_mask(all_states[0].known)
+    assert np.array_equal(later[shown], np.asarray(first[0])[shown])
+    final = strict.render(all_states[-1])  # the finished picture is always decoded
+    assert strict.decode_calls == 2 and np.array_equal(np.asarray(final[0]), np.asarray(
+        generous.final(all_states[-1].tokens)[0]))
+    strict.render(all_states[0])  # a new stream never shows the previous one's pixels
+    assert strict.decode_calls == 3
 
 
 def test_outline_marks_the_new_cells_only_while_growing(states) -> None:
