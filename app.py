@@ -8,6 +8,8 @@ GRADIO_SERVER_PORT choose the address, EAR_STUDIO_MODEL adds a local model folde
 
 from __future__ import annotations
 
+import ear  # noqa: F401  first: it sets the OpenMP wait policy before torch is loaded
+
 try:  # ZeroGPU (Hugging Face Spaces) must patch torch before anything initialises CUDA
     import spaces
 except ImportError:
