@@ -24,15 +24,23 @@ from ear.tokenizer.conv_vq import ConvVQ, ConvVQConfig
 CLASS_NAMES = ["cat", "dog", "fish, goldfish"]
 
 
-def tiny_ear(vocab: int, grid: int = 8, num_classes: int = len(CLASS_NAMES), seed: int = 0) -> EAR:
-    """A 2-layer EAR with loud random weights (the default init zeroes the output head)."""
-    model = EAR(EARConfig(dim=32, n_layer=2, n_head=2, vocab_size=vocab, num_classes=num_classes,
-                          grid_size=grid))
+def tiny_ear(vocab: int, grid: int = 8, num_classes: int = len(CLASS_NAMES), seed: int = 0,
+             std: float = 0.3, **config: object) -> EAR:
+    """A 2-layer EAR with loud random weights (the default init zeroes the output head, which
+    would make every logit equal and hide position or step mix-ups)."""
+    fields = {"dim": 32, "n_layer": 2, "n_head": 2, **config}
+    model = EAR(EARConfig(vocab_size=vocab, num_classes=num_classes, grid_size=grid, **fields))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
     return model.eval()
+
+
+def noisy_model(seed: int = 0, grid_size: int = 8, **config: object) -> EAR:
+    """The engine tests' model: 64 codes, 10 classes (id 10 is the null class), 4 heads."""
+    return tiny_ear(64, grid_size, num_classes=10, seed=seed, std=0.2,
+                    **{"dim": 64, "n_head": 4, **config})
 
 
 def tiny_conv_vq(grid: int = 8, codebook: int = 32, seed: int = 0) -> ConvVQ:

@@ -10,7 +10,7 @@ import torch
 
 from ear.order import SCHEDULES, make_schedule
 from ear.sampler import UNKNOWN, decode, filter_logits, generate, sample
-from tests.engine_helpers import noisy_model
+from tests.helpers import noisy_model
 
 
 @pytest.mark.parametrize("adaln", [True, False])
