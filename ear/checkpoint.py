@@ -33,57 +33,42 @@ DEFAULT_PREFER = ("model", "ema", "module", "state_dict")
 
 # --- inert stand-ins for config objects that training scripts pickle next to the weights ----------
 
-class _InertObject:
-    """Takes the place of a pickled config object; its state is discarded, never interpreted."""
+class _Inert:
+    """Takes the place of a pickled config object: its state is discarded, never interpreted."""
 
     def __setstate__(self, state: object) -> None:
         pass
 
 
-class _InertList(list):
+class _InertList(_Inert, list):
     """Stand-in for list subclasses (ruamel CommentedSeq): pickle fills it with append/extend."""
 
-    def __setstate__(self, state: object) -> None:
-        pass
 
-
-class _InertDict(dict):
+class _InertDict(_Inert, dict):
     """Stand-in for dict subclasses (ruamel CommentedMap): pickle fills it with __setitem__."""
 
-    def __setstate__(self, state: object) -> None:
-        pass
 
-
-class _InertFloat(float):
+class _InertFloat(_Inert, float):
     """Stand-in for ruamel's float subclasses; keeps the value, drops the formatting state."""
 
-    def __setstate__(self, state: object) -> None:
-        pass
 
-
-class _InertInt(int):
+class _InertInt(_Inert, int):
     """Stand-in for ruamel's int subclasses (ScalarInt, ScalarBoolean, HexInt, ...)."""
 
-    def __setstate__(self, state: object) -> None:
-        pass
 
-
-class _InertStr(str):
+class _InertStr(_Inert, str):
     """Stand-in for ruamel's str subclasses (the ScalarString family)."""
 
-    def __setstate__(self, state: object) -> None:
-        pass
 
-
-_STAND_INS: dict[str, type] = {"argparse.Namespace": _InertObject}
+_STAND_INS: dict[str, type] = {"argparse.Namespace": _Inert}
 for _module, _names, _stand_in in (
     ("ruamel.yaml.comments", ("CommentedSeq", "CommentedKeySeq"), _InertList),
     ("ruamel.yaml.comments", ("CommentedMap", "CommentedOrderedMap", "CommentedKeyMap"), _InertDict),
-    ("ruamel.yaml.comments", ("Format", "LineCol", "Comment", "Tag", "TaggedScalar"), _InertObject),
-    ("ruamel.yaml.anchor", ("Anchor",), _InertObject),
-    ("ruamel.yaml.tag", ("Tag",), _InertObject),
-    ("ruamel.yaml.tokens", ("CommentToken",), _InertObject),
-    ("ruamel.yaml.error", ("CommentMark", "StreamMark", "StringMark", "FileMark"), _InertObject),
+    ("ruamel.yaml.comments", ("Format", "LineCol", "Comment", "Tag", "TaggedScalar"), _Inert),
+    ("ruamel.yaml.anchor", ("Anchor",), _Inert),
+    ("ruamel.yaml.tag", ("Tag",), _Inert),
+    ("ruamel.yaml.tokens", ("CommentToken",), _Inert),
+    ("ruamel.yaml.error", ("CommentMark", "StreamMark", "StringMark", "FileMark"), _Inert),
     ("ruamel.yaml.scalarfloat", ("ScalarFloat", "ExponentialFloat", "ExponentialCapsFloat"), _InertFloat),
     ("ruamel.yaml.scalarint",
      ("ScalarInt", "BinaryInt", "OctalInt", "HexInt", "HexCapsInt", "DecimalInt"), _InertInt),
