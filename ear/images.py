@@ -48,6 +48,11 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
     return _decode(io.BytesIO(data), f"the image file {label}", max_pixels)
 
 
+def _sentence(label: str) -> str:
+    """Capitalise the first letter only: str.capitalize() would lowercase the file's name."""
+    return label[:1].upper() + label[1:]
+
+
 def _decode(stream: io.BytesIO, label: str, max_pixels: int) -> Image.Image:
     """Open (header only), check the pixel budget, then decode the first frame."""
     with warnings.catch_warnings():
@@ -55,13 +60,13 @@ def _decode(stream: io.BytesIO, label: str, max_pixels: int) -> Image.Image:
         try:
             img = Image.open(stream)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ValueError(f"{label.capitalize()} is too large to open safely "
+            raise ValueError(f"{_sentence(label)} is too large to open safely "
                              f"(limit {max_pixels / 1e6:.0f} megapixels).") from None
         except UnidentifiedImageError:
-            raise ValueError(f"{label.capitalize()} is not an image format we can read "
+            raise ValueError(f"{_sentence(label)} is not an image format we can read "
                              "(try PNG, JPEG, WebP or GIF).") from None
         except OSError as err:
-            raise ValueError(f"{label.capitalize()} cannot be read ({err}).") from None
+            raise ValueError(f"{_sentence(label)} cannot be read ({err}).") from None
         with img:
             return _normalise(img, label, max_pixels)
 
@@ -70,9 +75,9 @@ def _normalise(img: Image.Image, label: str, max_pixels: int) -> Image.Image:
     """Size checks before decoding, then first frame, EXIF rotation and conversion to RGB."""
     width, height = img.size
     if width == 0 or height == 0:
-        raise ValueError(f"{label.capitalize()} has no pixels ({width}x{height}).")
+        raise ValueError(f"{_sentence(label)} has no pixels ({width}x{height}).")
     if width * height > max_pixels:
-        raise ValueError(f"{label.capitalize()} is too large ({width}x{height} = "
+        raise ValueError(f"{_sentence(label)} is too large ({width}x{height} = "
                          f"{width * height / 1e6:.0f} megapixels; the limit is "
                          f"{max_pixels / 1e6:.0f}).")
     try:
@@ -83,7 +88,7 @@ def _normalise(img: Image.Image, label: str, max_pixels: int) -> Image.Image:
         return _to_rgb(img)
     except (OSError, SyntaxError, ValueError, EOFError, KeyError, TypeError, struct.error) as err:
         # Pillow reports damaged data through many exception types (struct.error from headers).
-        raise ValueError(f"{label.capitalize()} is truncated or corrupt ({err}).") from None
+        raise ValueError(f"{_sentence(label)} is truncated or corrupt ({err}).") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
