@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
 ASSET_FORMAT = "ear-studio/1"
 
@@ -178,3 +180,53 @@ def all_agree(accelerator: Accelerator, flag: bool) -> bool:
     """True on every process if it is true on any: wall-clock stops must not split the ranks."""
     t = torch.tensor(float(flag), device=accelerator.device)
     return bool(accelerator.reduce(t, reduction="sum") > 0)
+
+
+def prepare_training(accelerator: Accelerator, module: nn.Module, optimizer: torch.optim.Optimizer,
+                     ema: EMA, progress: Progress, args: Any, run_dir: Path
+                     ) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Both stages' set-up: warm-up + cosine schedule over steps or the time budget, accelerate's
+    wrapping, EMA and progress in the checkpoint, and `--resume` from the run folder."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, args.warmup, fraction_done(progress, args.steps, args.time_budget)))
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    accelerator.register_for_checkpointing(ema, progress)
+    if args.resume and load_checkpoint(accelerator, run_dir):
+        accelerator.print(f"resumed from step {progress.step}")
+    ema.model.to(accelerator.device)
+    return module, optimizer, scheduler
+
+
+def train_loop(accelerator: Accelerator, module: nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, ema: EMA, ema_source: Callable[[], nn.Module],
+               progress: Progress, args: Any, run_dir: Path, *, desc: str,
+               step_loss: Callable[[int], tuple[torch.Tensor, dict[str, str] | None]],
+               on_save: Callable[[], None]) -> None:
+    """The loop both stages share: one clipped optimiser step per batch, EMA of the weights, a stop
+    every process agrees on (steps or time budget), a checkpoint every `save_every` steps and at the
+    end, after which `on_save` writes usable weights. `step_loss(step)` returns the batch's loss and
+    optional progress-bar fields."""
+    timer = Timer(progress)
+    bar = tqdm(range(progress.step, args.steps), initial=progress.step, total=args.steps,
+               disable=not accelerator.is_main_process, desc=desc, dynamic_ncols=True)
+    module.train()
+    for step in bar:
+        loss, postfix = step_loss(step)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(ema_source())
+        progress.step = step + 1
+        timer.tick()
+        finished = all_agree(accelerator, fraction_done(progress, args.steps, args.time_budget) >= 1)
+        if postfix:
+            bar.set_postfix(**postfix)
+        if progress.step % args.save_every == 0 or finished:
+            save_checkpoint(accelerator, run_dir)
+            if accelerator.is_main_process:
+                on_save()
+        if finished:
+            break
+    bar.close()

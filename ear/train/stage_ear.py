@@ -14,24 +14,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ear.model import EAR, EARConfig
 from ear.tokenizer.conv_vq import ConvVQ
 from ear.train.common import (
     EMA,
     Progress,
-    Timer,
-    all_agree,
     augment,
     batch_indices,
-    fraction_done,
     half_state_dict,
-    load_checkpoint,
-    lr_factor,
     make_accelerator,
-    save_checkpoint,
+    prepare_training,
     to_float,
+    train_loop,
     update_asset,
 )
 from ear.train.data import ImageDataset, attribution_text, load_dataset
@@ -138,41 +133,23 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-        lambda s: lr_factor(s, args.warmup, fraction_done(progress, args.steps, args.time_budget)))
     ema = EMA(model, args.ema)
-    wrapped, optimizer, scheduler = accelerator.prepare(LossOnly(model), optimizer, scheduler)
-    accelerator.register_for_checkpointing(ema, progress)
-    if args.resume and load_checkpoint(accelerator, run_dir):
-        accelerator.print(f"resumed from step {progress.step}")
-    ema.model.to(accelerator.device)
-
+    wrapped, optimizer, scheduler = prepare_training(accelerator, LossOnly(model), optimizer, ema, progress,
+                                                     args, run_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
-    timer = Timer(progress)
-    bar = tqdm(range(progress.step, args.steps), initial=progress.step, total=args.steps,
-               disable=not accelerator.is_main_process, desc="ear", dynamic_ncols=True)
-    wrapped.train()
-    smooth = None
-    for step in bar:
+    smooth: float | None = None
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, str]]:
+        nonlocal smooth
         idx = batch_indices(len(labels), args.batch, step, args.seed, rank, world)
         loss = wrapped(tokens[idx].long().to(accelerator.device), labels[idx].to(accelerator.device))
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(wrapped.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(accelerator.unwrap_model(wrapped).model)
-        progress.step = step + 1
-        timer.tick()
-        finished = all_agree(accelerator, fraction_done(progress, args.steps, args.time_budget) >= 1)
         smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{smooth:.3f}")
-        if progress.step % args.save_every == 0 or finished:
-            save_checkpoint(accelerator, run_dir)
-            if accelerator.is_main_process:
-                export(run_dir, ema.model, tokenizer, data, args.name)
-        if finished:
-            break
+        return loss, {"loss": f"{smooth:.3f}"}
+
+    train_loop(accelerator, wrapped, optimizer, scheduler, ema,
+               lambda: accelerator.unwrap_model(wrapped).model, progress, args, run_dir, desc="ear",
+               step_loss=step_loss,
+               on_save=lambda: export(run_dir, ema.model, tokenizer, data, args.name))
 
     stats = {"heldout_loss": heldout_loss(ema.model.cpu(), held_tokens, held_labels),
              "train_seconds": progress.seconds, "steps": progress.step,

@@ -7,24 +7,19 @@ import json
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ear.tokenizer.conv_vq import ConvVQ, ConvVQConfig
 from ear.train.common import (
     EMA,
     Progress,
-    Timer,
-    all_agree,
     augment,
     batch_indices,
-    fraction_done,
     half_state_dict,
-    load_checkpoint,
-    lr_factor,
     make_accelerator,
-    save_checkpoint,
+    prepare_training,
     step_generator,
     to_float,
+    train_loop,
     update_asset,
 )
 from ear.train.data import ImageDataset, attribution_text, load_dataset
@@ -89,45 +84,28 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     model = ConvVQ(config)
     progress = Progress()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-        lambda s: lr_factor(s, args.warmup, fraction_done(progress, args.steps, args.time_budget)))
     ema = EMA(model, args.ema)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    accelerator.register_for_checkpointing(ema, progress)
-    if args.resume and load_checkpoint(accelerator, run_dir):
-        accelerator.print(f"resumed from step {progress.step}")
-    ema.model.to(accelerator.device)
-
+    model, optimizer, scheduler = prepare_training(accelerator, model, optimizer, ema, progress, args,
+                                                   run_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
-    timer = Timer(progress)
-    bar = tqdm(range(progress.step, args.steps), initial=progress.step, total=args.steps,
-               disable=not accelerator.is_main_process, desc="tokenizer", dynamic_ncols=True)
-    model.train()
-    for step in bar:
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, str] | None]:
         idx = batch_indices(len(train_images), args.batch, step, args.seed, rank, world)
         gen = step_generator(args.seed, step, rank)
         x = random_crop(augment(to_float(train_images[idx]), gen), args.crop, gen).to(accelerator.device)
         out = model(x)
-        accelerator.backward(out["loss"])
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(accelerator.unwrap_model(model))
-        progress.step = step + 1
-        timer.tick()
-        finished = all_agree(accelerator, fraction_done(progress, args.steps, args.time_budget) >= 1)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{out['loss'].item():.4f}", l1=f"{out['l1'].item():.4f}",
-                            psnr=f"{float(psnr(out['recon'].detach().clamp(-1, 1), x).mean()):.1f}")
-        if progress.step % args.save_every == 0 or finished:
-            save_checkpoint(accelerator, run_dir)
-            if accelerator.is_main_process:  # usable weights at every checkpoint
-                update_asset(run_dir, {"tokenizer": half_state_dict(ema.model)},
-                             tokenizer_asset_config(ema.model, data))
-        if finished:
-            break
-    bar.close()
+        if step % 10:
+            return out["loss"], None
+        quality = float(psnr(out["recon"].detach().clamp(-1, 1), x).mean())
+        return out["loss"], {"loss": f"{out['loss'].item():.4f}", "l1": f"{out['l1'].item():.4f}",
+                             "psnr": f"{quality:.1f}"}
+
+    def on_save() -> None:  # usable weights at every checkpoint
+        update_asset(run_dir, {"tokenizer": half_state_dict(ema.model)},
+                     tokenizer_asset_config(ema.model, data))
+
+    train_loop(accelerator, model, optimizer, scheduler, ema, lambda: accelerator.unwrap_model(model),
+               progress, args, run_dir, desc="tokenizer", step_loss=step_loss, on_save=on_save)
 
     stats = reconstruction_stats(ema.model.cpu(), heldout_images)
     stats.update(train_seconds=progress.seconds, steps=progress.step)
