@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cache, partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
@@ -186,11 +188,19 @@ def fetch(ref: HubFile | Path, model_name: str, component: str) -> Path:
     if isinstance(ref, Path):
         return ref
     tried, failures, offline = [], [], True
+    unreachable = not constants.is_offline_mode() and not _hub_resolvable()
     for candidate in ref.candidates():
         tried.append(str(candidate))
+        if unreachable:  # asking the Hub again would only wait for another timeout: cache only
+            found = cached_path(candidate)
+            if found is not None:
+                return found
+            failures.append("not in the local cache")
+            continue
         try:
             return Path(hf_hub_download(candidate.repo_id, candidate.filename, revision=candidate.revision))
         except LocalEntryNotFoundError:
+            unreachable = True
             failures.append("not in the local cache and the Hub is unreachable")
         except (OSError, HFValidationError) as err:  # HTTP errors are OSErrors too
             offline = False
@@ -203,6 +213,16 @@ def fetch(ref: HubFile | Path, model_name: str, component: str) -> Path:
                          f"{_hint(component)}.")
     details = "; ".join(f"{t}: {f}" for t, f in zip(tried, failures, strict=True))
     raise ValueError(f"Could not download the {component} of {model_name} ({details}); {_hint(component)}.")
+
+
+def _hub_resolvable() -> bool:
+    """Whether the Hub's host name resolves. Without this check an offline machine would wait
+    ~25 s per file while huggingface_hub retries, only to be told what the cache already knew."""
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname or "", 443)
+    except (OSError, UnicodeError):  # socket.gaierror is an OSError
+        return False
+    return True
 
 
 def cached_path(ref: HubFile) -> Path | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import socket
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,24 @@ def test_offline_and_not_cached_is_one_clear_sentence(hub_cache: Path) -> None:
     assert "python -m ear download EAR-adaLN-B" in message and "\n" not in message
     with pytest.raises(ValueError, match="not downloaded yet"):
         hub.download("EAR-adaLN-B")
+
+
+def test_unresolvable_hub_answers_at_once_and_still_uses_the_cache(hub_cache: Path, tiny_dir: Path,
+                                                                    monkeypatch) -> None:
+    """Online mode on a machine without DNS: no waiting on huggingface_hub's retries."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror("Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(ValueError, match="the Hugging Face Hub cannot be reached"):
+        hub.load("EAR-adaLN-B")
+    add_to_hub_cache(hub_cache, "someone/tiny-ear", _own_files(tiny_dir))
+    assert hub.load("someone/tiny-ear").name == "tiny-test"
 
 
 def test_download_returns_cached_paths(hub_cache: Path, tiny_dir: Path) -> None:
