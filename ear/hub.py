@@ -134,6 +134,9 @@ class LoadedModel:
     licence: str = ""
     attribution: str = ""
     hub_files: list[HubFile] = field(default_factory=list)
+    # The class the page opens on, and old or familiar names that still find a class ("heart").
+    default_class: str = ""
+    class_aliases: dict[str, str] = field(default_factory=dict)
 
 
 # ---- overrides -----------------------------------------------------------------------------------
@@ -327,11 +330,17 @@ def load_own_format(files: dict[str, Path], name: str, source: str,
         raise ValueError(f"The model config '{files['config']}' names {len(class_names)} classes but the "
                          f"model has {n}.")
     presets = config.get("presets") or {"default": {}}
+    default_class = config.get("default_class", class_names[0])
+    aliases = dict(config.get("class_aliases") or {})
+    unknown = sorted({default_class, *aliases.values()} - set(class_names))
+    if unknown:
+        raise ValueError(f"The model config '{files['config']}' names classes it does not have as its "
+                         f"default or alias targets: {', '.join(map(repr, unknown[:8]))}.")
     return LoadedModel(name=config.get("name", name), source=source, model=model, tokenizer=tokenizer,
                        class_names=class_names, presets=presets,
                        default_preset="default" if "default" in presets else next(iter(presets)),
                        licence=config.get("licence", ""), attribution=config.get("attribution", ""),
-                       hub_files=hub_files or [])
+                       hub_files=hub_files or [], default_class=default_class, class_aliases=aliases)
 
 
 def load_official(entry: ModelEntry, model_ref: HubFile | Path, tokenizer_ref: HubFile | Path) -> LoadedModel:

@@ -48,6 +48,8 @@ class EARPipeline:
         # The tokenizer stays float32: one decode per step is cheap and half precision costs colour.
         self.tokenizer: Tokenizer = loaded.tokenizer.to(device).eval()
         self.class_names = loaded.class_names
+        self.default_class = loaded.default_class or loaded.class_names[0]
+        self._aliases = {k.strip().lower(): v for k, v in loaded.class_aliases.items()}
         self.presets = {k: SamplingParams(**v) for k, v in loaded.presets.items()}
         self.default_settings = self.presets[loaded.default_preset]
         self._loaded = loaded
@@ -94,6 +96,7 @@ class EARPipeline:
             raise ValueError(f"a class is an index in [0, {n - 1}] or a name, got {name_or_id!r}")
         wanted = name_or_id.strip().lower()
         lowered = [c.lower() for c in self.class_names]
+        wanted = self._aliases.get(wanted, wanted).lower()  # an older or familiar name
         if wanted in lowered:
             return lowered.index(wanted)
         for i, name in enumerate(lowered):  # synonyms: "tench, Tinca tinca"

@@ -61,6 +61,7 @@ def write_tiny_model(folder: Path, grid: int = 8, codebook: int = 32, seed: int 
         "presets": {"default": {"cfg_scale": 1.5, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
                     "greedyish": {"cfg_scale": 1.0, "temperature": 0.5, "top_k": 4, "top_p": 0.9}},
         "licence": "MIT (test)", "attribution": "random weights",
+        "default_class": CLASS_NAMES[1], "class_aliases": {"puppy": CLASS_NAMES[1]},
     }
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     save_file({k: v.half() for k, v in model.state_dict().items()}, folder / "ear.safetensors")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,7 @@ def test_generate_is_reproducible_by_seed(pipe: EARPipeline) -> None:
 def test_class_names_ids_and_synonyms(pipe: EARPipeline) -> None:
     assert pipe.class_id("dog") == 1 and pipe.class_id("DOG ") == 1 and pipe.class_id("2") == 2
     assert pipe.class_id("goldfish") == 2 and pipe.class_id(np.int64(0)) == 0
+    assert pipe.class_id("Puppy") == 1 and pipe.default_class == pipe.class_names[1]  # config alias
     with pytest.raises(ValueError, match=r"Did you mean 'dog'"):
         pipe.class_id("dgo")
     with pytest.raises(ValueError, match=r"\[0, 2\]"):
@@ -211,3 +213,12 @@ def test_bundled_model_keeps_a_recognisable_centre(emoji_pipe: EARPipeline, exam
     got = np.asarray(first.images[0]).astype(float)[top * cell:bottom * cell, left * cell:right * cell]
     want = np.asarray(image.resize((12 * cell, 12 * cell), Image.Resampling.LANCZOS)).astype(float)
     assert np.abs(got - want).mean() < 0.6 * np.abs(want - want.mean(axis=(0, 1))).mean()
+
+
+def test_config_alias_to_a_missing_class_is_refused(tmp_path: Path) -> None:
+    folder = write_tiny_model(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["class_aliases"] = {"heart": "red heart"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="red heart"):
+        EARPipeline.from_pretrained(str(folder))
