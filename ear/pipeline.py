@@ -10,8 +10,9 @@ becomes the first steps of the spiral) and the zoom-out built on it. Loading hap
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -31,13 +32,27 @@ MAX_ZOOM_ROUNDS = 32
 ZOOM_TRANSITION = 8  # bridge frames between zoom-out rounds
 
 
-@dataclass
 class Frame:
-    """One streamed EAR step (or one bridge frame of a zoom-out)."""
+    """One streamed EAR step (or one bridge frame of a zoom-out).
 
-    state: StepState
-    images: list[Image.Image]  # display-size previews, one per batch item
-    caption: str
+    `images` (display-size previews, one per batch item) are drawn on first access and kept: a
+    consumer that shows only some steps (the app, under its preview time budget) pays for the
+    decode of those steps only."""
+
+    def __init__(self, state: StepState, images: list[Image.Image] | Callable[[], list[Image.Image]],
+                 caption: str) -> None:
+        self.state, self.caption = state, caption
+        self._images = images
+
+    @property
+    def images(self) -> list[Image.Image]:
+        if callable(self._images):
+            self._images = self._images()
+        return self._images
+
+    def with_caption(self, caption: str) -> Frame:
+        """The same step (its images still undrawn if they were) under another caption."""
+        return Frame(self.state, self._images, caption)
 
 
 class EARPipeline:
@@ -182,7 +197,7 @@ class EARPipeline:
         for t in range(times):
             last = None
             for frame in rounds:
-                last = replace(frame, caption=f"zoom {t + 1} / {times} · {frame.caption}")
+                last = frame.with_caption(f"zoom {t + 1} / {times} · {frame.caption}")
                 yield last
             assert last is not None
             if t == times - 1:
@@ -261,7 +276,7 @@ class EARPipeline:
         for state in states:
             caption = (f"step {state.step} / {state.num_steps} · {state.num_known} / {cells} tokens · "
                        f"{state.elapsed:.2f} s")
-            yield Frame(state, renderer.render(state), caption)
+            yield Frame(state, partial(renderer.render, state), caption)
 
 
 def _last(states: Iterator[StepState]) -> StepState:

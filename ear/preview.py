@@ -22,6 +22,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,15 +69,13 @@ class PreviewRenderer:
         self.tokenizer, self.display_size, self.outline = tokenizer, display_size, outline
         self.decode_share, self.decode_slack = decode_share, decode_slack
         self.fill_token = neutral_token(tokenizer) if fill_token is None else fill_token
-        g, d, s = tokenizer.grid_size, display_size, tokenizer.image_size
-        self._cell = (np.arange(d) * g) // d  # grid row/col of each display pixel row/col
-        checker = (self._cell[:, None] + self._cell[None, :]) % 2
-        self.canvas = np.asarray(CANVAS_RGB, dtype=np.uint8)[checker]
-        self.pending = np.asarray(PENDING_RGB, dtype=np.uint8)[checker]
+        d, s = display_size, tokenizer.image_size
+        self.cells = CellGrid(tokenizer.grid_size, d)
+        self.canvas = np.asarray(CANVAS_RGB, dtype=np.uint8)[self.cells.checker]
+        self.pending = np.asarray(PENDING_RGB, dtype=np.uint8)[self.cells.checker]
         # Small tokenizers (e.g. 64 px) look right as crisp pixel art; others get a smooth resize.
         self._resample = (Image.Resampling.NEAREST if d > s and d % s == 0
                           else Image.Resampling.LANCZOS)
-        self._thickness = max(1, d // 128)
         self.decode_seconds, self.decode_calls = 0.0, 0
         self._started: float | None = None
         self._pixels: np.ndarray | None = None  # the last decoded frame and the cells it showed
@@ -99,8 +98,7 @@ class PreviewRenderer:
 
     def cell_mask(self, cells: torch.Tensor) -> np.ndarray:
         """(g, g) bool cells -> (D, D) bool display pixels."""
-        cells = cells.numpy()
-        return cells[self._cell[:, None], self._cell[None, :]]
+        return self.cells.mask(cells)
 
     def render(self, state: StepState) -> list[Image.Image]:
         """One frame per batch item: known cells decoded (or pending, over the decode budget), the
@@ -118,7 +116,7 @@ class PreviewRenderer:
         pending = self.cell_mask(state.known & ~self._drawn)[None, :, :, None]
         frames = np.where(drawn, self._pixels, np.where(pending, self.pending[None], self.canvas[None]))
         if self.outline:
-            frames[:, _border(self.cell_mask(state.new), self._thickness)] = OUTLINE_RGB
+            frames[:, self.cells.outline(state.new)] = OUTLINE_RGB
         return [Image.fromarray(f) for f in frames]
 
     def _affordable(self) -> bool:
@@ -158,13 +156,28 @@ class PreviewRenderer:
         return frames
 
 
-def _border(mask: np.ndarray, thickness: int) -> np.ndarray:
-    """Pixels of `mask` within `thickness` of its edge (the outline of a group of cells)."""
-    inner = mask
-    for _ in range(thickness):
-        p = np.pad(inner, 1)
-        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return mask & ~inner
+class CellGrid:
+    """Where the g x g token cells lie on a D x D display image: masks, outlines, checkerboard."""
+
+    def __init__(self, grid: int, display: int) -> None:
+        self.grid, self.display = grid, display
+        self._cell = (np.arange(display) * grid) // display  # grid row/col of each display row/col
+        self.checker = (self._cell[:, None] + self._cell[None, :]) % 2  # (D, D) 0/1 per cell
+        self.thickness = max(1, display // 128)
+
+    def mask(self, cells: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(g, g) bool cells -> (D, D) bool display pixels."""
+        cells = cells.numpy() if isinstance(cells, torch.Tensor) else cells
+        return cells[self._cell[:, None], self._cell[None, :]]
+
+    def outline(self, cells: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(D, D) bool: the display pixels within the outline thickness of the cells' edge."""
+        mask = self.mask(cells)
+        inner = mask
+        for _ in range(self.thickness):
+            p = np.pad(inner, 1)
+            inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+        return mask & ~inner
 
 
 def render_frame(state: StepState, tokenizer: Tokenizer, *, display_size: int = 256,
@@ -173,19 +186,34 @@ def render_frame(state: StepState, tokenizer: Tokenizer, *, display_size: int = 
     return PreviewRenderer(tokenizer, display_size, outline, fill_token).render(state)
 
 
-def make_grid(images: Sequence[Image.Image], gap: int = 4, background: str = "#e5e7eb") -> Image.Image:
+GRID_RGB = (229, 231, 235)  # the gaps between the images of a batch
+
+
+def make_grid(images: Sequence[Image.Image], gap: int = 4, background: tuple[int, int, int] = GRID_RGB
+              ) -> Image.Image:
     """Batch -> one near-square image (a single image comes back unchanged)."""
     if not images:
         raise ValueError("make_grid needs at least one image")
     if len(images) == 1:
         return images[0]
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), background)
-    for i, image in enumerate(images):
-        grid.paste(image.convert("RGB"), ((i % cols) * (w + gap), (i // cols) * (h + gap)))
-    return grid
+    return Image.fromarray(tile([np.asarray(i.convert("RGB")) for i in images], gap, background))
+
+
+def tile(arrays: Sequence[np.ndarray], gap: int = 4, fill: Any = GRID_RGB) -> np.ndarray:
+    """Equal-size (H, W, ...) arrays laid out as `make_grid` lays out images, gaps set to `fill`;
+    one array comes back as it is. Works for pixels, palette indices and masks alike."""
+    if len(arrays) == 1:
+        return arrays[0]
+    cols = math.ceil(math.sqrt(len(arrays)))
+    rows = math.ceil(len(arrays) / cols)
+    h, w = arrays[0].shape[:2]
+    out = np.empty((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, *arrays[0].shape[2:]),
+                   arrays[0].dtype)
+    out[:] = fill
+    for i, array in enumerate(arrays):
+        top, left = (i // cols) * (h + gap), (i % cols) * (w + gap)
+        out[top:top + h, left:left + w] = array
+    return out
 
 
 def ffmpeg_exe() -> str | None:
@@ -203,26 +231,32 @@ def save_animation(frames: Sequence[Image.Image], path: str | os.PathLike, fps: 
     """Write frames as .gif or .mp4, holding the last frame `hold_last` seconds longer. Without an
     MP4 encoder the animation is written as .gif next to the requested path, with a warning.
     Returns the path actually written; the file appears only once complete."""
+    if not frames:
+        raise ValueError("There are no frames to save.")
+    path = animation_target(path, fps, hold_last)
+    arrays = same_size([np.asarray(f.convert("RGB")) for f in frames])
+    if path.suffix.lower() == ".mp4":
+        return write_mp4(arrays, path, fps, hold_last)
+    return _write_gif(arrays, path, fps, hold_last)
+
+
+def animation_target(path: str | os.PathLike, fps: float, hold_last: float) -> Path:
+    """The file an animation asked for as `path` is written to, after checking the suffix and the
+    timing: an .mp4 becomes a .gif (with a warning) when there is no MP4 encoder."""
     path = Path(path)
     if path.suffix.lower() not in ANIMATION_SUFFIXES:
         raise ValueError(f"Animations can be saved as {' or '.join(ANIMATION_SUFFIXES)}, "
                          f"not '{path.suffix or path.name}'.")
-    if not frames:
-        raise ValueError("There are no frames to save.")
     if not 0 < fps <= 60 or hold_last < 0:
         raise ValueError(f"fps must lie in (0, 60] and hold_last be >= 0, got {fps} and {hold_last}")
-    arrays = _same_size([np.asarray(f.convert("RGB")) for f in frames])
-    if path.suffix.lower() == ".mp4":
-        exe = ffmpeg_exe()
-        if exe is not None:
-            return _write_mp4(arrays, path, fps, hold_last)
+    if path.suffix.lower() == ".mp4" and ffmpeg_exe() is None:
         path = path.with_suffix(".gif")
         warnings.warn(f"No MP4 encoder found (install imageio-ffmpeg or set IMAGEIO_FFMPEG_EXE); "
-                      f"wrote a GIF instead: {path}", RuntimeWarning, stacklevel=2)
-    return _write_gif(arrays, path, fps, hold_last)
+                      f"wrote a GIF instead: {path}", RuntimeWarning, stacklevel=3)
+    return path
 
 
-def _same_size(arrays: list[np.ndarray]) -> list[np.ndarray]:
+def same_size(arrays: list[np.ndarray]) -> list[np.ndarray]:
     """Pad every frame to the largest one (centred, dim background) so encoders accept them."""
     h = max(a.shape[0] for a in arrays)
     w = max(a.shape[1] for a in arrays)
@@ -249,7 +283,8 @@ def _write_gif(arrays: list[np.ndarray], path: Path, fps: float, hold_last: floa
     return path
 
 
-def _write_mp4(arrays: list[np.ndarray], path: Path, fps: float, hold_last: float) -> Path:
+def write_mp4(arrays: list[np.ndarray], path: Path, fps: float, hold_last: float) -> Path:
+    """H.264 (yuv420p) of equal, even-sized frames, the last one held `hold_last` seconds longer."""
     import imageio.v2 as imageio
 
     extra = round(hold_last * fps)
