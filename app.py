@@ -53,7 +53,7 @@ from ear.app_support import (
     threads_per_request,
     timed,
 )
-from ear.growth import GrowthAnimation, PreviewPacer
+from ear.growth import FULL, SKETCH, GrowthAnimation, PreviewPacer
 from ear.order import SCHEDULES
 from ear.pipeline import EARPipeline, Frame
 from ear.preview import make_grid
@@ -125,11 +125,12 @@ def _with_last(frames: Iterator[Frame]) -> Iterator[tuple[Frame, bool]]:
         yield previous, True
 
 
-def _play(frames: Iterator[Frame], stem: str, fmt: str) -> Iterator[list[Any]]:
+def _play(frames: Iterator[Frame], stem: str, fmt: str, first: str = FULL) -> Iterator[list[Any]]:
     """Stream a run: canvases as the pacer allows (every step while that costs little; else the
     first, one at least every 0.2 s, and the last, which comes with the finished images), then
-    the growth animation, which holds every step. The first update clears the previous run."""
-    pacer, growth, canvases = PreviewPacer(), GrowthAnimation(), FILES.canvases(stem)
+    the growth animation, which holds every step. The first update clears the previous run;
+    `first` says whether the first canvas is decoded (an upload) or sketched (a single cell)."""
+    pacer, growth, canvases = PreviewPacer(first=first), GrowthAnimation(), FILES.canvases(stem)
     try:
         for frame, last in _with_last(frames):
             growth.add(frame.state, frame.images if frame.state.done else None)
@@ -141,10 +142,12 @@ def _play(frames: Iterator[Frame], stem: str, fmt: str) -> Iterator[list[Any]]:
                 yield [gr.skip(), f"{frame.caption} · done", gr.skip(),
                        gr.update(value=animation, interactive=True)]
                 return
-            if pacer.due():
-                first = pacer.shown == 0
-                with pacer.showing():
-                    yield [canvases.show(make_grid(frame.images)), frame.caption,
+            kind = pacer.due()
+            if kind:
+                first = pacer.spent == 0
+                with pacer.showing(kind):
+                    images = frame.images if kind == FULL else frame.sketch()
+                    yield [canvases.show(make_grid(images)), frame.caption,
                            *([None, _no_download()] if first else [gr.skip(), gr.skip()])]
         raise gr.Error("The model produced no frames.")
     finally:
@@ -165,7 +168,7 @@ def generate(class_name: str, num_images: int, seed: int, cfg_scale: float, temp
         frames = pipe.stream(batch, **kwargs)
     except ValueError as err:
         yield from _refuse(err, [None, _warning(err), None, _no_download()])
-    yield from _play(frames, "ear-generate", fmt)
+    yield from _play(frames, "ear-generate", fmt, first=SKETCH)
 
 
 @gpu
@@ -244,22 +247,25 @@ def compare(class_name: str, seed: int, model: str) -> Iterator[list[Any]]:
                 waiting[name], seconds = item
                 spent[name] += seconds
             finished = any(frame.state.done for frame in waiting.values())
-            if waiting and (finished or pacer.due()):
-                with pacer.showing():
+            kind = FULL if finished else pacer.due()
+            if waiting and kind:
+                with pacer.showing(kind):
                     yield [value for name in SCHEDULES for value in _order_update(
-                        name, waiting.pop(name, None), canvases[name], trained, spent[name])]
+                        name, waiting.pop(name, None), canvases[name], trained, spent[name], kind)]
     finally:
         for files in canvases.values():
             files.close()
 
 
 def _order_update(name: str, frame: Frame | None, canvases: Canvases, trained: str,
-                  seconds: float) -> list[Any]:
+                  seconds: float, kind: str) -> list[Any]:
     """Canvas and caption of one order in a Compare update (a finished picture as lossless PNG)."""
     if frame is None:
         return [gr.skip(), gr.skip()]
-    image = (FILES.image(frame.images[0], f"ear-{name}-final") if frame.state.done
-             else canvases.show(frame.images[0]))
+    if frame.state.done:
+        image = FILES.image(frame.images[0], f"ear-{name}-final")
+    else:
+        image = canvases.show((frame.images if kind == FULL else frame.sketch())[0])
     return [image, _order_caption(name, trained, frame, seconds)]
 
 

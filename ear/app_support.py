@@ -27,7 +27,8 @@ from PIL import Image
 
 from ear import hub
 from ear.growth import GrowthAnimation
-from ear.images import atomic_output, load_image, save_image
+from ear.images import atomic_output, load_image
+from ear.preview import preview_factor
 
 T = TypeVar("T")
 LOG = logging.getLogger("ear.app")
@@ -225,8 +226,8 @@ class OutputFiles:
         return self.root / f"{stem}-{uuid.uuid4().hex[:12]}.{suffix}"
 
     def image(self, image: Image.Image, stem: str) -> str:
-        """A finished picture: lossless PNG."""
-        return str(save_image(image, self.new_path(stem, "png")))
+        """A finished picture: lossless PNG (fast to write, somewhat larger)."""
+        return str(_fast_png(image, self.new_path(stem, "png")))
 
     def canvases(self, stem: str) -> Canvases:
         return Canvases(self, stem)
@@ -248,8 +249,8 @@ class OutputFiles:
 
 
 class Canvases:
-    """One request's live canvases: fast PNGs (lowest compression; finished pictures use the
-    normal setting), of which only the last `keep` exist at any time. The browser fetches each
+    """One request's live canvases: fast PNGs, large grids shrunk (`preview_factor`), of which
+    only the last `keep` exist at any time. The browser fetches each
     one right after its update, and a canvas two updates old is no longer shown anywhere."""
 
     def __init__(self, files: OutputFiles, stem: str, keep: int = 2) -> None:
@@ -257,9 +258,9 @@ class Canvases:
         self.paths: list[Path] = []
 
     def show(self, image: Image.Image) -> str:
-        path = self.files.new_path(self.stem, "png")
-        with atomic_output(path) as tmp:
-            image.save(tmp, format="PNG", compress_level=1)
+        """Write a canvas, shrunk as `preview_factor` says, and drop those no longer shown."""
+        factor = preview_factor(*image.size)
+        path = _fast_png(image.reduce(factor) if factor > 1 else image, self.files.new_path(self.stem, "png"))
         self.paths.append(path)
         self._drop(self.keep)
         return str(path)
@@ -272,6 +273,13 @@ class Canvases:
         for old in self.paths[:-keep]:
             old.unlink(missing_ok=True)
         del self.paths[:-keep]
+
+
+def _fast_png(image: Image.Image, path: Path) -> Path:
+    """Lossless PNG at the lowest compression (a few times faster than the default); atomic."""
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG", compress_level=1)
+    return path
 
 
 def timed(items: Iterator[T]) -> Iterator[tuple[T, float]]:

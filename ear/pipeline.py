@@ -10,9 +10,8 @@ becomes the first steps of the spiral) and the zoom-out built on it. Loading hap
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -35,24 +34,35 @@ ZOOM_TRANSITION = 8  # bridge frames between zoom-out rounds
 class Frame:
     """One streamed EAR step (or one bridge frame of a zoom-out).
 
-    `images` (display-size previews, one per batch item) are drawn on first access and kept: a
-    consumer that shows only some steps (the app, under its preview time budget) pays for the
-    decode of those steps only."""
+    `images` (display-size previews, one per batch item) are drawn on first access and kept, so
+    a consumer that shows only some steps (the app, under its preview time budget) pays for the
+    decode of those steps only; `sketch()` draws a step without any decode."""
 
-    def __init__(self, state: StepState, images: list[Image.Image] | Callable[[], list[Image.Image]],
-                 caption: str) -> None:
+    def __init__(self, state: StepState, images: list[Image.Image] | None, caption: str,
+                 renderer: PreviewRenderer | None = None) -> None:
+        if images is None and renderer is None:
+            raise ValueError("a Frame needs its images or a renderer to draw them")
         self.state, self.caption = state, caption
-        self._images = images
+        self._images, self._renderer = images, renderer
 
     @property
     def images(self) -> list[Image.Image]:
-        if callable(self._images):
-            self._images = self._images()
+        if self._images is None:
+            assert self._renderer is not None
+            self._images = self._renderer.render(self.state)  # within the renderer's decode budget
         return self._images
+
+    def sketch(self) -> list[Image.Image]:
+        """The step drawn without a tokenizer call: the pixels last decoded in this stream, the
+        cells known since then as "pending" tiles (the images themselves once drawn, and the
+        finished pictures on the last step, which are always decoded)."""
+        if self._images is not None or self._renderer is None or self.state.done:
+            return self.images
+        return self._renderer.render(self.state, decode=False)
 
     def with_caption(self, caption: str) -> Frame:
         """The same step (its images still undrawn if they were) under another caption."""
-        return Frame(self.state, self._images, caption)
+        return Frame(self.state, self._images, caption, self._renderer)
 
 
 class EARPipeline:
@@ -276,7 +286,7 @@ class EARPipeline:
         for state in states:
             caption = (f"step {state.step} / {state.num_steps} · {state.num_known} / {cells} tokens · "
                        f"{state.elapsed:.2f} s")
-            yield Frame(state, partial(renderer.render, state), caption)
+            yield Frame(state, None, caption, renderer)
 
 
 def _last(states: Iterator[StepState]) -> StepState:

@@ -100,21 +100,28 @@ class PreviewRenderer:
         """(g, g) bool cells -> (D, D) bool display pixels."""
         return self.cells.mask(cells)
 
-    def render(self, state: StepState) -> list[Image.Image]:
-        """One frame per batch item: known cells decoded (or pending, over the decode budget), the
-        rest dim, this step's cells outlined (except on the last step: the finished picture)."""
+    def render(self, state: StepState, decode: bool | None = None) -> list[Image.Image]:
+        """One frame per batch item: known cells decoded (or pending), the rest dim, this step's
+        cells outlined (except on the last step: the finished picture). `decode=None` decodes
+        within the decode budget; False never decodes (the pixels last decoded in this stream,
+        newer cells as pending tiles: a sketch costing no tokenizer call); True always does.
+        The last step is always decoded."""
         if state.step <= self._last_step:
             self._pixels = None  # a new stream (the next zoom-out round, a restart): stale pixels
         self._last_step = state.step
         if state.done:  # whatever comes next is a new stream
             self._pixels, self._last_step = None, 0
             return self.final(state.tokens)
-        if self._pixels is None or self._affordable():
+        if decode is None:
+            decode = self._pixels is None or self._affordable()
+        if decode:
             self._pixels, self._drawn = self.decode(state.tokens), state.known.clone()
-        assert self._drawn is not None
-        drawn = self.cell_mask(self._drawn)[None, :, :, None]
-        pending = self.cell_mask(state.known & ~self._drawn)[None, :, :, None]
-        frames = np.where(drawn, self._pixels, np.where(pending, self.pending[None], self.canvas[None]))
+        pixels = self.canvas[None] if self._pixels is None else self._pixels
+        drawn = torch.zeros_like(state.known) if self._drawn is None else self._drawn
+        shown = self.cell_mask(drawn)[None, :, :, None]
+        pending = self.cell_mask(state.known & ~drawn)[None, :, :, None]
+        frames = np.where(shown, pixels, np.where(pending, self.pending[None], self.canvas[None]))
+        frames = np.broadcast_to(frames, (state.tokens.shape[0], *frames.shape[1:])).copy()
         if self.outline:
             frames[:, self.cells.outline(state.new)] = OUTLINE_RGB
         return [Image.fromarray(f) for f in frames]
@@ -187,6 +194,7 @@ def render_frame(state: StepState, tokenizer: Tokenizer, *, display_size: int = 
 
 
 GRID_RGB = (229, 231, 235)  # the gaps between the images of a batch
+PREVIEW_SIDE = 512  # live canvases and animations larger than this are shrunk by an integer factor
 
 
 def make_grid(images: Sequence[Image.Image], gap: int = 4, background: tuple[int, int, int] = GRID_RGB
@@ -196,7 +204,11 @@ def make_grid(images: Sequence[Image.Image], gap: int = 4, background: tuple[int
         raise ValueError("make_grid needs at least one image")
     if len(images) == 1:
         return images[0]
-    return Image.fromarray(tile([np.asarray(i.convert("RGB")) for i in images], gap, background))
+    size, corners = grid_layout(len(images), images[0].size, gap)
+    grid = Image.new("RGB", size, background)
+    for image, corner in zip(images, corners, strict=True):
+        grid.paste(image.convert("RGB"), corner)
+    return grid
 
 
 def tile(arrays: Sequence[np.ndarray], gap: int = 4, fill: Any = GRID_RGB) -> np.ndarray:
@@ -204,16 +216,30 @@ def tile(arrays: Sequence[np.ndarray], gap: int = 4, fill: Any = GRID_RGB) -> np
     one array comes back as it is. Works for pixels, palette indices and masks alike."""
     if len(arrays) == 1:
         return arrays[0]
-    cols = math.ceil(math.sqrt(len(arrays)))
-    rows = math.ceil(len(arrays) / cols)
     h, w = arrays[0].shape[:2]
-    out = np.empty((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, *arrays[0].shape[2:]),
-                   arrays[0].dtype)
+    (width, height), corners = grid_layout(len(arrays), (w, h), gap)
+    out = np.empty((height, width, *arrays[0].shape[2:]), arrays[0].dtype)
     out[:] = fill
-    for i, array in enumerate(arrays):
-        top, left = (i // cols) * (h + gap), (i % cols) * (w + gap)
+    for array, (left, top) in zip(arrays, corners, strict=True):
         out[top:top + h, left:left + w] = array
     return out
+
+
+def grid_layout(count: int, size: tuple[int, int], gap: int) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """(width, height) of a near-square grid of `count` tiles of `size`, and each tile's corner."""
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    w, h = size
+    corners = [((i % cols) * (w + gap), (i // cols) * (h + gap)) for i in range(count)]
+    return (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), corners
+
+
+def preview_factor(width: int, height: int) -> int:
+    """By how much a live canvas or an animation of this size is shrunk: the smallest integer
+    factor that fits PREVIEW_SIDE. The browser shows a grid of eight 256 px images at about half
+    size anyway, and the bundled model's 256 px pictures are 64 px ones enlarged 4x, so halving
+    loses nothing but time (the finished pictures themselves are always full size)."""
+    return max(1, math.ceil(max(width, height) / PREVIEW_SIDE))
 
 
 def ffmpeg_exe() -> str | None:
