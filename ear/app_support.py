@@ -213,13 +213,14 @@ class OutputFiles:
     are instead of hashing and copying each one into its own temp folder (one copy per streamed
     canvas used to pile up there). This class therefore bounds what it keeps itself: a request's
     canvases are deleted as soon as two newer ones are out (`Canvases`), leaving only the one on
-    screen, and everything older than `max_age_s` is pruned once per finished request. Unique
+    screen, and everything older than `max_age_s` is pruned after finished requests. Unique
     names also mean no file is ever rewritten while a browser may be reading it."""
 
     def __init__(self, root: Path | None = None, max_age_s: float = 3600.0) -> None:
         self.root = root or Path(tempfile.gettempdir()) / "ear-studio"
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_age_s = max_age_s
+        self._pruned = 0.0  # when prune() last looked (it lists the whole folder)
 
     def new_path(self, stem: str, suffix: str) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -234,12 +235,16 @@ class OutputFiles:
 
     def animation(self, growth: GrowthAnimation, stem: str, fmt: str, fps: float = 8) -> str:
         """Write `growth` as `fmt` and return the path written (GIF if no MP4 encoder exists).
-        Old files are pruned here, once per request."""
+        Old files are pruned here (see `prune`)."""
         self.prune()
         return str(growth.save(self.new_path(stem, fmt), fps=fps))
 
     def prune(self) -> None:
-        cutoff = time.time() - self.max_age_s
+        """Delete files older than `max_age_s`; at most one look per hundredth of that age."""
+        now = time.time()
+        if now - self._pruned < self.max_age_s / 100:
+            return
+        self._pruned, cutoff = now, now - self.max_age_s
         for path in self.root.iterdir():
             try:
                 if path.stat().st_mtime < cutoff:
