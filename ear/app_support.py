@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import tempfile
@@ -25,10 +26,12 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from ear import hub
-from ear.images import load_image, save_image
-from ear.preview import save_animation
+from ear.growth import GrowthAnimation
+from ear.images import atomic_output, load_image
+from ear.preview import preview_factor
 
 T = TypeVar("T")
+LOG = logging.getLogger("ear.app")
 
 UNCONDITIONAL = "(none: unconditional)"
 ANIMATION_FORMATS = ("gif", "mp4")
@@ -158,6 +161,18 @@ def model_choices(extra: str | None = None) -> list[tuple[str, str]]:
     return [(f"{Path(extra).name} · local folder", extra), *registry]
 
 
+def unavailable_message(name: str) -> str:
+    """Why a model cannot be used, for a visitor: what it means and what the host can do (the
+    loader's own message names flags and environment variables; it goes to the log)."""
+    status = {s.name: s.status for s in hub.list_models()}.get(name)
+    if status in ("not downloaded", "partly cached"):
+        return (f"Model '{name}' is not downloaded on this server, and it cannot be fetched from the "
+                f"Hugging Face Hub right now. The host can download it ahead of time with "
+                f"`python -m ear download {name}` (details are in the server log).")
+    return (f"Model '{name}' cannot be loaded on this server: its files are missing or damaged. "
+            f"The host will find the details in the server log.")
+
+
 class ModelRegistry:
     """Loads pipelines by name on first use and keeps the most recent few in memory.
 
@@ -183,7 +198,8 @@ class ModelRegistry:
             try:
                 pipeline = self._loader(name)
             except (ValueError, OSError, RuntimeError) as err:
-                raise InputError(f"Model {name!r} cannot be loaded: {err}") from None
+                LOG.warning("Model %r cannot be loaded: %s", name, err)  # the long form, for the host
+                raise InputError(unavailable_message(name)) from None
             self._loaded[name] = pipeline
             while len(self._loaded) > self._capacity:
                 self._loaded.popitem(last=False)
@@ -191,39 +207,84 @@ class ModelRegistry:
 
 
 class OutputFiles:
-    """Files the page shows or offers for download, each under a unique name in one temp folder.
+    """Files the page shows or offers for download, each under a unique name in one folder.
 
-    Handlers hand Gradio paths rather than PIL images: Gradio then copies each file into its cache
-    atomically and never rewrites an existing copy, whereas a PIL image is re-encoded into a
-    content-named file that is overwritten in place, so identical frames (the same class and
-    seed from two users, or a final image equal to the last canvas) could be served half-written.
-    """
+    app.py registers the folder as a Gradio static path, so Gradio serves these files where they
+    are instead of hashing and copying each one into its own temp folder (one copy per streamed
+    canvas used to pile up there). This class therefore bounds what it keeps itself: a request's
+    canvases are deleted as soon as two newer ones are out (`Canvases`), leaving only the one on
+    screen, and everything older than `max_age_s` is pruned after finished requests. Unique
+    names also mean no file is ever rewritten while a browser may be reading it."""
 
     def __init__(self, root: Path | None = None, max_age_s: float = 3600.0) -> None:
         self.root = root or Path(tempfile.gettempdir()) / "ear-studio"
+        self.root.mkdir(parents=True, exist_ok=True)
         self.max_age_s = max_age_s
+        self._pruned = 0.0  # when prune() last looked (it lists the whole folder)
 
-    def _path(self, stem: str, suffix: str) -> Path:
+    def new_path(self, stem: str, suffix: str) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         return self.root / f"{stem}-{uuid.uuid4().hex[:12]}.{suffix}"
 
     def image(self, image: Image.Image, stem: str) -> str:
-        return str(save_image(image, self._path(stem, "png")))
+        """A finished picture: lossless PNG (fast to write, somewhat larger)."""
+        return str(_fast_png(image, self.new_path(stem, "png")))
 
-    def animation(self, frames: Sequence[Image.Image], stem: str, fmt: str, fps: float = 8) -> str:
-        """Write `frames` as `fmt` and return the path written (GIF if no MP4 encoder exists).
-        Old files are pruned here, once per request."""
+    def canvases(self, stem: str) -> Canvases:
+        return Canvases(self, stem)
+
+    def animation(self, growth: GrowthAnimation, stem: str, fmt: str, fps: float = 8) -> str:
+        """Write `growth` as `fmt` and return the path written (GIF if no MP4 encoder exists).
+        Old files are pruned here (see `prune`)."""
         self.prune()
-        return str(save_animation(frames, self._path(stem, fmt), fps=fps))
+        return str(growth.save(self.new_path(stem, fmt), fps=fps))
 
     def prune(self) -> None:
-        cutoff = time.time() - self.max_age_s
+        """Delete files older than `max_age_s`; at most one look per hundredth of that age."""
+        now = time.time()
+        if now - self._pruned < self.max_age_s / 100:
+            return
+        self._pruned, cutoff = now, now - self.max_age_s
         for path in self.root.iterdir():
             try:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
             except FileNotFoundError:  # a concurrent request pruned it first
                 pass
+
+
+class Canvases:
+    """One request's live canvases: fast PNGs, large grids shrunk (`preview_factor`), of which
+    only the last `keep` exist at any time. The browser fetches each
+    one right after its update, and a canvas two updates old is no longer shown anywhere."""
+
+    def __init__(self, files: OutputFiles, stem: str, keep: int = 2) -> None:
+        self.files, self.stem, self.keep = files, stem, keep
+        self.paths: list[Path] = []
+
+    def show(self, image: Image.Image) -> str:
+        """Write a canvas, shrunk as `preview_factor` says, and drop those no longer shown."""
+        factor = preview_factor(*image.size)
+        path = _fast_png(image.reduce(factor) if factor > 1 else image, self.files.new_path(self.stem, "png"))
+        self.paths.append(path)
+        self._drop(self.keep)
+        return str(path)
+
+    def close(self) -> None:
+        """The run is over (finished or stopped): keep only the canvas left on screen."""
+        self._drop(1)
+
+    def _drop(self, keep: int) -> None:
+        for old in self.paths[:-keep]:
+            old.unlink(missing_ok=True)
+        del self.paths[:-keep]
+
+
+def _fast_png(image: Image.Image, path: Path) -> Path:
+    """Lossless PNG at the lowest compression (a few times faster than the default); atomic."""
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG", compress_level=1)
+    return path
 
 
 def timed(items: Iterator[T]) -> Iterator[tuple[T, float]]:
@@ -292,11 +353,33 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def public_source(source: str) -> str:
+    """Where a model came from, without the server's paths: "bundled with the app", a Hub file
+    or repo id, or the name of a local folder or file (the host's paths are nobody else's business)."""
+    parts = []
+    for part in str(source).split(" + "):
+        path = Path(part)
+        if part.startswith("hf://"):
+            parts.append(f"Hugging Face Hub: {part.removeprefix('hf://')}")
+        elif not path.is_absolute():
+            parts.append(f"Hugging Face Hub: {part}")
+        elif path.resolve().is_relative_to(hub.ASSETS.resolve()):
+            parts.append("bundled with the app")
+        else:
+            parts.append(f"local {'folder' if path.is_dir() else 'file'} '{path.name}'")
+    return " + ".join(parts)
+
+
+def public_info(info: dict[str, Any]) -> dict[str, Any]:
+    """`EARPipeline.info()` as the page may show it (see `public_source`)."""
+    return {**info, "source": public_source(info["source"])}
+
+
 def info_markdown(info: dict[str, Any]) -> str:
-    """`EARPipeline.info()` as a two-column Markdown table for the Model info panel."""
+    """`public_info(...)` as a Markdown table for the Model info panel, headed by the model's name."""
     cached = {True: "yes", False: "no (downloads on first use)", None: "n/a (bundled or local)"}
     rows = [
-        ("Model", info["name"]), ("Source", f"`{info['source']}`"),
+        ("Source", info["source"]),
         ("Device / dtype", f"{info['device']} / {info['dtype']}"),
         ("Parameters", f"{_count(info['parameters'])} (+ tokenizer {_count(info['tokenizer_parameters'])})"),
         ("Trained order", f"{info['schedule']}, {info['steps']} steps"),
@@ -306,4 +389,4 @@ def info_markdown(info: dict[str, Any]) -> str:
         ("Cached from the Hub", cached.get(info.get("cached"), str(info.get("cached")))),
     ]
     body = "\n".join(f"| {key} | {str(value).replace('|', '/')} |" for key, value in rows)
-    return f"| | |\n|---|---|\n{body}"
+    return f"| Model | {info['name']} |\n|---|---|\n{body}"
