@@ -57,16 +57,21 @@ from ear.growth import FULL, SKETCH, GrowthAnimation, PreviewPacer
 from ear.order import SCHEDULES
 from ear.pipeline import EARPipeline, Frame
 from ear.preview import make_grid
+from ear.serving import attach, from_environment, log_batches
 
 gpu: Callable[[Callable], Callable] = spaces.GPU if spaces is not None else (lambda fn: fn)
 
 EXAMPLES = sorted((Path(__file__).parent / "assets" / "examples").glob("*.png"))
 MODEL_CHOICES = model_choices(extra_model())
-MODELS = ModelRegistry([name for _, name in MODEL_CHOICES], EARPipeline.from_pretrained)
+SCHEDULER = from_environment()  # concurrent requests share batched forwards (EAR_BATCHING=0: off)
+MODELS = ModelRegistry([name for _, name in MODEL_CHOICES],
+                       lambda name: attach(EARPipeline.from_pretrained(name), SCHEDULER))
 FILES = OutputFiles()
 gr.set_static_paths([FILES.root])  # served in place, never copied into Gradio's temp folder (see OutputFiles)
 DEFAULT_IMAGES = 4  # a 2 x 2 grid: enough to see what the class looks like, fast on a CPU
-CONCURRENCY_LIMIT = 2  # generations at once: one per CPU core on a basic Space
+# Requests handled at once: with batching, enough to fill a batch of single images (the scheduler
+# runs them), else one generation per CPU core on a basic Space.
+CONCURRENCY_LIMIT = 2 if SCHEDULER is None else SCHEDULER.max_rows
 QUEUE_SIZE = 24  # beyond this the page says the app is busy and to try again
 RANDOM_SEED_JS = f"() => Math.floor(Math.random() * {SEED.hi + 1})"
 # A caption of a run still going ("step 10 / 31 · 120 / 256 tokens · 0.41 s", in Compare after
@@ -490,7 +495,9 @@ demo = build_demo()
 
 def launch(**kwargs: Any) -> Any:
     """Start the server; address and port come from GRADIO_SERVER_NAME/PORT unless passed here."""
-    threads = threads_per_request(CONCURRENCY_LIMIT)
+    threads = threads_per_request(CONCURRENCY_LIMIT if SCHEDULER is None else 1)  # batches: one at a time
+    if SCHEDULER is not None:
+        log_batches()
     if threads is not None:
         torch.set_num_threads(threads)
     return demo.launch(css=CSS, max_file_size=MAX_UPLOAD_BYTES, **kwargs)

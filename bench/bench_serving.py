@@ -171,6 +171,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,8,16")
     parser.add_argument("--overflow", type=int, default=30)
     parser.add_argument("--overflow-both", action="store_true", help="also run the overflow check unbatched")
+    parser.add_argument("--modes", default="baseline,batching", help="which servers to measure")
+    parser.add_argument("--logs", type=Path, help="keep the servers' logs in this folder")
     parser.add_argument("--agreement", type=int, default=32,
                         help="images for the alone-vs-batch check (0: skip)")
     args = parser.parse_args()
@@ -180,8 +182,12 @@ def main() -> None:
           f"{pipe.default_settings}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
     print("| mode | clients | first canvas p50 (s) | p95 (s) | final images p50 (s) | p95 (s) | images/s |")
     print("|---|---|---|---|---|---|---|")
+    modes = args.modes.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        results = {batching: serve(batching, args, Path(tmp), pipe) for batching in (False, True)}
+        logs = args.logs or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
+        results = {batching: serve(batching, args, logs, pipe)
+                   for batching in (False, True) if ("batching" if batching else "baseline") in modes}
     for batching, r in results.items():
         mode = "batching" if batching else "baseline"
         print(f"{mode}: one 8-image request {r['eight_images']:.2f} s; 8 single-image requests all done in "

@@ -5,19 +5,24 @@ forwards on a CPU), so requests that arrive together should be sampled together.
 takes one request (its classes, seed and sampling settings) with the signature of
 `ear.sampler.sample` and returns that request's own StepStates; one worker thread runs the batches:
 
-* Requests that arrive while a batch runs wait for the next batch of their kind (first come, first
-  served), which takes everything waiting of that kind up to `max_rows` rows in all. A request
-  bigger than `max_rows` runs alone.
+* Requests that arrive while a batch runs join it at the next step boundary if it is still early
+  (within its first `join_share` of steps, a quarter by default): a new, bigger batch replays the
+  steps done so far, and the earlier requests are handed only the states they have not had yet
+  (the replay gives their rows the same tokens again, as the next points explain). Later arrivals wait for
+  the next batch of their kind. First come, first served; at most `max_rows` rows in flight; a
+  request bigger than that runs alone.
 * Rows share a forward only when the engine can run them as one batch: same model, schedule,
   prefix length (Extend) and guidance on or off (cfg 1 rows in a guided batch would double their
   cost and add a rounding step). Batches of different kinds run side by side, one step of each in
   turn, so an Extend or a Compare never waits for a long Generate batch to finish.
 * Every row keeps its own settings and randomness: row i of a request with seed s is drawn from
-  (s, i) (`ear.draw`), so its image is the same whoever else shares the batch.
+  (s, i) (`ear.draw`), so its image is the same whoever else shares the batch, as long as the
+  batch's shape does not change the rounding of the forward (on a CPU in float32 no token of the
+  bundled model differed in `bench/bench_serving.py`; half precision on a GPU may differ rarely).
 * The worker never waits for a consumer: each request has its own unbounded queue of states, and
   rendering happens in the consumer's thread. A consumer that stops (closes its generator) only
-  cancels its own rows: their results are dropped, and a batch whose requests all stopped ends at
-  the next step boundary.
+  cancels its own rows: their results are dropped (and the rows leave the batch if it grows), and a
+  batch whose requests all stopped ends at the next step boundary.
 
 `EAR_BATCHING=0` turns batching off in the app (the benchmark's baseline); `EAR_MAX_BATCH` bounds
 the rows of one batch (memory).
@@ -36,6 +41,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -46,11 +52,13 @@ from ear.sampler import SamplingParams, StepState, _as_class_ids, _as_prefix, sa
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ROWS = 16
+DEFAULT_JOIN_SHARE = 0.25
 
 
 def batching_enabled() -> bool:
-    """EAR_BATCHING=0 serves every request with its own forwards (the old behaviour)."""
-    return os.environ.get("EAR_BATCHING", "1").strip() != "0"
+    """EAR_BATCHING=0 serves every request with its own forwards (the old behaviour). ZeroGPU runs
+    each request in a GPU worker process of its own, where a shared worker thread cannot reach."""
+    return os.environ.get("EAR_BATCHING", "1").strip() != "0" and not os.environ.get("SPACES_ZERO_GPU")
 
 
 def max_rows_setting() -> int:
@@ -61,6 +69,28 @@ def max_rows_setting() -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"EAR_MAX_BATCH must be a whole number >= 1, got {raw!r}")
     return int(raw)
+
+
+def from_environment() -> Scheduler | None:
+    """The app's scheduler (EAR_MAX_BATCH rows), or None when batching is off."""
+    return Scheduler(max_rows_setting()) if batching_enabled() else None
+
+
+def attach(pipeline: Any, scheduler: Scheduler | None) -> Any:
+    """`pipeline` (an `EARPipeline`) with every generation sampled through `scheduler` (if any)."""
+    if scheduler is not None:
+        pipeline.sampler = scheduler.sample
+    return pipeline
+
+
+def log_batches() -> None:
+    """Print one line per batch (rows, requests, rows in flight, waiting) on stderr: the server log."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 @dataclass
@@ -82,6 +112,8 @@ class _Request:
     submitted: float = field(default_factory=time.perf_counter)
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
+    received: int = 0  # states handed over so far (a batch that replays skips these)
+    began: float | None = None  # when its first batch started
 
     @property
     def rows(self) -> int:
@@ -111,12 +143,17 @@ class _Failed:
 
 
 class _Batch:
-    """Requests of one kind sampled together; `advance` runs one step and hands each request its rows."""
+    """Requests of one kind sampled together; `advance` runs one step and hands each request its
+    rows. A request joining late makes a new batch that replays the first steps: rows are drawn
+    from their own (seed, row id), so the replay gives the earlier rows the tokens they already
+    have, and each request is handed only the states it has not had yet."""
 
     def __init__(self, number: int, requests: list[_Request]) -> None:
         self.number, self.requests = number, requests
         self.key = requests[0].key
         self.started = time.perf_counter()
+        for r in requests:
+            r.began = self.started if r.began is None else r.began
         first = requests[0]
         per_row = [(r, i) for r in requests for i in range(r.rows)]
         params = [r.params for r, _ in per_row]
@@ -129,6 +166,9 @@ class _Batch:
             row_ids=[i for _, i in per_row], prefix=prefix if prefix.shape[1] else None,
             schedule=first.schedule)
         self.offsets = list(itertools.accumulate([r.rows for r in requests], initial=0))
+        self.produced = 0  # states this batch has computed
+        self.num_states = first.schedule.num_steps - first.schedule.steps_for_prefix(first.prefix.shape[1]) \
+            + int(first.prefix.shape[1] > 0)
 
     def close(self) -> None:
         self._states.close()  # hands the engine's cache back at once
@@ -136,6 +176,11 @@ class _Batch:
     @property
     def live_rows(self) -> int:
         return sum(r.rows for r in self.requests if not r.cancelled)
+
+    def joined_by(self, newcomers: list[_Request]) -> _Batch:
+        """This batch's live requests and `newcomers` as one new batch (this one is closed)."""
+        self.close()
+        return _Batch(self.number, [r for r in self.requests if not r.cancelled] + newcomers)
 
     def advance(self, rows_in_flight: int) -> bool:
         """One step; False when the batch is finished (done, failed or nobody is listening)."""
@@ -149,11 +194,15 @@ class _Batch:
             for r in self.requests:
                 r.out.put(_Failed(err))
             return False
+        self.produced += 1
         rows = self.offsets[-1]
         for r, start, stop in zip(self.requests, self.offsets, self.offsets[1:], strict=False):
-            if not r.cancelled:
+            if not r.cancelled and r.received < self.produced:
+                assert r.began is not None
+                r.received += 1
                 r.out.put(ServedState(state.step, state.num_steps, state.tokens[start:stop], state.known,
-                                      state.new, state.elapsed, rows, rows_in_flight))
+                                      state.new, state.elapsed + self.started - r.began, rows,
+                                      rows_in_flight))
         return not state.done
 
 
@@ -167,14 +216,22 @@ class SchedulerStats:
 
 class Scheduler:
     """Batches concurrent requests (see the module docstring). One worker thread, started on the
-    first request; thread-safe; `close()` stops it."""
+    first request; thread-safe; `close()` stops it.
 
-    def __init__(self, max_rows: int = DEFAULT_MAX_ROWS, gather_s: float = 0.0) -> None:
+    `max_rows` bounds the rows in flight; `join_share` is how far into its steps a batch still takes
+    newcomers of its kind (by replaying its first steps with them; 0: never, they wait for the
+    next batch); `gather_s` holds a new batch back until its first request is that old, unless it
+    is full (0: start at once)."""
+
+    def __init__(self, max_rows: int = DEFAULT_MAX_ROWS, join_share: float = DEFAULT_JOIN_SHARE,
+                 gather_s: float = 0.0) -> None:
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
+        if not 0 <= join_share <= 1:
+            raise ValueError(f"join_share must lie in [0, 1], got {join_share!r}")
         if not gather_s >= 0:
             raise ValueError(f"gather_s must be >= 0 seconds, got {gather_s!r}")
-        self.max_rows, self.gather_s = max_rows, gather_s
+        self.max_rows, self.join_share, self.gather_s = max_rows, join_share, gather_s
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Batch] = []
@@ -247,27 +304,34 @@ class Scheduler:
     def _in_flight(self) -> int:
         return sum(b.live_rows for b in self._running)
 
-    def _admit(self, now: float) -> tuple[list[list[_Request]], float | None]:
-        """Take waiting requests for new batches, in arrival order: one batch per kind at a time, and
-        at most `max_rows` rows in flight in all (a request that does not fit stops the admission,
-        so nothing overtakes it). A batch that could still grow waits until its first request is
-        `gather_s` old. Returns the new batches and when to look again. Called with the lock held."""
-        busy = {b.key for b in self._running}
+    def _joinable(self, batch: _Batch) -> bool:
+        """Early enough that replaying the steps done so far costs little."""
+        done = max([batch.produced, *(r.received for r in batch.requests)])
+        return done <= self.join_share * batch.num_states
+
+    def _admit(self, now: float) -> tuple[list[tuple[_Batch | None, list[_Request]]], float | None]:
+        """Waiting requests that go now, in arrival order, grouped by the running batch they join
+        (None: a new batch): at most one batch per kind, at most `max_rows` rows in flight in all (a
+        request that does not fit stops the admission, so nothing overtakes it). Returns them and
+        when to look again (a group held back by `gather_s`). Called with the lock held."""
+        running = {b.key: b for b in self._running}
         room = self.max_rows - self._in_flight()
-        forming: dict[tuple, list[_Request]] = {}
+        groups: dict[tuple, list[_Request]] = {}
         left = room
         for request in self._waiting:
-            if request.key in busy:
-                continue
-            if request.rows > left and (self._running or forming):  # bigger than max_rows: alone
+            batch = running.get(request.key)
+            if batch is not None and not self._joinable(batch):
+                continue  # waits for the next batch of its kind
+            if request.rows > left and (self._running or groups):  # bigger than max_rows: alone
                 break
-            forming.setdefault(request.key, []).append(request)
+            groups.setdefault(request.key, []).append(request)
             left -= request.rows
-        ready, wake = [], None
-        for group in forming.values():
+        ready: list[tuple[_Batch | None, list[_Request]]] = []
+        wake = None
+        for key, group in groups.items():
             due = group[0].submitted + self.gather_s
-            if due <= now or sum(r.rows for r in group) >= room:
-                ready.append(group)
+            if key in running or due <= now or sum(r.rows for r in group) >= room:
+                ready.append((running.get(key), group))
                 for request in group:
                     self._waiting.remove(request)
             else:
@@ -287,39 +351,49 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                groups, wake = self._admit(time.perf_counter())
-                while not groups and not self._running and not self._closed:
+                ready, wake = self._admit(time.perf_counter())
+                while not ready and not self._running and not self._closed:
                     self._cond.wait(None if wake is None else max(0.0, wake - time.perf_counter()))
-                    groups, wake = self._admit(time.perf_counter())
+                    ready, wake = self._admit(time.perf_counter())
                 if self._closed:
                     self._fail_all(RuntimeError("the scheduler was closed"))
                     return
-            for requests in groups:
-                self._start(requests)
+            for batch, requests in ready:
+                self._launch(batch, requests)
             in_flight = self._in_flight()
             finished = [b for b in list(self._running) if not b.advance(in_flight)]
             with self._cond:
                 for batch in finished:
                     self._running.remove(batch)
-                    log.info("batch %d finished in %.2f s", batch.number, time.perf_counter() - batch.started)
+                    seconds = time.perf_counter() - batch.started
+                    log.debug("batch %d finished in %.2f s", batch.number, seconds)
 
-    def _start(self, requests: list[_Request]) -> None:
+    def _launch(self, running: _Batch | None, requests: list[_Request]) -> None:
+        """Start a batch for `requests`, or grow `running` by them (a new batch that replays)."""
         with self._cond:
-            self._started += 1
-            number = self._started
+            if running is None:
+                self._started += 1
+            number = self._started if running is None else running.number
         try:
-            batch = _Batch(number, requests)
+            batch = _Batch(number, requests) if running is None else running.joined_by(requests)
         except Exception as err:  # arguments were checked on submission; this is a failure, not input
             log.exception("batch %d could not start", number)
-            for r in requests:
+            for r in requests if running is None else [*running.requests, *requests]:
                 r.out.put(_Failed(err))
+            if running is not None:
+                with self._cond:
+                    self._running.remove(running)
             return
         with self._cond:
-            self._running.append(batch)
+            if running is None:
+                self._running.append(batch)
+            else:
+                self._running[self._running.index(running)] = batch
             waited = time.perf_counter() - min(r.submitted for r in requests)
-            log.info("batch %d: %d rows from %d requests (waited up to %.2f s); %d rows in flight, "
-                     "%d requests waiting", number, batch.offsets[-1], len(requests), waited,
-                     self._in_flight(), len(self._waiting))
+            how = "started" if running is None else f"grew at step {running.produced}"
+            log.info("batch %d %s: %d rows, %d requests (the new ones waited up to %.2f s); "
+                     "%d rows in flight, %d requests waiting", number, how, batch.offsets[-1],
+                     len(batch.requests), waited, self._in_flight(), len(self._waiting))
 
     def _fail_all(self, error: Exception) -> None:
         for request in [*self._waiting, *(r for b in self._running for r in b.requests)]:

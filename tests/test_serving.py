@@ -3,6 +3,7 @@ cannot share a forward get batches of their own, Stop and slow consumers affect 
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -208,3 +209,50 @@ def test_a_pipeline_served_by_a_scheduler_streams_the_same_pictures(tmp_path, ma
         f"{served[-1].state.elapsed:.2f} s · 2 rows in flight"
     extended = list(pipe.extend(served[-1].images[0], keep=4, class_id="cat", seed=1))
     assert extended[-1].state.done and extended[0].state.step > 1  # the prefix, then the rest
+
+
+def drain(request: serving._Request) -> list[ServedState]:
+    states = []
+    while not request.out.empty():
+        states.append(request.out.get())
+    return states
+
+
+def test_a_late_request_joins_by_replaying_and_nobody_gets_a_step_twice(model):
+    """The replay hands the first request only steps it has not had, with the same tokens."""
+    def request(ids: list[int], seed: int) -> serving._Request:
+        return serving._Request(model, torch.tensor(ids), serving.SamplingParams(cfg_scale=1.5), seed,
+                                torch.zeros(len(ids), 0, dtype=torch.long), model.schedule)
+
+    early, late = request([1, 2], 5), request([3], 6)
+    batch = serving._Batch(1, [early])
+    for _ in range(3):
+        assert batch.advance(rows_in_flight=2)
+    batch = batch.joined_by([late])
+    while batch.advance(rows_in_flight=3):
+        pass
+    steps = model.schedule.num_steps
+    for r, ids, seed, rows in ((early, [1, 2], 5, [2] * 3 + [3] * (steps - 3)), (late, [3], 6, [3] * steps)):
+        states = drain(r)
+        assert [s.step for s in states] == list(range(1, steps + 1))
+        assert [s.batch_rows for s in states] == rows
+        assert torch.equal(states[-1].tokens, generate(model, ids, seed=seed, cfg_scale=1.5))
+        assert all(b.elapsed >= a.elapsed for a, b in itertools.pairwise(states))
+
+
+@pytest.mark.parametrize("join_share", [0.0, 1.0])
+def test_requests_arriving_during_a_batch_all_get_their_own_steps(model, make_scheduler, join_share):
+    """Whether they join (1.0) or wait (0.0): every step once, in order, tokens as if alone."""
+    scheduler = make_scheduler(max_rows=16, join_share=join_share)
+    requests = [{"class_ids": [i] * (1 + i % 3), "seed": i, "cfg_scale": 1.5} for i in range(8)]
+
+    def staggered(i: int) -> list[ServedState]:
+        time.sleep(0.002 * i)
+        kwargs = dict(requests[i])
+        return list(scheduler.sample(model, kwargs.pop("class_ids"), **kwargs))
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(staggered, range(len(requests)), timeout=TIMEOUT_S))
+    for request, states in zip(requests, results, strict=True):
+        assert [s.step for s in states] == list(range(1, model.schedule.num_steps + 1))
+        assert torch.equal(states[-1].tokens, alone(model, request))
