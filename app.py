@@ -69,9 +69,10 @@ MODELS = ModelRegistry([name for _, name in MODEL_CHOICES],
 FILES = OutputFiles()
 gr.set_static_paths([FILES.root])  # served in place, never copied into Gradio's temp folder (see OutputFiles)
 DEFAULT_IMAGES = 4  # a 2 x 2 grid: enough to see what the class looks like, fast on a CPU
-# Requests handled at once: with batching, enough to fill a batch of single images (the scheduler
-# runs them), else one generation per CPU core on a basic Space.
-CONCURRENCY_LIMIT = 2 if SCHEDULER is None else SCHEDULER.max_rows
+# Generations computing at once: the scheduler runs one batch at a time; without it, one request per
+# CPU core on a basic Space. Requests handled at once: with the scheduler, enough to fill a batch.
+GENERATIONS_AT_ONCE = 2 if SCHEDULER is None else 1
+CONCURRENCY_LIMIT = GENERATIONS_AT_ONCE if SCHEDULER is None else SCHEDULER.max_rows
 QUEUE_SIZE = 24  # beyond this the page says the app is busy and to try again
 RANDOM_SEED_JS = f"() => Math.floor(Math.random() * {SEED.hi + 1})"
 # A caption of a run still going ("step 10 / 31 · 120 / 256 tokens · 0.41 s", in Compare after
@@ -495,7 +496,7 @@ demo = build_demo()
 
 def launch(**kwargs: Any) -> Any:
     """Start the server; address and port come from GRADIO_SERVER_NAME/PORT unless passed here."""
-    threads = threads_per_request(CONCURRENCY_LIMIT if SCHEDULER is None else 1)  # batches: one at a time
+    threads = threads_per_request(GENERATIONS_AT_ONCE)
     if SCHEDULER is not None:
         log_batches()
     if threads is not None:

@@ -187,12 +187,17 @@ def test_a_failed_batch_fails_its_requests_and_the_scheduler_carries_on(model, m
 
 
 def test_settings_from_the_environment(monkeypatch):
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
     monkeypatch.setenv("EAR_BATCHING", "0")
-    assert not serving.batching_enabled()
+    assert not serving.batching_enabled() and serving.from_environment() is None
     monkeypatch.delenv("EAR_BATCHING")
     assert serving.batching_enabled()
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")  # every call in a GPU process of its own
+    assert not serving.batching_enabled()
+    monkeypatch.delenv("SPACES_ZERO_GPU")
     monkeypatch.setenv("EAR_MAX_BATCH", "24")
-    assert serving.max_rows_setting() == 24
+    scheduler = serving.from_environment()
+    assert scheduler is not None and scheduler.max_rows == 24
     monkeypatch.setenv("EAR_MAX_BATCH", "lots")
     with pytest.raises(ValueError, match="EAR_MAX_BATCH"):
         serving.max_rows_setting()
@@ -201,7 +206,8 @@ def test_settings_from_the_environment(monkeypatch):
 def test_a_pipeline_served_by_a_scheduler_streams_the_same_pictures(tmp_path, make_scheduler):
     pipe = EARPipeline.from_pretrained(str(write_tiny_model(tmp_path / "model")))
     direct = list(pipe.stream(["cat", "dog"], seed=np.int64(4)))
-    pipe.sampler = make_scheduler().sample
+    assert serving.attach(pipe, None).sampler is sample
+    serving.attach(pipe, make_scheduler())
     served = list(pipe.stream(["cat", "dog"], seed=np.int64(4)))
     assert [f.state.step for f in served] == [f.state.step for f in direct]
     assert torch.equal(served[-1].state.tokens, direct[-1].state.tokens)
