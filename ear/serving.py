@@ -8,9 +8,10 @@ takes one request (its classes, seed and sampling settings) with the signature o
 * Requests that arrive while a batch runs join it at the next step boundary if it is still early
   (within its first `join_share` of steps, a quarter by default): a new, bigger batch replays the
   steps done so far, and the earlier requests are handed only the states they have not had yet
-  (the replay gives their rows the same tokens again, as the next points explain). Later arrivals wait for
-  the next batch of their kind. First come, first served; at most `max_rows` rows in flight; a
-  request bigger than that runs alone.
+  (the replay gives their rows the same tokens again, as the next points explain). Later arrivals
+  start a second batch of their kind at once (which takes joiners in turn), and beyond `overlap`
+  such batches (2) wait for one to finish. First come, first served; at most `max_rows` rows in
+  flight; a request bigger than that runs alone.
 * Rows share a forward only when the engine can run them as one batch: same model, schedule,
   prefix length (Extend) and guidance on or off (cfg 1 rows in a guided batch would double their
   cost and add a rounding step). Batches of different kinds run side by side, one step of each in
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ROWS = 16
 DEFAULT_JOIN_SHARE = 0.25
+DEFAULT_OVERLAP = 2
 
 
 def batching_enabled() -> bool:
@@ -219,19 +221,22 @@ class Scheduler:
     first request; thread-safe; `close()` stops it.
 
     `max_rows` bounds the rows in flight; `join_share` is how far into its steps a batch still takes
-    newcomers of its kind (by replaying its first steps with them; 0: never, they wait for the
-    next batch); `gather_s` holds a new batch back until its first request is that old, unless it
-    is full (0: start at once)."""
+    newcomers of its kind (by replaying its first steps with them; 0: never); `overlap` is how many
+    batches of one kind may run at once (a newcomer that can no longer join starts another one at
+    once, up to this many, else waits); `gather_s` holds a new batch back until its first request
+    is that old, unless it is full (0: start at once)."""
 
     def __init__(self, max_rows: int = DEFAULT_MAX_ROWS, join_share: float = DEFAULT_JOIN_SHARE,
-                 gather_s: float = 0.0) -> None:
+                 overlap: int = DEFAULT_OVERLAP, gather_s: float = 0.0) -> None:
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
+        if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 1:
+            raise ValueError(f"overlap must be an integer >= 1, got {overlap!r}")
         if not 0 <= join_share <= 1:
             raise ValueError(f"join_share must lie in [0, 1], got {join_share!r}")
         if not gather_s >= 0:
             raise ValueError(f"gather_s must be >= 0 seconds, got {gather_s!r}")
-        self.max_rows, self.join_share, self.gather_s = max_rows, join_share, gather_s
+        self.max_rows, self.join_share, self.overlap, self.gather_s = max_rows, join_share, overlap, gather_s
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Batch] = []
@@ -311,27 +316,34 @@ class Scheduler:
 
     def _admit(self, now: float) -> tuple[list[tuple[_Batch | None, list[_Request]]], float | None]:
         """Waiting requests that go now, in arrival order, grouped by the running batch they join
-        (None: a new batch): at most one batch per kind, at most `max_rows` rows in flight in all (a
-        request that does not fit stops the admission, so nothing overtakes it). Returns them and
-        when to look again (a group held back by `gather_s`). Called with the lock held."""
-        running = {b.key: b for b in self._running}
+        (None: a new batch); at most `max_rows` rows in flight in all (a request that does not fit
+        stops the admission, so nothing overtakes it). Returns them and when to look again (a
+        group held back by `gather_s`). Called with the lock held."""
+        kinds: dict[tuple, list[_Batch]] = {}
+        for batch in self._running:
+            kinds.setdefault(batch.key, []).append(batch)
         room = self.max_rows - self._in_flight()
-        groups: dict[tuple, list[_Request]] = {}
+        groups: dict[tuple, tuple[_Batch | None, list[_Request]]] = {}
         left = room
         for request in self._waiting:
-            batch = running.get(request.key)
-            if batch is not None and not self._joinable(batch):
-                continue  # waits for the next batch of its kind
+            if request.key not in groups:
+                batches = kinds.get(request.key, [])
+                if batches and self._joinable(batches[-1]):
+                    target = batches[-1]
+                elif len(batches) < self.overlap:
+                    target = None
+                else:
+                    continue  # waits until a batch of its kind finishes
             if request.rows > left and (self._running or groups):  # bigger than max_rows: alone
                 break
-            groups.setdefault(request.key, []).append(request)
+            groups.setdefault(request.key, (target, []))[1].append(request)
             left -= request.rows
         ready: list[tuple[_Batch | None, list[_Request]]] = []
         wake = None
-        for key, group in groups.items():
+        for target, group in groups.values():
             due = group[0].submitted + self.gather_s
-            if key in running or due <= now or sum(r.rows for r in group) >= room:
-                ready.append((running.get(key), group))
+            if target is not None or due <= now or sum(r.rows for r in group) >= room:
+                ready.append((target, group))
                 for request in group:
                     self._waiting.remove(request)
             else:

@@ -171,6 +171,8 @@ def test_bad_arguments_are_refused_before_anything_is_queued(model, make_schedul
     assert scheduler.stats().requests_waiting == 0
     with pytest.raises(ValueError, match="max_rows"):
         Scheduler(max_rows=0)
+    with pytest.raises(ValueError, match="overlap"):
+        Scheduler(overlap=0)
 
 
 def test_a_failed_batch_fails_its_requests_and_the_scheduler_carries_on(model, make_scheduler, monkeypatch):
@@ -224,13 +226,31 @@ def drain(request: serving._Request) -> list[ServedState]:
     return states
 
 
+def request(model, ids: list[int], seed: int) -> serving._Request:
+    return serving._Request(model, torch.tensor(ids), serving.SamplingParams(cfg_scale=1.5), seed,
+                            torch.zeros(len(ids), 0, dtype=torch.long), model.schedule)
+
+
+@pytest.mark.parametrize(("done", "overlap", "placed"),
+                         [(3, 2, "joins"), (4, 2, "own batch"), (4, 1, "waits"), (3, 1, "joins")])
+def test_where_a_newcomer_goes(model, done, overlap, placed):
+    """join_share 0.25 of 15 steps: a batch 3 steps in takes newcomers, one 4 steps in does not;
+    then a second batch of the kind starts at once if `overlap` allows, else the newcomer waits."""
+    scheduler = Scheduler(max_rows=8, join_share=0.25, overlap=overlap)
+    running = serving._Batch(1, [request(model, [1], 0)])
+    running.produced = done
+    newcomer = request(model, [2], 1)
+    scheduler._running.append(running)
+    scheduler._waiting.append(newcomer)
+    ready, _ = scheduler._admit(time.perf_counter())
+    expected = {"joins": [(running, [newcomer])], "own batch": [(None, [newcomer])], "waits": []}[placed]
+    assert ready == expected
+    running.close()
+
+
 def test_a_late_request_joins_by_replaying_and_nobody_gets_a_step_twice(model):
     """The replay hands the first request only steps it has not had, with the same tokens."""
-    def request(ids: list[int], seed: int) -> serving._Request:
-        return serving._Request(model, torch.tensor(ids), serving.SamplingParams(cfg_scale=1.5), seed,
-                                torch.zeros(len(ids), 0, dtype=torch.long), model.schedule)
-
-    early, late = request([1, 2], 5), request([3], 6)
+    early, late = request(model, [1, 2], 5), request(model, [3], 6)
     batch = serving._Batch(1, [early])
     for _ in range(3):
         assert batch.advance(rows_in_flight=2)
@@ -246,10 +266,12 @@ def test_a_late_request_joins_by_replaying_and_nobody_gets_a_step_twice(model):
         assert all(b.elapsed >= a.elapsed for a, b in itertools.pairwise(states))
 
 
-@pytest.mark.parametrize("join_share", [0.0, 1.0])
-def test_requests_arriving_during_a_batch_all_get_their_own_steps(model, make_scheduler, join_share):
-    """Whether they join (1.0) or wait (0.0): every step once, in order, tokens as if alone."""
-    scheduler = make_scheduler(max_rows=16, join_share=join_share)
+@pytest.mark.parametrize(("join_share", "overlap"), [(0.0, 1), (1.0, 1), (0.0, 2), (0.25, 2)])
+def test_requests_arriving_during_a_batch_all_get_their_own_steps(model, make_scheduler, join_share,
+                                                                  overlap):
+    """Whether they join the running batch, start another or wait: every step once, in order,
+    tokens as if alone."""
+    scheduler = make_scheduler(max_rows=16, join_share=join_share, overlap=overlap)
     requests = [{"class_ids": [i] * (1 + i % 3), "seed": i, "cfg_scale": 1.5} for i in range(8)]
 
     def staggered(i: int) -> list[ServedState]:
