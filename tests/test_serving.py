@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ear import serving
+from ear.engine import runner_for
 from ear.order import make_schedule
 from ear.pipeline import EARPipeline
 from ear.sampler import generate, sample
@@ -129,6 +130,14 @@ def test_stop_drops_only_its_own_rows(model, make_scheduler):
     assert states[-1].done and all(s.batch_rows == 3 for s in states)
     assert states[-1].rows_in_flight == 1  # the stopped rows are no longer counted
     assert torch.equal(states[-1].tokens, generate(model, [6], seed=9, cfg_scale=1.5))
+
+
+def test_idle_caches_of_many_batch_sizes_are_not_all_kept(model, make_scheduler):
+    scheduler = make_scheduler()
+    for rows in range(1, 9):  # a CPU sizes every batch exactly: eight sizes, eight caches
+        list(scheduler.sample(model, [1] * rows, seed=rows, cfg_scale=1.5))
+    wait_until(lambda: scheduler.stats().batches_running == 0)
+    assert runner_for(model).cached_slots() <= serving.MAX_IDLE_CACHES
 
 
 def test_a_batch_nobody_listens_to_ends_early(model, make_scheduler):
