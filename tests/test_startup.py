@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
+import sys
 import types
 from functools import partial
 from pathlib import Path
@@ -309,3 +311,17 @@ def test_picker_labels_the_start_up_model(tiny_dir: Path) -> None:
     assert model_choices("me/my-ear")[0] == ("my-ear · Hub", "me/my-ear")
     assert model_choices(str(tiny_dir))[0] == ("tiny · local folder", str(tiny_dir))
     assert [name for _, name in model_choices("EAR-adaLN-XL")][:2] == ["EAR-adaLN-XL", hub.DEFAULT_MODEL]
+
+
+@pytest.mark.slow
+def test_bench_startup_runs_on_a_cpu(tiny_dir: Path, tmp_path: Path) -> None:
+    """bench/bench_startup.py is meant to be run once on a GPU machine: it must not have rotted."""
+    command = [sys.executable, "bench/bench_startup.py", "--models", str(tiny_dir), "--repeats", "1",
+               "--images", "2", "--weights", str(tmp_path)]
+    out = subprocess.run(command, cwd=hub.ASSETS.parent, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = next(line for line in out.stdout.splitlines() if line.startswith(f"| {tiny_dir} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:3] == ["as given", "yes"] and len(cells) == 8
+    ready, first_canvas, final, later_canvas, later_final = map(float, cells[3:])
+    assert ready > 0 and 0 < first_canvas <= final and 0 < later_canvas <= later_final
