@@ -19,7 +19,7 @@ from ear import hub, startup
 from ear.order import SCHEDULES
 from ear.pipeline import EARPipeline
 from ear.startup import Hardware, HubAccess
-from tests.helpers import add_to_hub_cache, offline_hub_cache, write_tiny_model
+from tests.helpers import add_to_hub_cache
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -28,16 +28,6 @@ CPU_LOAD = partial(EARPipeline.from_pretrained, device="cpu")
 NO_GPU = Hardware(cuda=False)
 A10G = Hardware(cuda=True, gpu_name="NVIDIA A10G", gpu_bytes=24 * GB)
 ZERO = Hardware(cuda=True, gpu_name="NVIDIA H200 MIG 3g.71gb", gpu_bytes=74_625_056_768, zero_gpu=True)
-
-
-@pytest.fixture
-def hub_cache(tmp_path: Path, monkeypatch) -> Path:
-    return offline_hub_cache(monkeypatch, tmp_path)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("startup") / "tiny")
 
 
 @pytest.fixture
