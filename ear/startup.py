@@ -134,17 +134,16 @@ def choose(hardware: Hardware, access: Callable[[], HubAccess], override: str | 
     if override:
         return Choice(override, "EAR_STUDIO_MODEL")
     if not hardware.cuda:
-        return Choice(hub.DEFAULT_MODEL, "no CUDA GPU")
+        return Choice(hub.DEFAULT_MODEL, "the bundled model, made for CPUs")
     fits = [n for n in RELEASED if gpu_bytes_needed(n.rsplit("-", 1)[1]) <= hardware.gpu_bytes]
     if not fits:
-        smallest = RELEASED[-1]
-        return Choice(hub.DEFAULT_MODEL, f"{hardware} is too small for {smallest} "
+        return Choice(hub.DEFAULT_MODEL, f"the GPU is too small for {RELEASED[-1]} "
                                          f"({gpu_bytes_needed('B') / 1e9:.1f} GB needed)")
     hub_access = access()
     for name in fits:
         if hub_access.obtainable(name):
             how = "Hub reachable" if hub_access.online else "cached"
-            return Choice(name, f"largest released model that fits {hardware}; {how}")
+            return Choice(name, f"the largest released model that fits the GPU; {how}")
     return Choice(hub.DEFAULT_MODEL, f"the Hub cannot be reached and none of {', '.join(fits)} is cached")
 
 
@@ -222,7 +221,7 @@ def start(hardware: Hardware | None = None, access: Callable[[], HubAccess] = Hu
     began = time.perf_counter()
     hardware = hardware or Hardware.detect(env)
     choice = choose(hardware, access, env.get("EAR_STUDIO_MODEL") or None)
-    log.info("start-up: %s (%s; %s)", choice.name, choice.reason, hardware)
+    log.info("start-up: %s; opening on %s (%s)", hardware, choice.name, choice.reason)
     warm = hardware.cuda and not hardware.zero_gpu and env.get("EAR_STUDIO_WARMUP", "1") != "0"
     pipe, failure = None, ""
     try:
