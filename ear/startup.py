@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ear import hub
 from ear.app_support import NUM_IMAGES, ZOOM_ROUNDS
 from ear.model import EAR, EARConfig
-from ear.order import make_schedule
+from ear.order import SCHEDULES, make_schedule
 from ear.pipeline import ZOOM_TRANSITION, EARPipeline
 
 log = logging.getLogger(__name__)
@@ -115,16 +115,27 @@ def _released_params(size: str | None) -> int:
     return _count_params(partial(EAR, EARConfig.official(size)))
 
 
+def kv_cache_rows(images: int, concurrent: int = CONCURRENT_REQUESTS, orders: int = len(SCHEDULES)) -> int:
+    """KV-cache rows the decode runner (ear.engine) may keep at once. It pools one cache per
+    order, batch bucket (powers of two) and guided-or-not for every request in flight: up to
+    `images` images that is buckets 1 + 2 + ... + B unguided and twice that guided (CFG doubles
+    the rows), plus one guided image for each other order of the Compare tab."""
+    if images < 1:
+        return 0
+    buckets = 2 * (1 << (images - 1).bit_length()) - 1
+    return concurrent * (3 * buckets + 2 * (orders - 1))
+
+
 def gpu_bytes_needed(size: str, images: int = int(NUM_IMAGES.hi),
                      concurrent: int = CONCURRENT_REQUESTS) -> int:
-    """GPU memory a released model needs while `concurrent` requests of `images` images run:
-    bfloat16 weights, the float32 tokenizer, one KV cache per request (CFG doubles the batch;
-    grid² + 1 slots per layer for keys and values), tokenizer decode activations and a fixed
-    reserve. XL: 2.2 + 0.7 + 1.5 + 1.1 + 1.6 = 7.1 GB, L: 5.1 GB, B: 4.0 GB at 8 images x 2."""
+    """GPU memory a released model needs when `concurrent` requests of up to `images` images
+    have run: bfloat16 weights, the float32 tokenizer, the pooled KV caches (keys and values,
+    grid² + 1 slots per layer and row), tokenizer decode activations and a fixed reserve.
+    At 8 images x 2: XL 2.2 + 0.7 + 4.8 + 1.1 + 1.6 = 10.4 GB, L 6.9 GB, B 4.6 GB."""
     config = EARConfig.official(size)
-    sequences = concurrent * 2 * images
-    kv_cache = config.n_layer * 2 * sequences * (config.grid_size ** 2 + 1) * config.dim * BF16
-    return (_released_params(size) * BF16 + _released_params(None) * FP32 + kv_cache
+    row = config.n_layer * 2 * (config.grid_size ** 2 + 1) * config.dim * BF16
+    return (_released_params(size) * BF16 + _released_params(None) * FP32
+            + kv_cache_rows(images, concurrent) * row
             + concurrent * images * DECODE_BYTES_PER_IMAGE + RESERVED_BYTES)
 
 

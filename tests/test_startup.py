@@ -68,8 +68,9 @@ def test_no_gpu_opens_on_the_bundled_model_without_asking_the_hub() -> None:
 
 
 @pytest.mark.parametrize(("gigabytes", "expected"), [
-    (2, hub.DEFAULT_MODEL), (4.5, "EAR-adaLN-B"), (6, "EAR-adaLN-L"), (8, "EAR-adaLN-XL"),
-    (16, "EAR-adaLN-XL"), (24, "EAR-adaLN-XL"), (80, "EAR-adaLN-XL")])
+    (2, hub.DEFAULT_MODEL), (4, hub.DEFAULT_MODEL), (5, "EAR-adaLN-B"), (6, "EAR-adaLN-B"),
+    (8, "EAR-adaLN-L"), (10, "EAR-adaLN-L"), (12, "EAR-adaLN-XL"), (16, "EAR-adaLN-XL"),
+    (24, "EAR-adaLN-XL"), (80, "EAR-adaLN-XL")])
 def test_largest_released_model_that_fits_the_gpu(gigabytes: float, expected: str) -> None:
     hardware = Hardware(cuda=True, gpu_name="GPU", gpu_bytes=int(gigabytes * GB))
     choice = startup.choose(hardware, lambda: HubAccess(online=True))
@@ -79,15 +80,17 @@ def test_largest_released_model_that_fits_the_gpu(gigabytes: float, expected: st
 
 
 def test_memory_need_is_weights_tokenizer_caches_and_reserve() -> None:
-    """The thresholds above come from this sum; weights count at bfloat16, the tokenizer at
-    float32, and the KV caches grow linearly with the images in flight."""
+    """The thresholds above come from this sum: weights at bfloat16, the tokenizer at float32,
+    and the KV caches the decode runner pools (per order, power-of-two bucket, guided or not)."""
     for size, params in (("B", 140_828_928), ("L", 477_277_184), ("XL", 1_107_900_160)):
         fixed = startup.gpu_bytes_needed(size, images=0)
         assert fixed == params * 2 + 172_238_880 * 4 + startup.RESERVED_BYTES
-        one, eight = (startup.gpu_bytes_needed(size, images=n) - fixed for n in (1, 8))
-        assert eight == 8 * one
+    # 8 images: buckets 1+2+4+8 = 15 rows unguided, 30 guided, and 3 other orders x 2 rows,
+    # for each of the two requests in flight
+    assert startup.kv_cache_rows(8) == 2 * (15 + 30 + 6) == 102
+    assert startup.kv_cache_rows(5) == startup.kv_cache_rows(8) > startup.kv_cache_rows(4)
     needs = [startup.gpu_bytes_needed(s) for s in ("B", "L", "XL")]
-    assert needs == sorted(needs) and needs[-1] < 8 * GB
+    assert needs == sorted(needs) and needs[-1] < 12 * GB
 
 
 def test_offline_empty_cache_keeps_the_bundled_model(hub_cache: Path) -> None:
@@ -109,8 +112,8 @@ def test_reachable_hub_takes_the_largest_that_fits(hub_cache: Path, tmp_path: Pa
     _online(monkeypatch)
     assert HubAccess.detect().online
     assert startup.choose(A10G, HubAccess.detect).name == "EAR-adaLN-XL"
-    six = Hardware(cuda=True, gpu_bytes=6 * GB)
-    assert startup.choose(six, HubAccess.detect).name == "EAR-adaLN-L"
+    eight = Hardware(cuda=True, gpu_bytes=8 * GB)
+    assert startup.choose(eight, HubAccess.detect).name == "EAR-adaLN-L"
 
 
 def test_override_wins_everywhere() -> None:
