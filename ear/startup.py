@@ -300,22 +300,23 @@ def gpu_seconds(params: int, steps: int, images: int = 1, extra_frames: int = 0)
     return min(MAX_GPU_S, math.ceil(seconds))
 
 
-@lru_cache(maxsize=64)
-def _model_facts(name: str | None) -> tuple[int, int, str]:
-    """(parameters, grid size, trained schedule) of a model the page may name, read without
-    loading it; unknown or unreadable names are budgeted as the largest released model."""
+@lru_cache(maxsize=16)
+def _model_facts(name: str | None, offered: str | None) -> tuple[int, int, str]:
+    """(parameters, grid size, trained schedule) of a model the page offers, read without loading
+    it: a registry entry, or the `offered` EAR_STUDIO_MODEL folder or repo (never a path a client
+    made up). Anything else is budgeted as the largest released model; its handler refuses it."""
     entry = hub.REGISTRY.get(name or "")
     config = EARConfig.official(RELEASED[0].rsplit("-", 1)[1])
     try:
         if entry is not None and entry.ear_config is not None:
             config = entry.ear_config()
-        else:
+        elif entry is not None or (name and name == offered):
             if entry is not None and entry.bundled:
                 config_file: Path | None = hub.ASSETS / entry.bundled / hub.OWN_FILES["config"]
-            elif name and hub.is_repo_id(name):
-                config_file = hub.cached_path(hub.HubFile(name, hub.OWN_FILES["config"]))
+            elif hub.is_repo_id(str(name)):
+                config_file = hub.cached_path(hub.HubFile(str(name), hub.OWN_FILES["config"]))
             else:
-                config_file = Path(name or "") / hub.OWN_FILES["config"]
+                config_file = Path(str(name)) / hub.OWN_FILES["config"]
             config = EARConfig.from_dict(json.loads(config_file.read_text(encoding="utf-8"))["model"])
     except (AttributeError, OSError, KeyError, TypeError, ValueError):  # no path, missing, bad JSON
         pass
@@ -344,7 +345,8 @@ def request_duration(handler: Callable[..., Any], schedules: Sequence[str] = ())
             request = signature.bind_partial(*args, **kwargs).arguments
         except TypeError:
             request = {}
-        params, grid, trained = _model_facts(str(request.get("model") or "") or None)
+        name = str(request.get("model") or "") or None
+        params, grid, trained = _model_facts(name, os.environ.get("EAR_STUDIO_MODEL"))
         if schedules:
             return gpu_seconds(params, sum(make_schedule(s, grid).num_steps for s in schedules))
         images = _count(request.get("num_images"), NUM_IMAGES.lo, NUM_IMAGES.hi, 1)

@@ -253,13 +253,15 @@ def compare(class_name, seed, model):
     """Stands in for app.compare."""
 
 
-def test_duration_follows_model_size_images_and_rounds(tiny_dir: Path) -> None:
+def test_duration_follows_model_size_images_and_rounds(tiny_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv("EAR_STUDIO_MODEL", str(tiny_dir))  # the one folder the page offers
     gen, ext = startup.request_duration(generate), startup.request_duration(extend)
     xl = [gen("x", n, 0, "EAR-adaLN-XL") for n in (1, 4, 8)]
     assert xl == sorted(xl) and len(set(xl)) == 3
     by_size = [gen("x", 8, 0, f"EAR-adaLN-{s}") for s in ("B", "L", "XL")]
     assert by_size == sorted(by_size) and by_size[0] < by_size[-1]
     assert gen("x", 1, 0, str(tiny_dir)) <= gen("x", 1, 0, "EAR-adaLN-B")
+    assert gen("x", 1, 0, str(tiny_dir.parent)) == gen("x", 1, 0, "EAR-adaLN-XL")  # not offered
     zoom = [ext(None, 8, None, rounds, 0, "EAR-adaLN-L") for rounds in (0, 1, 3, 6)]
     assert zoom[0] == zoom[1] < zoom[2] < zoom[3]
     everything = startup.request_duration(compare, SCHEDULES)("x", 0, "EAR-adaLN-XL")
