@@ -425,7 +425,7 @@ def _load_folder(path: Path, name: str) -> LoadedModel:
 
 
 def is_repo_id(name: str) -> bool:
-    """"org/name" that is not a local path."""
+    """Whether `name` looks like a Hub repo id ("org/name") and is not a local path."""
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
 
 
