@@ -243,10 +243,10 @@ def _check_sample_flags(args: argparse.Namespace) -> None:
     if args.out is None and args.png_dir is None:
         raise ValueError("give --out SAMPLES.npz, --png-dir DIR or both.")
     if args.out is not None:
-        if args.out.suffix != ".npz":
-            raise ValueError(f"--out must end in .npz (the evaluator's format), got '{args.out.name}'.")
         if args.out.is_dir():
             raise ValueError(f"--out '{args.out}' is a folder; give a file name ending in .npz.")
+        if args.out.suffix != ".npz":
+            raise ValueError(f"--out must end in .npz (the evaluator's format), got '{args.out.name}'.")
         bulk.check_writable(args.out.parent, f"'{args.out.name}'")
     if args.png_dir is not None:
         if args.png_dir.exists() and not args.png_dir.is_dir():

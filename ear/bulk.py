@@ -237,10 +237,13 @@ def write_npz(path: Path, chunks: Iterable[np.ndarray], shape: tuple[int, ...], 
 def check_npz(path: Path, shape: tuple[int, ...], labels: np.ndarray) -> None:
     """The file holds exactly `shape` uint8 images and these labels (the images are mapped, not
     read, so checking 50,000 of them costs nothing)."""
-    images, got_labels = npz_array(path, "arr_0"), npz_array(path, "arr_1")
-    if images.shape != shape or images.dtype != np.uint8 or not np.array_equal(got_labels, labels):
-        raise ValueError(f"the assembled file has {images.shape} {images.dtype} images and {len(got_labels)} "
-                         f"labels, expected {shape} uint8 and {len(labels)}; nothing was written.")
+    try:
+        images, got_labels = npz_array(path, "arr_0"), npz_array(path, "arr_1")
+        if images.shape != shape or images.dtype != np.uint8 or not np.array_equal(got_labels, labels):
+            raise ValueError(f"it has {images.shape} {images.dtype} images and {len(got_labels)} labels")
+    except ValueError as err:
+        raise ValueError(f"the assembled npz does not hold the planned {shape} uint8 images and "
+                         f"{len(labels)} labels ({err}); nothing was written.") from None
 
 
 def npz_array(path: Path, name: str) -> np.ndarray:
@@ -338,9 +341,10 @@ def run(pipe: EARPipeline, plan: Plan, outputs: Outputs, batch: int, state: Part
     chunk, todo = _distributed_open(state, store, plan, batch)
     mine = todo[state.process_index::state.num_processes]
     started = time.perf_counter()
+    already = plan.total - sum(b - a for a, b in todo)
+    if state.is_main_process and already:
+        print(f"resuming: {already} of {plan.total} images already done in {store.folder}", file=sys.stderr)
     with _progress(state, store, plan.total, quiet) as bar:
-        if state.is_main_process and not quiet and bar.n:
-            bar.write(f"resuming: {bar.n} of {plan.total} images already done in {store.folder}")
         labels = plan.labels
         for a, b in mine:
             store.write(a, b, sample_range(pipe, plan, a, b, min(batch, chunk)), labels[a:b])
