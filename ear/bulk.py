@@ -355,23 +355,21 @@ def run(pipe: EARPipeline, plan: Plan, outputs: Outputs, batch: int, state: Part
     state.wait_for_everyone()
     if not state.is_main_process:
         return False
-    assemble(plan, store, outputs)
     seconds = time.perf_counter() - started
     sampled = sum(b - a for a, b in todo)
     print(f"sampled {sampled} images in {seconds:.1f} s ({sampled / max(seconds, 1e-9):.2f} images/s on "
           f"{state.num_processes} process{'es' if state.num_processes > 1 else ''})", file=sys.stderr)
+    assemble(plan, store, chunk, outputs)
     return True
 
 
-def assemble(plan: Plan, store: ChunkStore, outputs: Outputs) -> None:
+def assemble(plan: Plan, store: ChunkStore, chunk: int, outputs: Outputs) -> None:
     """Check that the chunks cover 0..N-1 exactly, write the npz and/or PNGs, remove the chunks."""
-    done = store.done()
-    ranges = sorted(done)
-    expected = chunk_ranges(plan.total, ranges[0][1] - ranges[0][0]) if ranges else []
-    if ranges != expected or not ranges:
-        missing = plan.total - sum(b - a for a, b in done)
-        raise ValueError(f"{store.folder} holds {len(ranges)} chunks that do not cover the {plan.total} "
-                         f"images exactly ({missing} missing); run again to finish them.")
+    ranges = chunk_ranges(plan.total, chunk)
+    missing = sorted(set(ranges) - store.done())
+    if missing:
+        raise ValueError(f"{store.folder} lacks {len(missing)} of the run's {len(ranges)} chunks (the first: "
+                         f"images {missing[0][0]}..{missing[0][1] - 1}); run again to finish them.")
 
     def chunks() -> Iterator[tuple[int, np.ndarray]]:
         for a, b in ranges:
