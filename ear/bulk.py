@@ -353,6 +353,7 @@ def run(pipe: EARPipeline, plan: Plan, outputs: Outputs, batch: int, state: Part
             time.sleep(0.2)
             _update(bar, store)
     state.wait_for_everyone()
+    state.destroy_process_group()  # assembly needs no collectives; NCCL warns at exit otherwise
     if not state.is_main_process:
         return False
     seconds = time.perf_counter() - started
