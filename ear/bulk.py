@@ -170,7 +170,7 @@ class ChunkStore:
     def open(self, plan: Plan, chunk: int) -> int:
         """Start or resume: write plan.json, or check that the folder holds this same plan.
         Returns the chunk size in force (the first run's, so that resumed chunks line up)."""
-        planned = {**plan.to_json(), "settings": asdict(plan.settings)}
+        planned = plan.to_json()
         file = self.folder / PLAN_FILE
         if file.is_file():
             stored = json.loads(file.read_text())
