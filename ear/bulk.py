@@ -119,7 +119,7 @@ def fitting_batch(model: EAR, guided: bool, device: torch.device) -> int:
     """The largest per-process batch worth running. On CUDA: free memory after loading, over
     what one image holds at the peak (its rows' KV cache for every layer, plus the guided logits
     of the largest step and their softmax/sort copies), with a fifth kept free for the decoder and
-    the allocator; on the CPU a fixed size (throughput is flat beyond it)."""
+    the allocator, rounded down to a power of two; on the CPU a fixed size (no faster beyond it)."""
     if device.type != "cuda":
         return CPU_BATCH
     cfg = model.config
@@ -130,8 +130,8 @@ def fitting_batch(model: EAR, guided: bool, device: torch.device) -> int:
     widest = max(model.schedule.sizes)
     logits = 4 * widest * cfg.vocab_size * 4  # float32 logits, softmax, sorted copy, scatter
     free, _total = torch.cuda.mem_get_info(device)
-    per_image = rows * (kv + logits)
-    return max(1, min(MAX_BATCH, int(0.8 * free) // per_image))
+    fits = max(1, min(MAX_BATCH, int(0.8 * free) // (rows * (kv + logits))))
+    return 1 << (fits.bit_length() - 1)  # the engine pads CUDA batches up to a power of two
 
 
 class ChunkStore:
