@@ -3,8 +3,8 @@ processes (the baseline is the one-process run, measured in the same run): wall 
 command to the finished npz (start-up, model load, sampling, assembly) and the sampling rate the
 command reports. The npz files are compared too: they must be identical.
 
-    python bench/bench_bulk.py [--processes 2] [--per-class 4] [--batch 16] [--repeats 3]
-    python bench/bench_bulk.py --model EAR-adaLN-B --preset fid --per-class 50 --classes 0-99   # GPUs
+    python bench/bench_bulk.py --per-class 4 --batch 16 [--processes 2] [--repeats 3]   # README table
+    python bench/bench_bulk.py --model EAR-adaLN-B --preset fid --per-class 2 --processes 8    # GPUs
 """
 
 from __future__ import annotations
@@ -43,18 +43,19 @@ def main() -> None:
     parser.add_argument("--preset")
     parser.add_argument("--classes", help="default: every class")
     parser.add_argument("--per-class", default="4")
-    parser.add_argument("--batch", default="16")
+    parser.add_argument("--batch", help="per process (default: the command's, the largest that fits)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    flags = ["--model", args.model, "--per-class", args.per_class, "--batch", args.batch, "--seed", "0"]
+    flags = ["--model", args.model, "--per-class", args.per_class, "--seed", "0"]
+    flags += ["--batch", args.batch] if args.batch else []
     flags += ["--preset", args.preset] if args.preset else []
     flags += ["--classes", args.classes] if args.classes else []
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={args.processes}"]
     launchers = {"1 process (python -m ear)": [sys.executable],
                  f"{args.processes} processes (torchrun)": torchrun}
-    print(f"{args.model}, {args.per_class} per class, batch {args.batch} per process, {os.cpu_count()} CPUs, "
-          f"medians of {args.repeats}")
+    print(f"{args.model}, {args.per_class} per class, batch {args.batch or 'default'} per process, "
+          f"{os.cpu_count()} CPUs, medians of {args.repeats}")
     print("| launch | wall s | sampling images/s | wall vs 1 process | rate vs 1 process |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -107,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_flags(p)
 
     p = sub.add_parser("sample", help="bulk sampling for evaluation: N images of every class into one "
-                                      "npz; the same under torchrun or accelerate launch on many GPUs")
+                                      "npz; the same under torchrun or accelerate launch on many GPUs",
+                       description="Image j takes its randomness from (--seed, j) alone (--seed is 0 unless "
+                                   "given), so any number of processes writes the same file; a rerun after "
+                                   "an interruption resumes from the finished chunks.")
+    p.set_defaults(seed=0)
     _add_model_flags(p)
     p.add_argument("--per-class", type=int, required=True, metavar="N", help="images of each class")
     p.add_argument("--classes", metavar="LIST", help="only these classes: ids, ranges or names without "
@@ -268,7 +272,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     pipe = EARPipeline.from_pretrained(args.model, device=device, dtype=args.dtype, **_overrides(args))
     settings = pipe.default_settings.merged(**{k: v for k, v in _sampling(args, pipe).items() if k != "seed"})
     classes = bulk.parse_classes(args.classes, pipe)
-    plan = bulk.Plan.of(pipe, classes, args.per_class, args.seed or 0, settings)
+    plan = bulk.Plan.of(pipe, classes, args.per_class, args.seed, settings)
     batch = args.batch or bulk.fitting_batch(pipe.model, settings.guided, pipe.device)
     work_dir = args.work_dir or bulk.default_work_dir(args.out, args.png_dir)
     if bulk.run(pipe, plan, bulk.Outputs(args.out, args.png_dir, work_dir), batch, state, args.quiet) \
