@@ -25,7 +25,10 @@ def weights_path() -> Path:
 
 
 def reference_images(reference: Path) -> np.ndarray:
-    images = npz_array(reference, "arr_0")
+    try:
+        images = npz_array(reference, "arr_0")
+    except ValueError as err:
+        raise ValueError(f"--fid: {err}") from None
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"--fid: '{reference}' holds {images.shape} {images.dtype} arrays, not uint8 "
                          f"N x H x W x 3 images (arr_0).")

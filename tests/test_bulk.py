@@ -132,12 +132,14 @@ def test_a_different_run_in_the_same_folder_is_refused(tmp_path: Path, monkeypat
     (["--out", "{tmp}/samples.png"], "must end in .npz"),
     (["--png-dir", "{tmp}/samples.npz"], "is not a folder"),
     (["--fid", "{tmp}/nowhere.npz"], "does not exist"),
+    (["--fid", "{tmp}/text.npz"], "is not an npz holding arr_0"),
     (["--fid", "{tmp}/samples.npz"], "pip install torch-fidelity"),
 ])
 def test_bad_flags_are_one_error_line_and_nothing_written(flags: list[str], message: str, tmp_path: Path,
                                                           monkeypatch, capsys) -> None:
     monkeypatch.setattr(fid, "weights_path", lambda: tmp_path / "no-weights.pth")
     np.savez(tmp_path / "samples.npz", np.zeros((2, 8, 8, 3), np.uint8))  # doubles as a reference batch
+    (tmp_path / "text.npz").write_text("not a zip file")
     before = _leftovers(tmp_path)
     base = ["sample", "--classes", "0", "--per-class", "1", "--quiet", "--out", str(tmp_path / "out.npz")]
     status = main([*base, *(f.format(tmp=tmp_path) for f in flags)])
