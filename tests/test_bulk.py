@@ -49,16 +49,35 @@ def test_npz_is_what_the_evaluator_reads(reference: Path) -> None:
     assert _leftovers(reference.parent) == ["ref.npz"]  # chunks and plan removed
 
 
+def _torchrun(*flags: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m ear sample ...` on the CPU (gloo), one thread per process."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run = subprocess.run([*torchrun, "-m", "ear", "sample", *flags], cwd=REPO,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "on 2 processes" in run.stderr
+    return run
+
+
+def _stop_after(monkeypatch, chunks: int) -> None:
+    """Interrupt (as Ctrl-C would) when `chunks` chunks have been written."""
+    written = []
+    original = bulk.ChunkStore.write
+
+    def write_then_stop(self, a, b, images, labels):
+        if len(written) == chunks:
+            raise KeyboardInterrupt
+        written.append((a, b))
+        original(self, a, b, images, labels)
+
+    monkeypatch.setattr(bulk.ChunkStore, "write", write_then_stop)
+
+
 @pytest.mark.slow
 def test_two_processes_write_the_same_file_as_one(reference: Path, tmp_path: Path) -> None:
     out, pngs = tmp_path / "two.npz", tmp_path / "pngs"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    flags = ["--out", str(out), "--png-dir", str(pngs)]
-    run = subprocess.run([*torchrun, "-m", "ear", "sample", *SMALL, *flags], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert "on 2 processes" in run.stderr
+    _torchrun(*SMALL, "--out", str(out), "--png-dir", str(pngs))
     assert out.read_bytes() == reference.read_bytes()
     with np.load(out) as data:
         first = data["arr_0"][0]
@@ -69,6 +88,17 @@ def test_two_processes_write_the_same_file_as_one(reference: Path, tmp_path: Pat
 
     assert np.array_equal(np.asarray(Image.open(pngs / names[0])), first)
     assert _leftovers(tmp_path) == ["pngs", "two.npz"]
+
+
+@pytest.mark.slow
+def test_a_run_stopped_on_one_process_finishes_on_two(reference: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "moved.npz"
+    _stop_after(monkeypatch, 1)
+    assert main(["sample", *SMALL, "--out", str(out)]) == 130
+    run = _torchrun(*SMALL, "--out", str(out))
+    assert "resuming: 2 of 6 images already done" in run.stderr
+    assert out.read_bytes() == reference.read_bytes()
+    assert _leftovers(tmp_path) == ["moved.npz"]
 
 
 def test_another_batch_gives_the_same_images(reference: Path, tmp_path: Path) -> None:
@@ -82,16 +112,8 @@ def test_another_batch_gives_the_same_images(reference: Path, tmp_path: Path) ->
 def test_interrupted_run_resumes_to_the_same_file(reference: Path, tmp_path: Path, monkeypatch, capsys
                                                   ) -> None:
     out, work = tmp_path / "resumed.npz", tmp_path / "resumed.parts"
-    written = []
     original = bulk.ChunkStore.write
-
-    def write_then_stop(self, a, b, images, labels):
-        if len(written) == 2:
-            raise KeyboardInterrupt  # Ctrl-C (or a lost machine) after two chunks
-        written.append((a, b))
-        original(self, a, b, images, labels)
-
-    monkeypatch.setattr(bulk.ChunkStore, "write", write_then_stop)
+    _stop_after(monkeypatch, 2)
     assert main(["sample", *SMALL, "--out", str(out)]) == 130
     assert not out.exists()
     (work / ".chunk-0000004-0000006.abc.npz").write_bytes(b"half a chunk")  # a write killed mid-way
@@ -112,7 +134,7 @@ def test_interrupted_run_resumes_to_the_same_file(reference: Path, tmp_path: Pat
 
 def test_a_different_run_in_the_same_folder_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
     work = tmp_path / "w"
-    monkeypatch.setattr(bulk.ChunkStore, "write", lambda *_a: (_ for _ in ()).throw(KeyboardInterrupt))
+    _stop_after(monkeypatch, 0)
     flags = ["--out", str(tmp_path / "a.npz"), "--work-dir", str(work)]
     assert main(["sample", *SMALL, *flags]) == 130
     capsys.readouterr()
