@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ear.bulk import npz_array
+from ear.npz import npz_array
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 

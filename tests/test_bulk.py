@@ -16,6 +16,7 @@ import pytest
 
 from ear import bulk, fid
 from ear.__main__ import main
+from ear.npz import npz_array, write_npz
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--classes", "0,1,2", "--per-class", "2", "--batch", "2", "--seed", "3", "--quiet"]
@@ -207,25 +208,25 @@ def test_npz_array_maps_stored_members_and_reads_compressed_ones(tmp_path: Path)
     images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
     np.savez(tmp_path / "s.npz", images, np.array([5, 6]))
     np.savez_compressed(tmp_path / "c.npz", images)
-    stored = bulk.npz_array(tmp_path / "s.npz", "arr_0")
+    stored = npz_array(tmp_path / "s.npz", "arr_0")
     assert isinstance(stored, np.memmap) and np.array_equal(stored, images)
-    assert np.array_equal(bulk.npz_array(tmp_path / "c.npz", "arr_0"), images)
-    assert bulk.npz_array(tmp_path / "s.npz", "arr_1").tolist() == [5, 6]
+    assert np.array_equal(npz_array(tmp_path / "c.npz", "arr_0"), images)
+    assert npz_array(tmp_path / "s.npz", "arr_1").tolist() == [5, 6]
     with pytest.raises(ValueError, match="not an npz holding arr_1"):
-        bulk.npz_array(tmp_path / "c.npz", "arr_1")
+        npz_array(tmp_path / "c.npz", "arr_1")
     (tmp_path / "t.npz").write_bytes((tmp_path / "s.npz").read_bytes()[:100])
     with pytest.raises(ValueError, match="not an npz"):
-        bulk.npz_array(tmp_path / "t.npz", "arr_0")
+        npz_array(tmp_path / "t.npz", "arr_0")
 
 
 def test_write_npz_streams_chunks_into_one_checked_file(tmp_path: Path) -> None:
     chunks = [np.full((2, 4, 4, 3), i, np.uint8) for i in range(3)]
     labels = np.array([0, 0, 1, 1, 2, 2])
-    path = bulk.write_npz(tmp_path / "s.npz", chunks, (6, 4, 4, 3), labels)
+    path = write_npz(tmp_path / "s.npz", chunks, (6, 4, 4, 3), labels)
     with np.load(path) as data:
         assert np.array_equal(data["arr_0"], np.concatenate(chunks)) and np.array_equal(data["arr_1"], labels)
     with pytest.raises(ValueError, match="planned"):  # one chunk short: refused, nothing left behind
-        bulk.write_npz(tmp_path / "short.npz", chunks[:2], (6, 4, 4, 3), labels)
+        write_npz(tmp_path / "short.npz", chunks[:2], (6, 4, 4, 3), labels)
     assert _leftovers(tmp_path) == ["s.npz"]
 
 
