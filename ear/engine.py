@@ -36,6 +36,7 @@ from ear.order import Schedule
 
 Picker = Callable[[int, torch.Tensor], torch.Tensor]
 LINEAR_MODES = ("auto", "plain", "packed", "int8")
+MAX_IDLE_SLOTS = 4  # caches kept for reuse once their stream ended
 
 
 def _has_vnni() -> bool:
@@ -146,7 +147,7 @@ def _plan(layout: _Layout, k: int, first: int) -> _Plan:
                  layout.infer_mask[start:end, :end], rope)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: slots are found in the idle pool by who they are
 class _Slot:
     """Everything one generation writes, for one (schedule, bucket, guidance): reused, never shared."""
 
@@ -189,6 +190,7 @@ class DecodeRunner:
         self._lock = threading.Lock()
         self._fingerprint: tuple | None = None
         self._free: dict[tuple, list[_Slot]] = {}
+        self._idle_order: list[tuple[tuple, _Slot]] = []
         self._epoch = 0
         self.capture_seconds = 0.0
 
@@ -221,6 +223,7 @@ class DecodeRunner:
             raise ValueError("CUDA graphs need a model on a CUDA device")
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._free.clear()
+        self._idle_order.clear()
         self._plans: dict[tuple[str, int, int], _Plan] = {}
         self._fingerprint = fingerprint
         self._epoch += 1  # slots still in flight are dropped when they come back
@@ -229,6 +232,7 @@ class DecodeRunner:
         """Drop every idle cache and graph (they are made again on the next generation)."""
         with self._lock:
             self._free.clear()
+            self._idle_order.clear()
 
     def cached_slots(self) -> int:
         return sum(len(v) for v in self._free.values())
@@ -256,13 +260,22 @@ class DecodeRunner:
         with self._lock:
             free = self._free.get(key)
             if free:
-                return free.pop()
+                slot = free.pop()
+                self._idle_order.remove((key, slot))
+                return slot
         return self._new_slot(schedule, bucket, guided)
 
     def _give_back(self, key: tuple, slot: _Slot) -> None:
+        """Keep the slot for the next stream of its shape; beyond MAX_IDLE_SLOTS idle ones, the
+        longest-idle goes (a CPU has a bucket per batch size, which would otherwise pile up)."""
         with self._lock:
-            if slot.epoch == self._epoch:
-                self._free.setdefault(key, []).append(slot)
+            if slot.epoch != self._epoch:
+                return
+            self._free.setdefault(key, []).append(slot)
+            self._idle_order.append((key, slot))
+            while len(self._idle_order) > MAX_IDLE_SLOTS:
+                old_key, old = self._idle_order.pop(0)
+                self._free[old_key].remove(old)
 
     def _step_plan(self, layout: _Layout, k: int, first: int) -> _Plan:
         key = (layout.schedule.name, k, first)

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ear.draw import RowSettings, draw, gumbel_noise, row_keys, vocab_codes
-from ear.engine import configure, runner_for
+from ear.engine import MAX_IDLE_SLOTS, configure, runner_for
 from ear.order import make_schedule
 from ear.sampler import decode, generate, sample
 from tests.helpers import noisy_model, tiny_ear
@@ -122,6 +122,16 @@ def test_a_stopped_stream_hands_its_cache_back() -> None:
     assert runner.cached_slots() == 1
     generate(model, [3, 4], seed=1, cfg_scale=1.5)
     assert runner.cached_slots() == 1  # reused, not grown
+
+
+def test_idle_caches_are_bounded() -> None:
+    model = noisy_model()
+    runner = runner_for(model)
+    for batch in range(1, MAX_IDLE_SLOTS + 3):  # a CPU has one bucket per batch size
+        generate(model, list(range(batch)), seed=0)
+    assert runner.cached_slots() == MAX_IDLE_SLOTS
+    runner.release()
+    assert runner.cached_slots() == 0
 
 
 def test_interleaved_streams_use_separate_caches() -> None:
