@@ -36,6 +36,19 @@ from ear.order import Schedule
 
 Picker = Callable[[int, torch.Tensor], torch.Tensor]
 LINEAR_MODES = ("auto", "plain", "packed", "int8")
+MAX_IDLE_SLOTS = 4  # caches kept for reuse once their stream ended
+
+
+def _has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as info:
+            return "vnni" in info.read()
+    except OSError:
+        return False
+
+
+# Without VNNI, int8 products of full-range activations can saturate in FBGEMM: use 7 bits there.
+_REDUCE_RANGE = not _has_vnni()
 
 
 class _Linear:
@@ -57,7 +70,7 @@ class _Linear:
         if self.mode == "packed":
             return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, 64)
         if self.mode == "int8":
-            return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+            return torch.ops.quantized.linear_dynamic(x, self.packed, _REDUCE_RANGE)
         return F.linear(x, self.weight)
 
 
@@ -134,10 +147,11 @@ def _plan(layout: _Layout, k: int, first: int) -> _Plan:
                  layout.infer_mask[start:end, :end], rope)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: slots are found in the idle pool by who they are
 class _Slot:
     """Everything one generation writes, for one (schedule, bucket, guidance): reused, never shared."""
 
+    epoch: int  # the prepared weights it was made for
     rows: int  # model rows: bucket, doubled under guidance
     bucket: int
     caches: list[torch.Tensor]  # per layer (rows, slots, planes, heads, head_dim)
@@ -176,6 +190,8 @@ class DecodeRunner:
         self._lock = threading.Lock()
         self._fingerprint: tuple | None = None
         self._free: dict[tuple, list[_Slot]] = {}
+        self._idle_order: list[tuple[tuple, _Slot]] = []
+        self._epoch = 0
         self.capture_seconds = 0.0
 
     # ---- weights, buckets, slots ---------------------------------------------------------------
@@ -190,10 +206,12 @@ class DecodeRunner:
     def _refresh(self) -> None:
         """(Re)build the prepared weights when the model's weights, dtype or device changed."""
         model = self.model
-        params = list(model.parameters())
-        fingerprint = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if fingerprint == self._fingerprint:
-            return
+        fingerprint = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+        with self._lock:
+            if fingerprint != self._fingerprint:
+                self._rebuild(model, fingerprint)
+
+    def _rebuild(self, model: EAR, fingerprint: tuple) -> None:
         weight = model.output.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.mode = _linear_mode(self.linear_request, self.device, self.dtype)
@@ -205,13 +223,16 @@ class DecodeRunner:
             raise ValueError("CUDA graphs need a model on a CUDA device")
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._free.clear()
+        self._idle_order.clear()
         self._plans: dict[tuple[str, int, int], _Plan] = {}
         self._fingerprint = fingerprint
+        self._epoch += 1  # slots still in flight are dropped when they come back
 
     def release(self) -> None:
-        """Drop every cache and graph (they are rebuilt on the next generation)."""
+        """Drop every idle cache and graph (they are made again on the next generation)."""
         with self._lock:
             self._free.clear()
+            self._idle_order.clear()
 
     def cached_slots(self) -> int:
         return sum(len(v) for v in self._free.values())
@@ -225,7 +246,7 @@ class DecodeRunner:
                   for _ in range(c.n_layer)]
         complex_views = ([torch.view_as_complex(t.unflatten(-1, (-1, 2))) for t in caches]
                          if complex_cache else None)
-        slot = _Slot(rows=rows, bucket=bucket, caches=caches, complex_caches=complex_views,
+        slot = _Slot(epoch=self._epoch, rows=rows, bucket=bucket, caches=caches, complex_caches=complex_views,
                      tokens=torch.zeros(bucket, n, dtype=torch.long, device=dev),
                      streams=torch.zeros(bucket, n, dtype=torch.long, device=dev),
                      cond=torch.zeros(rows, 1, c.dim, dtype=self.dtype, device=dev),
@@ -239,12 +260,22 @@ class DecodeRunner:
         with self._lock:
             free = self._free.get(key)
             if free:
-                return free.pop()
+                slot = free.pop()
+                self._idle_order.remove((key, slot))
+                return slot
         return self._new_slot(schedule, bucket, guided)
 
     def _give_back(self, key: tuple, slot: _Slot) -> None:
+        """Keep the slot for the next stream of its shape; beyond MAX_IDLE_SLOTS idle ones, the
+        longest-idle goes (a CPU has a bucket per batch size, which would otherwise pile up)."""
         with self._lock:
+            if slot.epoch != self._epoch:
+                return
             self._free.setdefault(key, []).append(slot)
+            self._idle_order.append((key, slot))
+            while len(self._idle_order) > MAX_IDLE_SLOTS:
+                old_key, old = self._idle_order.pop(0)
+                self._free[old_key].remove(old)
 
     def _step_plan(self, layout: _Layout, k: int, first: int) -> _Plan:
         key = (layout.schedule.name, k, first)
@@ -352,6 +383,7 @@ class DecodeRunner:
             with torch.cuda.graph(graph, pool=self._pool):
                 logits = self._step(slot, plan)
             slot.graphs[key] = (graph, logits)
+            torch.cuda.synchronize()
             self.capture_seconds += time.perf_counter() - started
         graph, logits = slot.graphs[key]
         graph.replay()
@@ -384,21 +416,26 @@ class DecodeRunner:
         pending = None
         for k in range(first, layout.schedule.num_steps):
             plan = self._step_plan(layout, k, first)
-            with torch.inference_mode():
-                if pick is not None:
+            if pick is not None:  # eager; the picker runs outside inference mode, as user code
+                with torch.inference_mode():
                     logits = self._forward(slot, plan)[:batch]
-                    tokens = pick(k, logits).to(device=self.device, dtype=torch.long)
+                tokens = pick(k, logits).to(device=self.device, dtype=torch.long)
+                with torch.inference_mode():
                     slot.tokens[:batch, plan.out] = tokens
-                    yield k, logits, tokens
-                    continue
+                yield k, logits, tokens
+                continue
+            with torch.inference_mode():
                 graphed = self.use_graphs and not plan.with_class
                 logits = self._replay(slot, plan) if graphed else self._step(slot, plan)
                 if slot.host is None:
-                    yield k, logits[:batch], slot.tokens[:batch, plan.out].clone()
-                    continue
-                slot.host[:, plan.out].copy_(slot.tokens[:, plan.out], non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record()
+                    tokens = slot.tokens[:batch, plan.out].clone()
+                else:
+                    slot.host[:, plan.out].copy_(slot.tokens[:, plan.out], non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record()
+            if slot.host is None:
+                yield k, logits[:batch], tokens
+                continue
             if pending is not None:  # the device already runs step k while step k-1 is consumed
                 yield _arrived(*pending, slot, batch)
             pending = (k, logits, ready, plan)
@@ -428,9 +465,22 @@ _RUNNERS_LOCK = threading.Lock()
 
 
 def runner_for(model: EAR) -> DecodeRunner:
-    """The model's runner, made on first use (prepared weights are rebuilt if the weights change)."""
+    """The model's runner, made on first use (prepared weights are rebuilt if the weights change).
+    EAR_LINEAR (auto/plain/packed/int8) and EAR_CUDA_GRAPHS=0 choose its defaults."""
     with _RUNNERS_LOCK:
         runner = _RUNNERS.get(model)
         if runner is None:
             runner = _RUNNERS[model] = DecodeRunner(model, linear=os.environ.get("EAR_LINEAR", "auto"))
         return runner
+
+
+def configure(model: EAR, *, linear: str = "auto", graphs: bool | None = None) -> DecodeRunner:
+    """Give the model a runner with these choices: linear "auto" (MKL-packed float32 on a CPU where
+    available), "plain", "packed" or "int8" (dynamic int8 on a CPU: faster, slightly different
+    tokens); graphs None = CUDA graphs on CUDA outside ZeroGPU."""
+    if linear not in LINEAR_MODES:
+        raise ValueError(f"linear mode must be one of {LINEAR_MODES}, got {linear!r}")
+    runner = DecodeRunner(model, linear=linear, graphs=graphs)
+    with _RUNNERS_LOCK:
+        _RUNNERS[model] = runner
+    return runner

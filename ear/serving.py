@@ -65,7 +65,8 @@ MAX_IDLE_CACHES = 4
 def batching_enabled() -> bool:
     """EAR_BATCHING=0 serves every request with its own forwards (the old behaviour). ZeroGPU runs
     each request in a GPU worker process of its own, where a shared worker thread cannot reach."""
-    return os.environ.get("EAR_BATCHING", "1").strip() != "0" and not os.environ.get("SPACES_ZERO_GPU")
+    zero_gpu = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
+    return os.environ.get("EAR_BATCHING", "1").strip() != "0" and not zero_gpu
 
 
 def max_rows_setting() -> int:

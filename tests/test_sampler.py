@@ -8,8 +8,8 @@ from itertools import pairwise
 import pytest
 import torch
 
-from ear.order import SCHEDULES, make_schedule
 from ear.draw import RowSettings, filter_rows
+from ear.order import SCHEDULES, make_schedule
 from ear.sampler import UNKNOWN, decode, generate, sample
 from tests.helpers import noisy_model
 
