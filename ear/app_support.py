@@ -167,8 +167,8 @@ def unavailable_message(name: str) -> str:
     status = {s.name: s.status for s in hub.list_models()}.get(name)
     if status in ("not downloaded", "partly cached"):
         return (f"Model '{name}' is not downloaded on this server, and it cannot be fetched from the "
-                f"Hugging Face Hub right now. The host can download it ahead of time with "
-                f"`python -m ear download {name}` (details are in the server log).")
+                f"Hugging Face Hub right now. The host can download it ahead of time by running "
+                f"python -m ear download {name} (details are in the server log).")
     return (f"Model '{name}' cannot be loaded on this server: its files are missing or damaged. "
             f"The host will find the details in the server log.")
 
@@ -212,8 +212,8 @@ class OutputFiles:
     app.py registers the folder as a Gradio static path, so Gradio serves these files where they
     are instead of hashing and copying each one into its own temp folder (one copy per streamed
     canvas used to pile up there). This class therefore bounds what it keeps itself: a request's
-    canvases are deleted as soon as two newer ones are out (`Canvases`), leaving only the one on
-    screen, and everything older than `max_age_s` is pruned after finished requests. Unique
+    canvases are deleted as soon as two newer ones are out (`Canvases`), leaving two per run, and
+    everything older than `max_age_s` is pruned after finished requests. Unique
     names also mean no file is ever rewritten while a browser may be reading it."""
 
     def __init__(self, root: Path | None = None, max_age_s: float = 3600.0) -> None:
@@ -267,17 +267,10 @@ class Canvases:
         factor = preview_factor(*image.size)
         path = _fast_png(image.reduce(factor) if factor > 1 else image, self.files.new_path(self.stem, "png"))
         self.paths.append(path)
-        self._drop(self.keep)
-        return str(path)
-
-    def close(self) -> None:
-        """The run is over (finished or stopped): keep only the canvas left on screen."""
-        self._drop(1)
-
-    def _drop(self, keep: int) -> None:
-        for old in self.paths[:-keep]:
+        for old in self.paths[:-self.keep]:
             old.unlink(missing_ok=True)
-        del self.paths[:-keep]
+        del self.paths[:-self.keep]
+        return str(path)
 
 
 def _fast_png(image: Image.Image, path: Path) -> Path:
