@@ -16,7 +16,6 @@ except ImportError:
     spaces = None
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from ear.app_support import (
     public_info,
     resolve_class,
     sampling_kwargs,
+    stopped_caption,
     threads_per_request,
     timed,
 )
@@ -70,26 +70,6 @@ DEFAULT_IMAGES = 4  # a 2 x 2 grid: enough to see what the class looks like, fas
 CONCURRENCY_LIMIT = 2  # generations at once: one per CPU core on a basic Space
 QUEUE_SIZE = 24  # beyond this the page says the app is busy and to try again
 RANDOM_SEED_JS = f"() => Math.floor(Math.random() * {SEED.hi + 1})"
-# Stop: Gradio cancels the run and sends nothing more, so the page rewrites the captions itself.
-# It waits a moment (updates already on their way still land), then takes the step numbers the
-# caption shows by then: "step 10 / 31 · 120 / 256 tokens · 0.41 s" (in Compare after the
-# order's name) becomes "stopped at step 10 / 31 · 120 / 256 tokens". Finished and empty
-# captions and messages stay as they are.
-STOPPED_JS = r"""async (...captions) => {
-  await new Promise((done) => setTimeout(done, 400));
-  const ids = IDS;
-  const step = /step (\d+ \/ \d+ · \d+ \/ \d+ tokens).*$/;
-  const out = captions.map((text, i) => {
-    const shown = document.getElementById(ids[i])?.innerText.trim() ?? '';
-    if (!text || shown.endsWith('· done') || shown.startsWith('⚠')) return text;
-    if (shown.includes('writing the animation')) {
-      return shown.replace('writing the animation…', 'stopped before the animation was written');
-    }
-    const latest = shown.match(step);
-    return latest ? text.replace(step, `stopped at step ${latest[1]}`) : text;
-  });
-  return out.length === 1 ? out[0] : out;
-}"""
 # Canvases fill their box, enlarged as crisp pixels (live canvases of big grids come at half
 # size); the results gallery is as tall as its thumbnails, not a fixed 450 px.
 CSS = """
@@ -142,24 +122,26 @@ def _play(frames: Iterator[Frame], stem: str, fmt: str, first: str = FULL) -> It
     the growth animation, which holds every step. The first update clears the previous run;
     `first` says whether the first canvas is decoded (an upload) or sketched (a single cell)."""
     pacer, growth, canvases = PreviewPacer(first=first), GrowthAnimation(), FILES.canvases(stem)
-    for frame, last in _with_last(frames):
-        growth.add(frame.state, frame.images if frame.state.done else None)
-        if last:
-            finals = [FILES.image(image, f"{stem}-final") for image in frame.images]
-            canvas = finals[0] if len(finals) == 1 else canvases.show(make_grid(frame.images))
-            yield [canvas, f"{frame.caption} · writing the animation…", finals, gr.skip()]
-            animation = FILES.animation(growth, stem, fmt)
-            yield [gr.skip(), f"{frame.caption} · done", gr.skip(),
-                   gr.update(value=animation, interactive=True)]
-            return
-        kind = pacer.due()
-        if kind:
-            opening = not any(pacer.shown.values())
-            with pacer.showing(kind):
-                images = frame.images if kind == FULL else frame.sketch()
-                yield [canvases.show(make_grid(images)), frame.caption,
-                       *([None, _no_download()] if opening else [gr.skip(), gr.skip()])]
-    raise gr.Error("The model produced no frames.")
+    try:
+        for frame, last in _with_last(frames):
+            growth.add(frame.state, frame.images if frame.state.done else None)
+            if last:
+                finals = [FILES.image(image, f"{stem}-final") for image in frame.images]
+                canvas = finals[0] if len(finals) == 1 else canvases.show(make_grid(frame.images))
+                yield [canvas, f"{frame.caption} · writing the animation…", finals, gr.skip()]
+                animation = FILES.animation(growth, stem, fmt)
+                yield [canvas, f"{frame.caption} · done", finals, animation]  # all four: the API's result
+                return
+            kind = pacer.due()
+            if kind:
+                opening = not any(pacer.shown.values())
+                with pacer.showing(kind):
+                    images = frame.images if kind == FULL else frame.sketch()
+                    yield [canvases.show(make_grid(images)), frame.caption,
+                           *([None, _no_download()] if opening else [gr.skip(), gr.skip()])]
+        raise gr.Error("The model produced no frames.")
+    finally:
+        canvases.close()
 
 
 @gpu
@@ -245,20 +227,24 @@ def compare(class_name: str, seed: int, model: str) -> Iterator[list[Any]]:
     canvases = {name: FILES.canvases(f"ear-{name}") for name in SCHEDULES}
     spent = dict.fromkeys(SCHEDULES, 0.0)
     waiting: dict[str, Frame] = {}  # each order's newest frame not shown yet
-    while streams:
-        for name in list(streams):
-            item = next(streams[name], None)
-            if item is None:
-                del streams[name]
-                continue
-            waiting[name], seconds = item
-            spent[name] += seconds
-        finished = any(frame.state.done for frame in waiting.values())
-        kind = FULL if finished else pacer.due()
-        if waiting and kind:
-            with pacer.showing(kind):
-                yield [value for name in SCHEDULES for value in _order_update(
-                    name, waiting.pop(name, None), canvases[name], trained, spent[name], kind)]
+    try:
+        while streams:
+            for name in list(streams):
+                item = next(streams[name], None)
+                if item is None:
+                    del streams[name]
+                    continue
+                waiting[name], seconds = item
+                spent[name] += seconds
+            finished = any(frame.state.done for frame in waiting.values())
+            kind = FULL if finished else pacer.due()
+            if waiting and kind:
+                with pacer.showing(kind):
+                    yield [value for name in SCHEDULES for value in _order_update(
+                        name, waiting.pop(name, None), canvases[name], trained, spent[name], kind)]
+    finally:
+        for files in canvases.values():
+            files.close()
 
 
 def _order_update(name: str, frame: Frame | None, canvases: Canvases, trained: str,
@@ -342,11 +328,22 @@ def _run_and_stop(label: str, prefix: str) -> tuple[gr.Button, gr.Button]:
                 gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop"))
 
 
-def _stop_button(stop: gr.Button, event: Any, captions: list[gr.components.Component]) -> None:
-    """Stop cancels the run and frees its worker at once; the server sends nothing after a
-    cancel, so the page itself rewrites the captions to say where the run stopped."""
-    ids = json.dumps([caption.elem_id for caption in captions])
-    stop.click(None, captions, captions, js=STOPPED_JS.replace("IDS", ids), cancels=[event], queue=False,
+def after_run(caption: str, animation: Any) -> list[Any]:
+    """Once a run has ended, however: a run that was stopped says where (Gradio sends nothing
+    after a cancel, and this runs after every update already sent has landed), and the download
+    button can be pressed only when there is an animation."""
+    return [stopped_caption(caption), gr.update(interactive=bool(animation))]
+
+
+def after_compare(*captions: str) -> list[str]:
+    return [stopped_caption(caption) for caption in captions]
+
+
+def _finish(event: Any, stop: gr.Button, ended: Callable[..., list[Any]],
+            components: list[gr.components.Component]) -> None:
+    """Stop cancels the run and frees its worker at once; `ended` then updates `components`."""
+    stop.click(None, cancels=[event], queue=False, api_visibility="private")
+    event.then(ended, components, components, queue=False, show_progress="hidden",
                api_visibility="private")
 
 
@@ -372,7 +369,7 @@ def _generate_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.C
             outputs = _outputs("gen", finals)
     event = run.click(generate, [klass, count, *sampling, model, fmt], outputs, api_name="generate",
                       show_progress_on=outputs[0], **HEAVY)
-    _stop_button(stop, event, [outputs[1]])
+    _finish(event, stop, after_run, outputs[1::2])
     return [klass, *refilled]
 
 
@@ -402,7 +399,7 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Com
                     cache_mode="lazy", preprocess=False, label="Examples (results cached, default model)")
     event = run.click(extend, [image, keep, klass, rounds, *sampling, model, fmt], outputs,
                       api_name="extend", show_progress_on=outputs[0], **HEAVY)
-    _stop_button(stop, event, [outputs[1]])
+    _finish(event, stop, after_run, outputs[1::2])
     return [klass, keep, *refilled]
 
 
@@ -424,7 +421,7 @@ def _compare_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Co
                                            elem_id=f"cmp-{name}-caption"))
     event = run.click(compare, [klass, seed, model], outputs, api_name="compare",
                       show_progress_on=outputs[0::2], **HEAVY)
-    _stop_button(stop, event, outputs[1::2])
+    _finish(event, stop, after_compare, outputs[1::2])
     return [klass]
 
 
