@@ -51,6 +51,7 @@ from ear.app_support import (
     public_info,
     resolve_class,
     sampling_kwargs,
+    stopped_caption,
     threads_per_request,
     timed,
 )
@@ -78,23 +79,13 @@ GENERATIONS_AT_ONCE = 2 if SCHEDULER is None else 1
 CONCURRENCY_LIMIT = GENERATIONS_AT_ONCE if SCHEDULER is None else SCHEDULER.max_rows
 QUEUE_SIZE = 24  # beyond this the page says the app is busy and to try again
 RANDOM_SEED_JS = f"() => Math.floor(Math.random() * {SEED.hi + 1})"
-# A caption of a run still going ("step 10 / 31 · 120 / 256 tokens · 0.41 s", in Compare after
-# the order's name) becomes "stopped at step 10 / 31 · 120 / 256 tokens"; finished or empty
-# captions and messages stay as they are.
-STOPPED_JS = r"""(...captions) => {
-  const stopped = (text) => {
-    if (!text || text.endsWith('· done') || text.startsWith('⚠')) return text;
-    if (text.includes('writing the animation')) {
-      return text.replace('writing the animation…', 'stopped before the animation was written');
-    }
-    return text.replace(/step (\d+ \/ \d+ · \d+ \/ \d+ tokens).*$/, 'stopped at step $1');
-  };
-  const out = captions.map(stopped);
-  return out.length === 1 ? out[0] : out;
-}"""
+# Canvases fill their box, enlarged as crisp pixels (live canvases of big grids come at half
+# size); the results gallery is as tall as its thumbnails, not a fixed 450 px.
 CSS = """
 .caption p { font-family: ui-monospace, monospace; font-size: 0.95rem; }
-.canvas img { image-rendering: pixelated; }
+.canvas .image-frame { width: 100%; height: 100%; }
+.canvas img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
+#gen-final .grid-wrap { min-height: 0; height: auto; }
 #model-info td:first-child { white-space: nowrap; padding-right: 1.5em; }
 """
 
@@ -148,16 +139,15 @@ def _play(frames: Iterator[Frame], stem: str, fmt: str, first: str = FULL) -> It
                 canvas = finals[0] if len(finals) == 1 else canvases.show(make_grid(frame.images))
                 yield [canvas, f"{frame.caption} · writing the animation…", finals, gr.skip()]
                 animation = FILES.animation(growth, stem, fmt)
-                yield [gr.skip(), f"{frame.caption} · done", gr.skip(),
-                       gr.update(value=animation, interactive=True)]
+                yield [canvas, f"{frame.caption} · done", finals, animation]  # all four: the API's result
                 return
             kind = pacer.due()
             if kind:
-                first = pacer.spent == 0
+                opening = not any(pacer.shown.values())
                 with pacer.showing(kind):
                     images = frame.images if kind == FULL else frame.sketch()
                     yield [canvases.show(make_grid(images)), frame.caption,
-                           *([None, _no_download()] if first else [gr.skip(), gr.skip()])]
+                           *([None, _no_download()] if opening else [gr.skip(), gr.skip()])]
         raise gr.Error("The model produced no frames.")
     finally:
         canvases.close()
@@ -330,7 +320,7 @@ def _sampling_controls(pipe: EARPipeline, model: gr.Dropdown) -> tuple[list[Any]
 def _outputs(prefix: str, final: gr.components.Component) -> list[gr.components.Component]:
     """Live canvas, step caption, finished result and the animation download of one tab."""
     canvas = gr.Image(label="Canvas", format="png", interactive=False, elem_id=f"{prefix}-canvas",
-                      elem_classes="canvas", placeholder="The latest step's cells are outlined.")
+                      elem_classes="canvas", height=420, placeholder="The latest step's cells are outlined.")
     caption = gr.Markdown(label="Caption", elem_id=f"{prefix}-caption", elem_classes="caption")
     final.render()
     download = gr.DownloadButton("Download animation", interactive=False, elem_id=f"{prefix}-download")
@@ -347,10 +337,22 @@ def _run_and_stop(label: str, prefix: str) -> tuple[gr.Button, gr.Button]:
                 gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop"))
 
 
-def _stop_button(stop: gr.Button, event: Any, captions: list[gr.components.Component]) -> None:
-    """Stop cancels the run and frees its worker at once; the server sends nothing after a
-    cancel, so the page itself rewrites the captions to say where the run stopped."""
-    stop.click(None, captions, captions, js=STOPPED_JS, cancels=[event], queue=False,
+def after_run(caption: str, animation: Any) -> list[Any]:
+    """Once a run has ended, however: a run that was stopped says where (Gradio sends nothing
+    after a cancel, and this runs after every update already sent has landed), and the download
+    button can be pressed only when there is an animation."""
+    return [stopped_caption(caption), gr.update(interactive=bool(animation))]
+
+
+def after_compare(*captions: str) -> list[str]:
+    return [stopped_caption(caption) for caption in captions]
+
+
+def _finish(event: Any, stop: gr.Button, ended: Callable[..., list[Any]],
+            components: list[gr.components.Component]) -> None:
+    """Stop cancels the run and frees its worker at once; `ended` then updates `components`."""
+    stop.click(None, cancels=[event], queue=False, api_visibility="private")
+    event.then(ended, components, components, queue=False, show_progress="hidden",
                api_visibility="private")
 
 
@@ -371,10 +373,12 @@ def _generate_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.C
             run, stop = _run_and_stop("Generate", "gen")
         with gr.Column(scale=2):
             finals = gr.Gallery(label="Final images", columns=4, fit_columns=False, preview=False,
-                                format="png", height="auto", render=False, elem_id="gen-final")
+                                format="png", height="auto", object_fit="contain", render=False,
+                                elem_id="gen-final")
             outputs = _outputs("gen", finals)
-    event = run.click(generate, [klass, count, *sampling, model, fmt], outputs, api_name="generate", **HEAVY)
-    _stop_button(stop, event, [outputs[1]])
+    event = run.click(generate, [klass, count, *sampling, model, fmt], outputs, api_name="generate",
+                      show_progress_on=outputs[0], **HEAVY)
+    _finish(event, stop, after_run, outputs[1::2])
     return [klass, *refilled]
 
 
@@ -403,8 +407,8 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Com
                     inputs=[image, keep, klass], outputs=outputs, fn=extend_example, cache_examples=True,
                     cache_mode="lazy", preprocess=False, label="Examples (results cached, default model)")
     event = run.click(extend, [image, keep, klass, rounds, *sampling, model, fmt], outputs,
-                      api_name="extend", **HEAVY)
-    _stop_button(stop, event, [outputs[1]])
+                      api_name="extend", show_progress_on=outputs[0], **HEAVY)
+    _finish(event, stop, after_run, outputs[1::2])
     return [klass, keep, *refilled]
 
 
@@ -424,8 +428,9 @@ def _compare_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Co
                                         elem_id=f"cmp-{name}-canvas"))
                 outputs.append(gr.Markdown(label=f"{name} caption", elem_classes="caption",
                                            elem_id=f"cmp-{name}-caption"))
-    event = run.click(compare, [klass, seed, model], outputs, api_name="compare", **HEAVY)
-    _stop_button(stop, event, outputs[1::2])
+    event = run.click(compare, [klass, seed, model], outputs, api_name="compare",
+                      show_progress_on=outputs[0::2], **HEAVY)
+    _finish(event, stop, after_compare, outputs[1::2])
     return [klass]
 
 

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -169,8 +170,8 @@ def unavailable_message(name: str) -> str:
     status = {s.name: s.status for s in hub.list_models()}.get(name)
     if status in ("not downloaded", "partly cached"):
         return (f"Model '{name}' is not downloaded on this server, and it cannot be fetched from the "
-                f"Hugging Face Hub right now. The host can download it ahead of time with "
-                f"`python -m ear download {name}` (details are in the server log).")
+                f"Hugging Face Hub right now. The host can download it ahead of time by running "
+                f"python -m ear download {name} (details are in the server log).")
     return (f"Model '{name}' cannot be loaded on this server: its files are missing or damaged. "
             f"The host will find the details in the server log.")
 
@@ -217,14 +218,14 @@ class OutputFiles:
     app.py registers the folder as a Gradio static path, so Gradio serves these files where they
     are instead of hashing and copying each one into its own temp folder (one copy per streamed
     canvas used to pile up there). This class therefore bounds what it keeps itself: a request's
-    canvases are deleted as soon as two newer ones are out (`Canvases`), leaving only the one on
-    screen, and everything older than `max_age_s` is pruned after finished requests. Unique
+    canvases are deleted seconds after newer ones replaced them (`Canvases`), leaving one per run,
+    and everything older than `max_age_s` is pruned after finished requests. Unique
     names also mean no file is ever rewritten while a browser may be reading it."""
 
-    def __init__(self, root: Path | None = None, max_age_s: float = 3600.0) -> None:
+    def __init__(self, root: Path | None = None, max_age_s: float = 3600.0, linger_s: float = 10.0) -> None:
         self.root = root or Path(tempfile.gettempdir()) / "ear-studio"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.max_age_s = max_age_s
+        self.max_age_s, self.linger_s = max_age_s, linger_s
         self._pruned = 0.0  # when prune() last looked (it lists the whole folder)
 
     def new_path(self, stem: str, suffix: str) -> Path:
@@ -236,7 +237,7 @@ class OutputFiles:
         return str(_fast_png(image, self.new_path(stem, "png")))
 
     def canvases(self, stem: str) -> Canvases:
-        return Canvases(self, stem)
+        return Canvases(self, stem, self.linger_s)
 
     def animation(self, growth: GrowthAnimation, stem: str, fmt: str, fps: float = 8) -> str:
         """Write `growth` as `fmt` and return the path written (GIF if no MP4 encoder exists).
@@ -259,30 +260,40 @@ class OutputFiles:
 
 
 class Canvases:
-    """One request's live canvases: fast PNGs, large grids shrunk (`preview_factor`), of which
-    only the last `keep` exist at any time. The browser fetches each
-    one right after its update, and a canvas two updates old is no longer shown anywhere."""
+    """One request's live canvases: fast PNGs, large grids shrunk (`preview_factor`).
 
-    def __init__(self, files: OutputFiles, stem: str, keep: int = 2) -> None:
-        self.files, self.stem, self.keep = files, stem, keep
-        self.paths: list[Path] = []
+    A canvas is deleted once it is `linger_s` seconds old and two newer ones exist; when the
+    run ends (finished or stopped) all but the last, the one left on screen, go `linger_s` later.
+    Not at once: the browser fetches a canvas only after its update arrives, and when a run is
+    stopped, updates the server had already made are dropped, so the canvas the page shows last
+    may be older than the newest written."""
+
+    def __init__(self, files: OutputFiles, stem: str, linger_s: float = 10.0) -> None:
+        self.files, self.stem, self.linger_s = files, stem, linger_s
+        self._written: list[tuple[float, Path]] = []
 
     def show(self, image: Image.Image) -> str:
-        """Write a canvas, shrunk as `preview_factor` says, and drop those no longer shown."""
+        """Write a canvas, shrunk as `preview_factor` says, and drop those long out of sight."""
         factor = preview_factor(*image.size)
         path = _fast_png(image.reduce(factor) if factor > 1 else image, self.files.new_path(self.stem, "png"))
-        self.paths.append(path)
-        self._drop(self.keep)
+        self._written.append((time.monotonic(), path))
+        self._drop(keep=2, older_than=time.monotonic() - self.linger_s)
         return str(path)
 
     def close(self) -> None:
-        """The run is over (finished or stopped): keep only the canvas left on screen."""
-        self._drop(1)
+        """The run is over: in `linger_s` seconds, drop every canvas but the last."""
+        timer = threading.Timer(self.linger_s, self._drop, kwargs={"keep": 1, "older_than": math.inf})
+        timer.daemon = True
+        timer.start()
 
-    def _drop(self, keep: int) -> None:
-        for old in self.paths[:-keep]:
-            old.unlink(missing_ok=True)
-        del self.paths[:-keep]
+    def _drop(self, keep: int, older_than: float) -> None:
+        kept = self._written[-keep:]
+        for written, path in self._written[:-keep]:
+            if written < older_than:
+                path.unlink(missing_ok=True)
+            else:
+                kept.insert(0, (written, path))
+        self._written = sorted(kept)
 
 
 def _fast_png(image: Image.Image, path: Path) -> Path:
@@ -290,6 +301,20 @@ def _fast_png(image: Image.Image, path: Path) -> Path:
     with atomic_output(path) as tmp:
         image.save(tmp, format="PNG", compress_level=1)
     return path
+
+
+STEP_CAPTION = re.compile(r"step (\d+ / \d+ · \d+ / \d+ tokens).*$")
+
+
+def stopped_caption(caption: str) -> str:
+    """The caption a run left behind, as it reads once the run has ended: one that was still
+    going ("step 10 / 31 · 120 / 256 tokens · 0.41 s", in Compare after the order's name) says
+    "stopped at step 10 / 31 · 120 / 256 tokens"; finished ones, messages and blanks stay."""
+    if not caption or caption.endswith("· done") or caption.startswith("⚠"):
+        return caption
+    if "writing the animation" in caption:
+        return caption.replace("writing the animation…", "stopped before the animation was written")
+    return STEP_CAPTION.sub(r"stopped at step \1", caption)
 
 
 def timed(items: Iterator[T]) -> Iterator[tuple[T, float]]:

@@ -13,6 +13,7 @@ import io
 import os
 import re
 import sys
+import time
 import types
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from ear.app_support import (
     available_cpus,
     examples_cache,
     public_source,
+    stopped_caption,
     threads_per_request,
 )
 from ear.growth import GrowthAnimation, PreviewPacer
@@ -140,7 +142,7 @@ def every_step(app: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def files(app: types.ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> OutputFiles:
     """The app's output folder, empty, for this test alone."""
-    files = OutputFiles(tmp_path / "out")
+    files = OutputFiles(tmp_path / "out", linger_s=0.0)
     monkeypatch.setattr(app, "FILES", files)
     return files
 
@@ -170,21 +172,24 @@ def test_generate_streams_every_step_then_images_and_gif(app: types.ModuleType, 
     assert outs[0][2] is None and outs[0][3]["interactive"] is False  # the first update clears the last run
     assert all(is_skip(o[2]) and is_skip(o[3]) for o in outs[1:-2])
     assert "writing the animation" in captions[-2] and is_skip(outs[-2][3])  # results before the GIF
-    finals, download = outs[-2][2], outs[-1][3]
-    assert is_skip(outs[-1][2]) and download["interactive"]
+    finals, animation = outs[-2][2], outs[-1][3]
+    assert outs[-1][:3] == [outs[-2][0], captions[-1], finals]  # the last update is the whole result
+    ready = {"__type__": "update", "interactive": True}
+    assert app.after_run(captions[-1], animation) == [captions[-1], ready]
     assert len(finals) == 4 and all(pixels(path).shape == (256, 256, 3) for path in finals)
     with Image.open(finals[0]) as image:
         assert image.format == "PNG"  # finished pictures stay lossless
-    with Image.open(download["value"]) as gif:
+    with Image.open(animation) as gif:
         assert gif.format == "GIF" and gif.n_frames == steps
         gif.seek(steps - 1)
         assert gif.size == (258, 258)  # the 2 x 2 grid at half size, as the live canvas
         last = np.asarray(gif.convert("RGB"))[:128, :128].astype(int)  # a palette GIF: nearly equal
         with Image.open(finals[0]) as final:
             assert np.abs(last - np.asarray(final.reduce(2))).mean() < 8
-    # Canvas files are bounded: of the streamed ones only the one left on screen remains.
+    # Canvas files are bounded: of the streamed ones only the last, on screen, remains.
     canvases = [o[0] for o in outs[:-1]]
     assert len(set(canvases)) == steps
+    time.sleep(0.2)  # the clean-up runs `linger_s` after the run (here 0 s)
     assert [Path(c).exists() for c in canvases] == [False] * (steps - 1) + [True]
     assert pixels(outs[-2][0]).shape[0] > 256  # four images shown as a 2 x 2 grid
 
@@ -194,7 +199,7 @@ def test_expensive_previews_are_skipped_but_the_animation_keeps_every_step(
     monkeypatch.setattr(app, "PreviewPacer", functools.partial(PreviewPacer, share=0.0, max_gap=60.0))
     outs = generate(app, num_images=2)
     assert [o[1].split(" · ")[0] for o in outs] == [f"step {n} / {steps}" for n in (1, steps, steps)]
-    with Image.open(outs[-1][3]["value"]) as gif:
+    with Image.open(outs[-1][3]) as gif:
         assert gif.n_frames == steps
 
 
@@ -204,7 +209,7 @@ def test_one_image_is_its_own_last_canvas(app: types.ModuleType) -> None:
 
 
 def test_generate_mp4_and_class_by_index(app: types.ModuleType) -> None:
-    animation = Path(generate(app, class_name="2", fmt="MP4")[-1][3]["value"])
+    animation = Path(generate(app, class_name="2", fmt="MP4")[-1][3])
     assert animation.suffix == ".mp4" and animation.stat().st_size > 0
 
 
@@ -221,7 +226,7 @@ def test_extend_streams_border_around_upload(app: types.ModuleType, steps: int, 
     assert outs[0][1].startswith(f"step {first_step} / {steps}")  # the upload is the first frame
     assert len(outs) == steps - first_step + 2
     assert pixels(outs[-2][2]).shape == (256, 256, 3) and outs[-1][1].endswith("done")
-    assert Path(outs[-1][3]["value"]).read_bytes()[:4] == b"GIF8"
+    assert Path(outs[-1][3]).read_bytes()[:4] == b"GIF8"
 
 
 def test_extend_zoom_out_plays_rounds(app: types.ModuleType, every_step: None) -> None:
@@ -229,7 +234,7 @@ def test_extend_zoom_out_plays_rounds(app: types.ModuleType, every_step: None) -
     captions = [o[1] for o in outs]
     assert captions[0].startswith("zoom 1 / 2") and captions[-1].startswith("zoom 2 / 2")
     assert any("zooming out" in c for c in captions)
-    with Image.open(outs[-1][3]["value"]) as gif:
+    with Image.open(outs[-1][3]) as gif:
         assert gif.n_frames == len(outs) - 1
 
 
@@ -394,6 +399,17 @@ def test_a_refusal_after_a_run_clears_it_and_is_said_once(app: types.ModuleType)
     assert info.value.visible is False  # API clients get the error; the page shows no second copy
 
 
+def test_a_stopped_run_says_where_it_stopped() -> None:
+    stopped = stopped_caption("step 10 / 31 · 120 / 256 tokens · 0.41 s")
+    assert stopped == "stopped at step 10 / 31 · 120 / 256 tokens"
+    compare = "**raster** · off-distribution (trained on arms)  \nstep 40 / 256 · 40 / 256 tokens · 0.30 s"
+    assert stopped_caption(compare).endswith("  \nstopped at step 40 / 256 · 40 / 256 tokens")
+    writing = "step 31 / 31 · 256 / 256 tokens · 0.41 s · writing the animation…"
+    assert stopped_caption(writing).endswith("0.41 s · stopped before the animation was written")
+    for unchanged in ("", "step 31 / 31 · 256 / 256 tokens · 0.41 s · done", "⚠️ Upload an image first."):
+        assert stopped_caption(unchanged) == unchanged
+
+
 def test_unreadable_upload_is_refused_as_it_arrives(app: types.ModuleType, tmp_path: Path) -> None:
     text = tmp_path / "notes.png"
     text.write_text("this is not a picture")
@@ -475,7 +491,7 @@ def test_threads_per_request_never_oversubscribe(monkeypatch: pytest.MonkeyPatch
 
 
 def test_output_files_are_unique_bounded_and_pruned(tmp_path: Path, states_of_a_run: list) -> None:
-    files = OutputFiles(tmp_path / "out", max_age_s=60)
+    files = OutputFiles(tmp_path / "out", max_age_s=60, linger_s=0.0)
     image = Image.new("RGB", (8, 8), "red")
     first, second = files.image(image, "x"), files.image(image, "x")
     assert first != second and pixels(first).shape == (8, 8, 3)
@@ -483,7 +499,11 @@ def test_output_files_are_unique_bounded_and_pruned(tmp_path: Path, states_of_a_
     shown = [canvases.show(image) for _ in range(4)]
     assert [Path(p).exists() for p in shown] == [False, False, True, True]  # at most two at a time
     canvases.close()
+    time.sleep(0.2)
     assert [Path(p).exists() for p in shown] == [False, False, False, True]  # the one on screen
+    lingering = OutputFiles(tmp_path / "out", linger_s=60).canvases("slow")
+    assert all(Path(lingering.show(image)).exists() for _ in range(4))  # a slow browser may still ask
+    assert pixels(canvases.show(Image.new("RGB", (1000, 600)))).shape == (300, 500, 3)  # big: shrunk
     os.utime(first, (0, 0))  # an hour-old file
     growth = GrowthAnimation()
     for state in states_of_a_run:
