@@ -8,8 +8,9 @@ final images, and images per second.
 Then one 8-image request against 8 single-image requests (the target: the 8 singles all done
 within 1.3x), and 30 clients at once against the queue's maximum: every accepted request must get
 its own images (pixel for pixel the picture its seed gives served alone), the rest the app's
-"queue is full" answer. Last, in-process: how often a token differs between a request served
-alone and in a batch of 16 (a batch's shape can change a float's rounding).
+"queue is full" answer. Then the 8 vs 8 comparison again through the Generate handler in this
+process (no HTTP), and how often a token differs between a request served alone and in a batch
+of 16 (a batch's shape can change a float's rounding).
 
     python bench/bench_serving.py [--clients 1,4,8,16] [--repeats 3] [--overflow 30] [--agreement 32]
 """
@@ -25,6 +26,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,8 +41,9 @@ from gradio_client import Client
 from PIL import Image
 
 from ear import hub
+from ear.app_support import threads_per_request
 from ear.pipeline import EARPipeline
-from ear.sampler import generate
+from ear.sampler import generate, sample
 from tests.app_server import running_app
 
 POLL_S = 0.01  # how often a client looks at its job (a busy loop would steal the server's cores)
@@ -173,6 +176,45 @@ def agreement(pipe: EARPipeline, requests: int, batch: int = 16) -> None:
           f"differ", flush=True)
 
 
+def handler_times(args: argparse.Namespace) -> None:
+    """The same 8 vs 8 comparison through app.py's Generate handler in this process, no HTTP: what
+    the scheduler and the handlers cost without the transport (requests arrive at once). The
+    baseline is emulated as the server runs it: two handlers at a time, each with its share of
+    the cores."""
+    os.environ["EAR_BATCHING"] = "1"
+    import app  # builds the page and loads the model: only when asked for
+
+    pipe = app.MODELS.get(None)
+    p = pipe.default_settings
+
+    def final_after(num_images: int, seed: int, gate: threading.Semaphore) -> float:
+        started = time.perf_counter()
+        with gate:
+            for _canvas, _caption, finals, _animation in app.generate(
+                    pipe.default_class, num_images, seed, p.cfg_scale, p.temperature, p.top_k, p.top_p,
+                    app.MODELS.default, "gif"):
+                if isinstance(finals, list) and finals:
+                    return time.perf_counter() - started
+        raise RuntimeError("the handler never showed its final images")
+
+    served = pipe.sampler
+    for mode, sampler, at_once in (("baseline", sample, 2), ("batching", served, 1)):
+        pipe.sampler = sampler
+        torch.set_num_threads(threads_per_request(at_once) or torch.get_num_threads())
+        gate = threading.Semaphore(at_once if mode == "baseline" else 8)
+        final_after(1, 0, gate)  # warm-up
+        ones, eights = [], []
+        for r in range(args.repeats):
+            ones.append(final_after(8, 77 + r, gate))
+            with ThreadPoolExecutor(8) as pool:
+                seeds = [88 + 10 * r + i for i in range(8)]
+                eights.append(max(pool.map(final_after, [1] * 8, seeds, [gate] * 8)))
+        one, eight = statistics.median(ones), statistics.median(eights)
+        print(f"{mode}, handlers in-process: one 8-image request {one:.2f} s; 8 single-image requests all "
+              f"done in {eight:.2f} s = {eight / one:.2f}x (medians of {args.repeats})", flush=True)
+    pipe.sampler = served
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -182,6 +224,8 @@ def main() -> None:
     parser.add_argument("--overflow-both", action="store_true", help="also run the overflow check unbatched")
     parser.add_argument("--modes", default="baseline,batching", help="which servers to measure")
     parser.add_argument("--logs", type=Path, help="keep the servers' logs in this folder")
+    parser.add_argument("--no-handlers", dest="handlers", action="store_false",
+                        help="skip the in-process handler comparison")
     parser.add_argument("--agreement", type=int, default=32,
                         help="images for the alone-vs-batch check (0: skip)")
     args = parser.parse_args()
@@ -202,6 +246,8 @@ def main() -> None:
         print(f"{mode}: one 8-image request {r['eight_images']:.2f} s; 8 single-image requests all done in "
               f"{r['eight_singles']:.2f} s = {r['eight_singles'] / r['eight_images']:.2f}x (target <= 1.3x; "
               f"medians of {args.repeats})")
+    if args.handlers:
+        handler_times(args)
     if args.agreement:
         agreement(pipe, args.agreement)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
