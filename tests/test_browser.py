@@ -206,7 +206,7 @@ def test_extend_grows_a_border_and_a_later_error_clears_it(page: Any, steps: int
     open_tab(page, "Extend")
     page.set_input_files("#ext-image input[type=file]", str(REPO / "assets" / "examples" / "heart.png"))
     page.wait_for_selector("#ext-image img")
-    assert page.inner_text("#ext-upload-note").strip() == ""
+    page.wait_for_function("() => document.querySelector('#ext-upload-note').innerText.trim() === ''")
     watch(page, "ext")
     page.click("#ext-run")
     wait_caption(page, "#ext-caption", "done")
