@@ -3,7 +3,8 @@
 UI only. Every request goes through `ear.pipeline.EARPipeline` (picked from a small model
 registry) and every value is checked again on the server by `ear.app_support`, because the HTTP
 API accepts whatever a client sends. `python app.py` serves it; GRADIO_SERVER_NAME and
-GRADIO_SERVER_PORT choose the address, EAR_STUDIO_MODEL adds a local model folder as default.
+GRADIO_SERVER_PORT choose the address. `ear.startup` chooses, downloads, loads and warms up the
+first model before the page is built (EAR_STUDIO_MODEL overrides its choice).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ except ImportError:
     spaces = None
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import torch
 
+from ear import startup
 from ear.app_support import (
     ANIMATION_FORMATS,
     CFG,
@@ -42,7 +44,6 @@ from ear.app_support import (
     check_keep,
     default_keep,
     examples_cache,
-    extra_model,
     info_markdown,
     keep_choices,
     load_upload,
@@ -59,11 +60,13 @@ from ear.order import SCHEDULES
 from ear.pipeline import EARPipeline, Frame
 from ear.preview import make_grid
 
-gpu: Callable[[Callable], Callable] = spaces.GPU if spaces is not None else (lambda fn: fn)
+gpu = startup.zero_gpu(spaces)  # spaces.GPU with a duration that follows each request's work
 
 EXAMPLES = sorted((Path(__file__).parent / "assets" / "examples").glob("*.png"))
-MODEL_CHOICES = model_choices(extra_model())
-MODELS = ModelRegistry([name for _, name in MODEL_CHOICES], EARPipeline.from_pretrained)
+STARTED = startup.start()  # ready (downloaded, loaded, warmed up) before the page exists
+MODEL_CHOICES = model_choices(STARTED.name)
+MODELS = ModelRegistry([name for _, name in MODEL_CHOICES], EARPipeline.from_pretrained,
+                       preloaded={STARTED.name: STARTED.pipeline})
 FILES = OutputFiles()
 gr.set_static_paths([FILES.root])  # served in place, never copied into Gradio's temp folder (see OutputFiles)
 DEFAULT_IMAGES = 4  # a 2 x 2 grid: enough to see what the class looks like, fast on a CPU
@@ -209,7 +212,7 @@ def _order_caption(name: str, trained: str, frame: Frame, seconds: float) -> str
             f"{state.num_known} / {state.known.numel()} tokens · {seconds:.2f} s{done}")
 
 
-@gpu
+@gpu(schedules=SCHEDULES)
 def compare(class_name: str, seed: int, model: str) -> Iterator[list[Any]]:
     """The same class and seed generated with every order in `ear.order.SCHEDULES`, one step of
     each in turn, so every order shows its progress as it goes and the short spirals finish long

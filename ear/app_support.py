@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -153,13 +153,15 @@ def load_upload(payload: Any) -> Image.Image:
 
 def model_choices(extra: str | None = None) -> list[tuple[str, str]]:
     """(label, name) for the model picker, the default first: an optional extra model (a local
-    folder), then the registry with what is available offline, so users see what will load."""
+    folder or a Hub repo id), then the registry with what is available offline, so users see
+    what will load."""
     registry = [(f"{s.name} · {s.status}", s.name) for s in hub.list_models()]
     if not extra:
         return registry
     if extra in hub.REGISTRY:
         return sorted(registry, key=lambda choice: choice[1] != extra)
-    return [(f"{Path(extra).name} · local folder", extra), *registry]
+    kind = "Hub" if hub.is_repo_id(extra) else "local folder"
+    return [(f"{Path(extra).name} · {kind}", extra), *registry]
 
 
 def unavailable_message(name: str) -> str:
@@ -177,14 +179,17 @@ def unavailable_message(name: str) -> str:
 class ModelRegistry:
     """Loads pipelines by name on first use and keeps the most recent few in memory.
 
-    Only the listed names are accepted, so the API cannot be used to load arbitrary paths."""
+    Only the listed names are accepted, so the API cannot be used to load arbitrary paths.
+    `preloaded` holds pipelines loaded already (the one start-up prepared)."""
 
-    def __init__(self, names: Sequence[str], loader: Callable[[str], Any], capacity: int = 2) -> None:
+    def __init__(self, names: Sequence[str], loader: Callable[[str], Any], capacity: int = 2,
+                 preloaded: Mapping[str, Any] | None = None) -> None:
         self.names = list(dict.fromkeys(names))
         self.default = self.names[0]
         self._loader = loader
         self._capacity = capacity
-        self._loaded: OrderedDict[str, Any] = OrderedDict()
+        self._loaded: OrderedDict[str, Any] = OrderedDict(
+            (name, pipe) for name, pipe in (preloaded or {}).items() if name in self.names)
         self._lock = threading.Lock()
 
     def get(self, name: Any = None) -> Any:
@@ -364,11 +369,6 @@ def examples_cache(pipeline: Any) -> Iterator[Path]:
             del os.environ["GRADIO_EXAMPLES_CACHE"]
         else:
             os.environ["GRADIO_EXAMPLES_CACHE"] = base
-
-
-def extra_model() -> str | None:
-    """A local model folder from EAR_STUDIO_MODEL, offered first and used by default."""
-    return os.environ.get("EAR_STUDIO_MODEL") or None
 
 
 def _count(n: int) -> str:

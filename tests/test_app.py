@@ -308,15 +308,23 @@ def test_readme_front_matter_makes_a_space() -> None:
 
 
 def test_zerogpu_decorator_used_when_spaces_exists(tiny: str) -> None:
-    wrapped = []
+    durations = {}
     fake = types.ModuleType("spaces")
-    fake.GPU = lambda fn: wrapped.append(fn.__name__) or fn
+    fake.GPU = lambda fn, duration: durations.setdefault(fn.__name__, duration) and fn
     spec = importlib.util.spec_from_file_location("app_on_zerogpu", REPO / "app.py")
     module = importlib.util.module_from_spec(spec)
     with mock.patch.dict(sys.modules, {"spaces": fake}), \
             mock.patch.dict(os.environ, {"EAR_STUDIO_MODEL": tiny}):
         spec.loader.exec_module(module)
-    assert sorted(wrapped) == ["compare", "extend", "generate"]
+    assert sorted(durations) == ["compare", "extend", "generate"]
+    one = durations["generate"]("cat", 1, 0, 1.5, 1.0, 0, 1.0, tiny, "gif")
+    assert durations["generate"]("cat", 8, 0, 1.5, 1.0, 0, 1.0, tiny, "gif") > one
+    assert durations["compare"]("cat", 0, tiny) > one  # every order, raster included
+
+
+def test_page_opens_on_the_model_start_up_prepared(app: types.ModuleType, tiny: str) -> None:
+    assert app.STARTED.name == app.MODELS.default == tiny
+    assert app.MODELS.get(None) is app.STARTED.pipeline  # not loaded a second time
 
 
 # ---- bad input --------------------------------------------------------------------------------
