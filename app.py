@@ -17,7 +17,7 @@ except ImportError:
     spaces = None
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 

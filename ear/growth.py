@@ -5,9 +5,11 @@ more for a large tokenizer on a CPU) plus an image file, so drawing every step w
 person wait two or three times as long as the generation itself, and a faster engine would only
 make that ratio worse. `PreviewPacer` therefore gives canvases a share of the wall-clock time:
 every step while that is cheap, otherwise the first, the last and at least one every `max_gap`
-seconds. `GrowthAnimation` still holds every step: it keeps only each step's cell masks while
-streaming and paints them from the finished pictures at the end, so no step is decoded twice and
-the GIF is written from palette frames (one palette per stream) in milliseconds.
+seconds, decoded when the share allows and otherwise sketched (the last decoded pixels, newer
+cells as "pending" tiles, no tokenizer call). `GrowthAnimation` still holds every step: it keeps
+only each step's cell masks while streaming and paints them from the finished pictures at the
+end, so no step is decoded twice and the GIF is written from palette frames (one palette per
+stream) in milliseconds.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ RESERVED = (*CANVAS_RGB, GRID_RGB, OUTLINE_RGB)
 UNCHANGED_SLOT = 255 - len(RESERVED)
 SLOTS = np.asarray([UNCHANGED_SLOT + 1, UNCHANGED_SLOT + 2], np.uint8)  # the checkerboard's colours
 GRID_SLOT, OUTLINE_SLOT = UNCHANGED_SLOT + 3, UNCHANGED_SLOT + 4
+
 
 class PreviewPacer:
     """Decides, from measured time only, which steps of a stream get a live canvas and whether

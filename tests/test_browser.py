@@ -183,7 +183,8 @@ def test_stop_says_where_the_run_stopped(page: Any, steps: int) -> None:
         caption = page.inner_text("#gen-caption")
         if "done" not in caption:
             break
-    assert re.match(rf"stopped at step \d+ / {steps} · \d+ / \d+ tokens$", caption), caption
+    assert (re.match(rf"stopped at step \d+ / {steps} · \d+ / \d+ tokens$", caption)
+            or caption.endswith("stopped before the animation was written")), caption
     time.sleep(1.0)
     assert page.inner_text("#gen-caption") == caption  # nothing streams after a Stop
     assert page.locator("#gen-download").is_disabled()  # item 5: a stopped run has no animation
