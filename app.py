@@ -389,7 +389,7 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Com
                              elem_id="ext-image")
             note = gr.Markdown(elem_id="ext-upload-note")
             image.upload(check_upload, image, [image, note], queue=False, preprocess=False,
-                         api_visibility="private")
+                         show_progress="hidden", api_visibility="private")
             keep = gr.Dropdown(keep_choices(pipe), value=default_keep(pipe), label="Kept centre",
                                info="how much of the final canvas your picture covers")
             klass = gr.Dropdown([UNCONDITIONAL, *pipe.class_names], value=UNCONDITIONAL, label="Class",

@@ -33,11 +33,11 @@ def handler_times(batch: int, seed: int) -> tuple[float, float, float, int]:
             app.MODELS.default, "gif"):
         now = time.perf_counter() - started
         first = first if first is not None else now
-        canvases += isinstance(canvas, str)
         if final is None and isinstance(finals, list):
             final = now
-        if isinstance(animation, dict) and animation.get("value"):
+        if isinstance(animation, str):  # the last update: the whole result again, and the animation
             return first, final or now, now, canvases
+        canvases += isinstance(canvas, str)
     raise RuntimeError("the handler never produced an animation")
 
 

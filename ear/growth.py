@@ -5,9 +5,11 @@ more for a large tokenizer on a CPU) plus an image file, so drawing every step w
 person wait two or three times as long as the generation itself, and a faster engine would only
 make that ratio worse. `PreviewPacer` therefore gives canvases a share of the wall-clock time:
 every step while that is cheap, otherwise the first, the last and at least one every `max_gap`
-seconds. `GrowthAnimation` still holds every step: it keeps only each step's cell masks while
-streaming and paints them from the finished pictures at the end, so no step is decoded twice and
-the GIF is written from palette frames (one palette per stream) in milliseconds.
+seconds, decoded when the share allows and otherwise sketched (the last decoded pixels, newer
+cells as "pending" tiles, no tokenizer call). `GrowthAnimation` still holds every step: it keeps
+only each step's cell masks while streaming and paints them from the finished pictures at the
+end, so no step is decoded twice and the GIF is written from palette frames (one palette per
+stream) in milliseconds.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from ear.preview import (
 )
 from ear.sampler import StepState
 
-PREVIEW_SHARE = 0.12  # canvases may take this share of the time the generation itself takes ...
+PREVIEW_SHARE = 0.1  # canvases may take this share of the time the generation itself takes ...
 MAX_GAP_S = 0.2  # ... but a person never waits longer than this for the next one
+DECODE_STEPS = 3  # until measured, a decode is taken to cost this many sampling steps (bench_preview)
 FULL, SKETCH = "full", "sketch"  # a decoded canvas, or one drawn without a tokenizer call
 GAP = 4  # pixels between the images of a batch, as in make_grid
 CANVAS = np.asarray(CANVAS_RGB, np.uint8)
@@ -48,6 +51,7 @@ UNCHANGED_SLOT = 255 - len(RESERVED)
 SLOTS = np.asarray([UNCHANGED_SLOT + 1, UNCHANGED_SLOT + 2], np.uint8)  # the checkerboard's colours
 GRID_SLOT, OUTLINE_SLOT = UNCHANGED_SLOT + 3, UNCHANGED_SLOT + 4
 
+
 class PreviewPacer:
     """Decides, from measured time only, which steps of a stream get a live canvas and whether
     that canvas is decoded ("full") or a sketch (no tokenizer call: the last decoded pixels, newer
@@ -57,8 +61,9 @@ class PreviewPacer:
     which measures what that cost (drawing, file, and the consumer's handling of the update).
     The first step is always shown (as `first` says), the last always in full. Otherwise a full
     canvas is due when the canvases so far plus one more full one stay within `share` of the time
-    spent generating; failing that, a sketch when it fits the share or when `max_gap` seconds
-    have passed since the last canvas."""
+    spent generating (a full canvas not measured yet is taken to cost `DECODE_STEPS` steps more
+    than a sketch); failing that, a sketch when it fits the share or when `max_gap` seconds have
+    passed since the last canvas."""
 
     def __init__(self, share: float = PREVIEW_SHARE, max_gap: float = MAX_GAP_S, first: str = FULL,
                  clock: Callable[[], float] = time.perf_counter) -> None:
@@ -68,7 +73,8 @@ class PreviewPacer:
         self.share, self.max_gap, self.first, self.clock = share, max_gap, first, clock
         self.spent = 0.0  # seconds spent showing canvases
         self.shown: dict[str, int] = {FULL: 0, SKETCH: 0}
-        self._cost = {FULL: 0.0, SKETCH: 0.0}  # what the latest canvas of each kind cost
+        self._cost: dict[str, float | None] = {FULL: None, SKETCH: None}  # the latest of each kind
+        self._steps = 0
         self._started: float | None = None
         self._last_shown: float | None = None
 
@@ -77,14 +83,20 @@ class PreviewPacer:
         now = self.clock()
         if self._started is None:
             self._started = now
+        self._steps += 1
         if last:
             return FULL
         if self._last_shown is None:
             return self.first
-        allowed = self.share * (now - self._started - self.spent)
-        if self.spent + self._cost[FULL] <= allowed:
+        generating = now - self._started - self.spent
+        sketch = self._cost[SKETCH] or 0.0
+        full = self._cost[FULL]
+        if full is None:  # not measured yet: the sketch's work plus a decode of a few steps' time
+            full = sketch + DECODE_STEPS * generating / self._steps
+        allowed = self.share * generating
+        if self.spent + full <= allowed:
             return FULL
-        if self.spent + self._cost[SKETCH] <= allowed or now - self._last_shown >= self.max_gap:
+        if self.spent + sketch <= allowed or now - self._last_shown >= self.max_gap:
             return SKETCH
         return None
 
