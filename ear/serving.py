@@ -58,7 +58,7 @@ DEFAULT_JOIN_SHARE = 0.25
 DEFAULT_OVERLAP = 2
 # The engine keeps each finished batch's KV cache for the next batch of the same size; a CPU sizes
 # batches exactly, so a server seeing every size from 1 to max_rows would keep them all (0.4 GB for
-# the bundled model at 16 rows). Beyond this many idle caches, they are dropped.
+# the bundled model at 16 rows). Beyond this many idle caches on a CPU, they are dropped.
 MAX_IDLE_CACHES = 4
 
 
@@ -383,8 +383,8 @@ class Scheduler:
             for batch in finished:
                 batch.close()  # its cache goes back to the engine now, not when collected
             for model in {batch.key[0] for batch in finished}:
-                runner = runner_for(model)
-                if runner.cached_slots() > MAX_IDLE_CACHES:
+                runner = runner_for(model)  # (CUDA rounds sizes up to powers of two and keeps graphs)
+                if model.output.weight.device.type == "cpu" and runner.cached_slots() > MAX_IDLE_CACHES:
                     runner.release()
             with self._cond:
                 for batch in finished:
