@@ -46,7 +46,6 @@ from typing import Any
 
 import torch
 
-from ear.engine import runner_for
 from ear.model import EAR
 from ear.order import Schedule
 from ear.sampler import SamplingParams, StepState, _as_class_ids, _as_prefix, sample
@@ -56,10 +55,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_ROWS = 16
 DEFAULT_JOIN_SHARE = 0.25
 DEFAULT_OVERLAP = 2
-# The engine keeps each finished batch's KV cache for the next batch of the same size; a CPU sizes
-# batches exactly, so a server seeing every size from 1 to max_rows would keep them all (0.4 GB for
-# the bundled model at 16 rows). Beyond this many idle caches on a CPU, they are dropped.
-MAX_IDLE_CACHES = 4
 
 
 def batching_enabled() -> bool:
@@ -382,10 +377,6 @@ class Scheduler:
             finished = [b for b in list(self._running) if not b.advance(in_flight)]
             for batch in finished:
                 batch.close()  # its cache goes back to the engine now, not when collected
-            for model in {batch.key[0] for batch in finished}:
-                runner = runner_for(model)  # (CUDA rounds sizes up to powers of two and keeps graphs)
-                if model.output.weight.device.type == "cpu" and runner.cached_slots() > MAX_IDLE_CACHES:
-                    runner.release()
             with self._cond:
                 for batch in finished:
                     self._running.remove(batch)

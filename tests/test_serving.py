@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ear import serving
-from ear.engine import runner_for
+from ear.engine import MAX_IDLE_SLOTS, runner_for
 from ear.order import make_schedule
 from ear.pipeline import EARPipeline
 from ear.sampler import generate, sample
@@ -137,7 +137,7 @@ def test_idle_caches_of_many_batch_sizes_are_not_all_kept(model, make_scheduler)
     for rows in range(1, 9):  # a CPU sizes every batch exactly: eight sizes, eight caches
         list(scheduler.sample(model, [1] * rows, seed=rows, cfg_scale=1.5))
     wait_until(lambda: scheduler.stats().batches_running == 0)
-    assert runner_for(model).cached_slots() <= serving.MAX_IDLE_CACHES
+    assert runner_for(model).cached_slots() <= MAX_IDLE_SLOTS  # the engine's own bound
 
 
 def test_a_batch_nobody_listens_to_ends_early(model, make_scheduler):
