@@ -59,18 +59,24 @@ from ear.growth import FULL, SKETCH, GrowthAnimation, PreviewPacer
 from ear.order import SCHEDULES
 from ear.pipeline import EARPipeline, Frame
 from ear.preview import make_grid
+from ear.serving import attach, from_environment, log_batches
 
 gpu = startup.zero_gpu(spaces)  # spaces.GPU with a duration that follows each request's work
 
 EXAMPLES = sorted((Path(__file__).parent / "assets" / "examples").glob("*.png"))
 STARTED = startup.start()  # ready (downloaded, loaded, warmed up) before the page exists
+SCHEDULER = from_environment()  # concurrent requests share batched forwards (EAR_BATCHING=0: off)
 MODEL_CHOICES = model_choices(STARTED.name)
-MODELS = ModelRegistry([name for _, name in MODEL_CHOICES], EARPipeline.from_pretrained,
-                       preloaded={STARTED.name: STARTED.pipeline})
+MODELS = ModelRegistry([name for _, name in MODEL_CHOICES],
+                       lambda name: attach(EARPipeline.from_pretrained(name), SCHEDULER),
+                       preloaded={STARTED.name: attach(STARTED.pipeline, SCHEDULER)})
 FILES = OutputFiles()
 gr.set_static_paths([FILES.root])  # served in place, never copied into Gradio's temp folder (see OutputFiles)
 DEFAULT_IMAGES = 4  # a 2 x 2 grid: enough to see what the class looks like, fast on a CPU
-CONCURRENCY_LIMIT = 2  # generations at once: one per CPU core on a basic Space
+# Generations computing at once: the scheduler runs one batch at a time; without it, one request per
+# CPU core on a basic Space. Requests handled at once: with the scheduler, enough to fill a batch.
+GENERATIONS_AT_ONCE = 2 if SCHEDULER is None else 1
+CONCURRENCY_LIMIT = GENERATIONS_AT_ONCE if SCHEDULER is None else SCHEDULER.max_rows
 QUEUE_SIZE = 24  # beyond this the page says the app is busy and to try again
 RANDOM_SEED_JS = f"() => Math.floor(Math.random() * {SEED.hi + 1})"
 # Canvases fill their box, enlarged as crisp pixels (live canvases of big grids come at half
@@ -498,7 +504,9 @@ demo = build_demo()
 
 def launch(**kwargs: Any) -> Any:
     """Start the server; address and port come from GRADIO_SERVER_NAME/PORT unless passed here."""
-    threads = threads_per_request(CONCURRENCY_LIMIT)
+    threads = threads_per_request(GENERATIONS_AT_ONCE)
+    if SCHEDULER is not None:
+        log_batches()
     if threads is not None:
         torch.set_num_threads(threads)
     return demo.launch(css=CSS, max_file_size=MAX_UPLOAD_BYTES, **kwargs)

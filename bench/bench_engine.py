@@ -182,8 +182,11 @@ def main() -> None:
     parser.add_argument("--agreement-classes", type=int, default=None,
                         help="images in the agreement checks (default 8 on CUDA, 2 on a CPU)")
     parser.add_argument("--count-ops", action="store_true", help="count ops on CUDA too")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default="bench/engine_results.md")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -10,7 +10,7 @@ becomes the first steps of the spiral) and the zoom-out built on it. Loading hap
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -24,6 +24,7 @@ from ear.model import EAR
 from ear.order import Schedule, make_schedule
 from ear.preview import PreviewRenderer, module_device, neutral_token
 from ear.sampler import SamplingParams, StepState, sample
+from ear.serving import ServedState
 from ear.tokenizer import Tokenizer
 
 MAX_BATCH = 64
@@ -79,6 +80,9 @@ class EARPipeline:
         self.default_settings = self.presets[loaded.default_preset]
         self._loaded = loaded
         self._fill_token: int | None = None
+        # Every generation goes through this (`ear.sampler.sample`'s signature); a server sets it to
+        # `ear.serving.Scheduler.sample` so that concurrent requests share batched forwards.
+        self.sampler: Callable[..., Iterator[StepState]] = sample
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = hub.DEFAULT_MODEL, device: str | torch.device | None = None,
@@ -278,14 +282,17 @@ class EARPipeline:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | np.integer)
                                  or not 0 <= seed < 2**63):
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-        return sample(self.model, ids, **asdict(settings), seed=seed, prefix=prefix,
-                      schedule=self._schedule(schedule))
+        seed = None if seed is None else int(seed)  # numpy integers too
+        return self.sampler(self.model, ids, **asdict(settings), seed=seed, prefix=prefix,
+                            schedule=self._schedule(schedule))
 
     def _frames(self, states: Iterator[StepState], renderer: PreviewRenderer) -> Iterator[Frame]:
         cells = self.grid * self.grid
         for state in states:
             caption = (f"step {state.step} / {state.num_steps} · {state.num_known} / {cells} tokens · "
                        f"{state.elapsed:.2f} s")
+            if isinstance(state, ServedState):  # a shared batch: say how busy the server is
+                caption += f" · {state.rows_in_flight} row{'s' * (state.rows_in_flight != 1)} in flight"
             yield Frame(state, None, caption, renderer)
 
 

@@ -11,10 +11,12 @@ import functools
 import importlib.util
 import io
 import os
+import re
 import sys
 import time
 import types
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -61,7 +63,7 @@ def app(tiny: str) -> types.ModuleType:
 def served_threads(app: types.ModuleType) -> Iterator[None]:
     """Run handlers with the thread count the served app uses (see `threads_per_request`)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads_per_request(app.CONCURRENCY_LIMIT) or before)
+    torch.set_num_threads(threads_per_request(app.GENERATIONS_AT_ONCE) or before)
     yield
     torch.set_num_threads(before)
 
@@ -143,6 +145,21 @@ def files(app: types.ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     files = OutputFiles(tmp_path / "out", linger_s=0.0)
     monkeypatch.setattr(app, "FILES", files)
     return files
+
+
+def test_visitors_at_once_share_the_scheduler_and_keep_their_own_pictures(
+        app: types.ModuleType, files: OutputFiles) -> None:
+    """Handlers served by the batching scheduler (the default): captions say how many rows were in
+    flight, and each visitor's pictures are those of its own seed alone."""
+    assert app.SCHEDULER is not None and app.SCHEDULER.max_rows == app.CONCURRENCY_LIMIT
+    with ThreadPoolExecutor(3) as pool:
+        runs = list(pool.map(lambda seed: generate(app, num_images=2, seed=seed), [11, 12, 11]))
+    for outs in runs:
+        assert re.search(r"· \d+ rows? in flight · done$", outs[-1][1]), outs[-1][1]
+    alone = [pixels(path) for path in generate(app, num_images=2, seed=11)[-2][2]]
+    for outs, same in zip(runs, (True, False, True), strict=True):
+        finals = [pixels(path) for path in outs[-2][2]]
+        assert all(np.array_equal(a, b) for a, b in zip(finals, alone, strict=True)) == same
 
 
 def test_generate_streams_every_step_then_images_and_gif(app: types.ModuleType, steps: int,
