@@ -179,7 +179,8 @@ def test_stop_says_where_the_run_stopped(page: Any, steps: int) -> None:
         page.click("#gen-run")
         page.wait_for_function(running, polling=10)
         page.click("#gen-stop")
-        time.sleep(1.5)
+        page.wait_for_function("() => /stopped|done/.test(document.querySelector('#gen-caption').innerText)",
+                               polling=50, timeout=20_000)
         caption = page.inner_text("#gen-caption")
         if "done" not in caption:
             break
