@@ -60,6 +60,7 @@ from ear.order import SCHEDULES
 from ear.pipeline import EARPipeline, Frame
 from ear.preview import make_grid
 from ear.serving import attach, from_environment, log_batches
+from ear.stops import Stops
 
 gpu = startup.zero_gpu(spaces)  # spaces.GPU with a duration that follows each request's work
 
@@ -71,6 +72,7 @@ MODELS = ModelRegistry([name for _, name in MODEL_CHOICES],
                        lambda name: attach(EARPipeline.from_pretrained(name), SCHEDULER),
                        preloaded={STARTED.name: attach(STARTED.pipeline, SCHEDULER)})
 FILES = OutputFiles()
+STOPS = Stops()
 gr.set_static_paths([FILES.root])  # served in place, never copied into Gradio's temp folder (see OutputFiles)
 DEFAULT_IMAGES = 4  # a 2 x 2 grid: enough to see what the class looks like, fast on a CPU
 # Generations computing at once: the scheduler runs one batch at a time; without it, one request per
@@ -348,10 +350,30 @@ def after_compare(*captions: str) -> list[str]:
     return [stopped_caption(caption) for caption in captions]
 
 
-def _finish(event: Any, stop: gr.Button, ended: Callable[..., list[Any]],
+def _run_key(request: gr.Request | None, tab: str) -> tuple[str, str] | None:
+    session = request.session_hash if request is not None else None
+    return None if session is None else (session, tab)
+
+
+def _stoppable(run: Callable[..., Iterator[list[Any]]], tab: str) -> Callable[..., Iterator[list[Any]]]:
+    """`run` as the tab's Stop button can end it (`ear.stops`); the request says whose run it is."""
+    def served(request: gr.Request, *args: Any) -> Iterator[list[Any]]:
+        yield from STOPS.follow(_run_key(request, tab), run(*args))
+    return served
+
+
+def _finish(event: Any, stop: gr.Button, tab: str, ended: Callable[..., list[Any]],
             components: list[gr.components.Component]) -> None:
-    """Stop cancels the run and frees its worker at once; `ended` then updates `components`."""
-    stop.click(None, cancels=[event], queue=False, api_visibility="private")
+    """Stop ends the tab's run at its next update, as a normal end (`ear.stops` says why), then
+    cancels what is left: a run still queued, or one busy past the wait. `ended` then updates
+    `components`."""
+    def stop_run(request: gr.Request) -> None:
+        key = _run_key(request, tab)
+        if key is not None:
+            STOPS.stop(key)
+
+    stop.click(stop_run, None, None, queue=False, show_progress="hidden", api_visibility="private") \
+        .then(None, cancels=[event], queue=False, api_visibility="private")
     event.then(ended, components, components, queue=False, show_progress="hidden",
                api_visibility="private")
 
@@ -376,9 +398,9 @@ def _generate_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.C
                                 format="png", height="auto", object_fit="contain", render=False,
                                 elem_id="gen-final")
             outputs = _outputs("gen", finals)
-    event = run.click(generate, [klass, count, *sampling, model, fmt], outputs, api_name="generate",
-                      show_progress_on=outputs[0], **HEAVY)
-    _finish(event, stop, after_run, outputs[1::2])
+    event = run.click(_stoppable(generate, "gen"), [klass, count, *sampling, model, fmt], outputs,
+                      api_name="generate", show_progress_on=outputs[0], **HEAVY)
+    _finish(event, stop, "gen", after_run, outputs[1::2])
     return [klass, *refilled]
 
 
@@ -406,9 +428,9 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Com
         gr.Examples([[str(p), default_keep(pipe), UNCONDITIONAL] for p in EXAMPLES],
                     inputs=[image, keep, klass], outputs=outputs, fn=extend_example, cache_examples=True,
                     cache_mode="lazy", preprocess=False, label="Examples (results cached, default model)")
-    event = run.click(extend, [image, keep, klass, rounds, *sampling, model, fmt], outputs,
+    event = run.click(_stoppable(extend, "ext"), [image, keep, klass, rounds, *sampling, model, fmt], outputs,
                       api_name="extend", show_progress_on=outputs[0], **HEAVY)
-    _finish(event, stop, after_run, outputs[1::2])
+    _finish(event, stop, "ext", after_run, outputs[1::2])
     return [klass, keep, *refilled]
 
 
@@ -428,9 +450,9 @@ def _compare_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Co
                                         elem_id=f"cmp-{name}-canvas"))
                 outputs.append(gr.Markdown(label=f"{name} caption", elem_classes="caption",
                                            elem_id=f"cmp-{name}-caption"))
-    event = run.click(compare, [klass, seed, model], outputs, api_name="compare",
+    event = run.click(_stoppable(compare, "cmp"), [klass, seed, model], outputs, api_name="compare",
                       show_progress_on=outputs[0::2], **HEAVY)
-    _finish(event, stop, after_compare, outputs[1::2])
+    _finish(event, stop, "cmp", after_compare, outputs[1::2])
     return [klass]
 
 

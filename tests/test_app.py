@@ -310,7 +310,10 @@ def test_every_tab_is_a_named_endpoint_behind_a_bounded_queue(app: types.ModuleT
     assert app.demo._queue.max_size == app.QUEUE_SIZE
     assert app.demo._queue.default_concurrency_limit == app.CONCURRENCY_LIMIT
     cancels = [f for f in app.demo.fns.values() if f.cancels]
-    assert len(cancels) == 3
+    assert len(cancels) == 3  # after each Stop asked its run to end itself (ear.stops): a queued run
+    stops = [f for f in app.demo.fns.values() if f.name == "stop_run"]
+    assert len(stops) == 3 and not any(f.queue for f in stops + cancels)
+    assert all(f.api_visibility == "private" for f in stops)
 
 
 def test_readme_front_matter_makes_a_space() -> None:
