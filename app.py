@@ -17,6 +17,8 @@ except ImportError:
     spaces = None
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -356,9 +358,16 @@ def _run_key(request: gr.Request | None, tab: str) -> tuple[str, str] | None:
 
 
 def _stoppable(run: Callable[..., Iterator[list[Any]]], tab: str) -> Callable[..., Iterator[list[Any]]]:
-    """`run` as the tab's Stop button can end it (`ear.stops`); the request says whose run it is."""
+    """`run` as the tab's Stop button can end it (`ear.stops`); the request says whose run it is.
+    It keeps `run`'s name, docstring and parameters (the API's), with Gradio's request first."""
+    @functools.wraps(run)
     def served(request: gr.Request, *args: Any) -> Iterator[list[Any]]:
         yield from STOPS.follow(_run_key(request, tab), run(*args))
+
+    signature = inspect.signature(run)
+    first = inspect.Parameter("request", inspect.Parameter.POSITIONAL_ONLY, annotation=gr.Request)
+    served.__signature__ = signature.replace(parameters=[first, *signature.parameters.values()])
+    served.__annotations__ = {**run.__annotations__, "request": gr.Request}
     return served
 
 
