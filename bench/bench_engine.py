@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ear import hub
-from ear.engine import configure, runner_for
+from ear.engine import configure
 from ear.model import EAR, EARConfig
 from ear.order import make_schedule
 from ear.sampler import decode, generate, sample
@@ -68,12 +68,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(model: EAR, batch: int, cfg: float, repeats: int, **kwargs) -> tuple[float, float]:
-    """Median (seconds per generate call, seconds to the first step) over `repeats` calls."""
+def timed(model: EAR, batch: int, cfg: float, repeats: int, warm_up: bool = True,
+          **kwargs) -> tuple[float, float]:
+    """Median (seconds per generate call, seconds to the first step) over `repeats` calls, after
+    one untimed call unless `warm_up` is False."""
     device = model.output.weight.device
     ids = torch.arange(batch) % model.config.num_classes
     totals, firsts = [], []
-    for i in range(repeats + 1):  # the first call warms up (and captures graphs)
+    for i in range(int(not warm_up), repeats + 1):  # call 0 warms up (and captures graphs)
         _sync(device)
         start = time.perf_counter()
         stream = sample(model, ids, cfg_scale=cfg, seed=i, **kwargs)
@@ -116,22 +118,32 @@ def teacher_forced_agreement(model: EAR, cfg: float, classes: int) -> float:
 
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Batch-1 timings interleave the paths (reference, runner, int8, reference, ...) so that a
+    change in the machine's load hits them all alike; the rest runs path by path."""
     model, cfg = build(name, device, dtype)
-    rows = []
     repeats = args.repeats if name == "emoji" else max(1, args.repeats // 2)
-    variants = [("reference", {"engine": "reference"}), ("runner", {})]
+    variants = [("reference", "auto", {"engine": "reference"}), ("runner", "auto", {})]
     if device.type == "cpu" and dtype == torch.float32 and args.int8:
-        variants.append(("runner int8", {}))
-    base = None
-    for label, kwargs in variants:
-        runner = configure(model, linear="int8" if "int8" in label else "auto")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        seconds, first = timed(model, 1, cfg, repeats, **kwargs)
+        variants.append(("runner int8", "int8", {}))
+    runners = {label: configure(model, linear=linear) for label, linear, _ in variants}
+    samples: dict[str, list[tuple[float, float]]] = {label: [] for label, _, _ in variants}
+    for i in range(repeats + 1):  # round 0 warms every path up (and captures graphs)
+        for label, _, kwargs in variants:
+            runners[label].install()
+            timing = timed(model, 1, cfg, 1, warm_up=False, **kwargs)
+            if i:
+                samples[label].append(timing)
+    rows, base = [], None
+    for label, _, kwargs in variants:
+        runner = runners[label].install()
+        seconds = statistics.median(t for t, _ in samples[label])
+        first = statistics.median(f for _, f in samples[label])
         row = {"model": name, "path": label, "ms/img b1": seconds * 1e3, "first step ms": first * 1e3,
                "capture s": runner.capture_seconds if label != "reference" else None}
         base = base or seconds
         row["speed-up b1"] = base / seconds
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         for batch in args.batches:
             total, _ = timed(model, batch, cfg, 1, **kwargs)
             row[f"img/s b{batch}"] = batch / total
@@ -150,8 +162,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype
             row["greedy agreement"] = teacher_forced_agreement(model, cfg, args.agreement_classes)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        runner.release()
     configure(model)
-    runner_for(model).release()
     return rows
 
 

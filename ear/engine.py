@@ -228,6 +228,12 @@ class DecodeRunner:
         self._fingerprint = fingerprint
         self._epoch += 1  # slots still in flight are dropped when they come back
 
+    def install(self) -> DecodeRunner:
+        """Make this the runner that sampling uses for its model (keeps its prepared weights)."""
+        with _RUNNERS_LOCK:
+            _RUNNERS[self.model] = self
+        return self
+
     def release(self) -> None:
         """Drop every idle cache and graph (they are made again on the next generation)."""
         with self._lock:
@@ -480,7 +486,4 @@ def configure(model: EAR, *, linear: str = "auto", graphs: bool | None = None) -
     tokens); graphs None = CUDA graphs on CUDA outside ZeroGPU."""
     if linear not in LINEAR_MODES:
         raise ValueError(f"linear mode must be one of {LINEAR_MODES}, got {linear!r}")
-    runner = DecodeRunner(model, linear=linear, graphs=graphs)
-    with _RUNNERS_LOCK:
-        _RUNNERS[model] = runner
-    return runner
+    return DecodeRunner(model, linear=linear, graphs=graphs).install()
