@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train on random crops of this size (64 = whole images; on CPU crops were "
                           "not cheaper per pixel, so the shipped model used whole images)")
 
+    tok.add_argument("--decoder-only", action="store_true",
+                     help="train the decoder only: encoder and codebook stay fixed, so the token grids an "
+                          "EAR was trained on stay valid (use with --init-from)")
+
     ear = sub.add_parser("ear", help="train the EAR transformer on tokenized images")
     add_common(ear, steps=4000, batch=16, lr=2e-3)
     ear.add_argument("--tokenizer", required=True, help="folder with config.json + tokenizer.safetensors")

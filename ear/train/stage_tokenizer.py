@@ -100,7 +100,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         idx = batch_indices(len(train_images), args.batch, step, args.seed, rank, world)
         gen = step_generator(args.seed, step, rank)
         x = random_crop(augment(to_float(train_images[idx]), gen), args.crop, gen).to(accelerator.device)
-        out = model(x)
+        out = model(x, frozen_codes=args.decoder_only)
         if step % 10:
             return out["loss"], None
         quality = float(psnr(out["recon"].detach().clamp(-1, 1), x).mean())
