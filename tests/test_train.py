@@ -23,7 +23,7 @@ from ear.train.data import (
     load_dataset,
     read_name_list,
 )
-from ear.train.stage_ear import ear_split
+from ear.train.stage_ear import class_balanced, ear_split
 
 # (category, subcategory, number of distinct emoji)
 FAKE_SUBCATEGORIES = [("Smileys & Emotion", "face-smiling", 4), ("Smileys & Emotion", "face-hat", 1),
@@ -149,6 +149,12 @@ def test_ear_split_keeps_every_class_trainable() -> None:
                         np.array([False, True, True, True, False, False]))
     train, held = ear_split(data)
     assert sorted(train.labels.tolist()) == [0, 1, 1, 2, 2] and held.labels.tolist() == [0]
+
+
+def test_class_balanced_pool_evens_out_classes() -> None:
+    labels = torch.tensor([0] * 12 + [1] * 2 + [2] * 3)
+    drawn = torch.bincount(labels[class_balanced(labels)])
+    assert drawn.tolist() == [12, 12, 12]  # 12 x 1, 2 x 6, 3 x 4
 
 
 def test_warm_start_copies_matching_tensors(tmp_path: Path) -> None:

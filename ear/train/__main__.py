@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     ear.add_argument("--dropout", type=float, default=0.0)
     ear.add_argument("--aug-copies", type=int, default=4,
                      help="tokenized copies per image (copy 0 plain, the rest shifted/zoomed)")
+    ear.add_argument("--balance-classes", action="store_true",
+                     help="repeat sequences so every class is drawn about equally often (skin-tone emoji "
+                          "have 12 images, most emoji 2)")
     ear.add_argument("--name", default="ear-emoji")
 
     prep = sub.add_parser("prepare", help="build the data set once (CPU) as one .npz to carry to a GPU")
