@@ -10,8 +10,8 @@ What is measured and why:
 - feature space: the tokenizer encoder's L2-normalised 16x16x8 latent, flattened. No pretrained
   network can be downloaded here, and this space is fixed before any sample is drawn, so generated
   and real images are measured with the same ruler;
-- retrieval top-1: the share of generated images whose nearest real image (cosine, over every
-  real rendering, skin tones included) belongs to the class asked for; chance is the share of
+- retrieval top-1: the share of generated images whose nearest real image (over every real
+  rendering, skin tones included) belongs to the class asked for; chance is the share of
   real images in that class, averaged over the classes asked for;
 - "emoji FID": Fréchet distance, in the feature space reduced by PCA to `--fid-dims` (fitted on
   the real renderings), between one generated image per class and the default Twemoji and Noto
@@ -38,25 +38,27 @@ from ear.train.data import SHOWCASE, ImageDataset, dataset_from_args
 from ear.train.stage_ear import ear_split, token_loss, tokenize
 from ear.train.stage_tokenizer import reconstruction_stats
 
-SWEEP = [  # (cfg_scale, temperature, top_k, top_p)
-    (1.0, 1.0, 0, 1.0), (2.0, 1.0, 0, 1.0), (3.0, 1.0, 0, 1.0), (5.0, 1.0, 0, 1.0),
-    (3.0, 0.9, 0, 1.0), (3.0, 0.8, 0, 1.0), (5.0, 0.8, 0, 1.0), (3.0, 1.0, 32, 1.0), (3.0, 1.0, 0, 0.9),
+SWEEP = [  # (cfg_scale, temperature, top_k, top_p): per-emoji classes are sharpest at low guidance
+    (1.0, 1.0, 0, 1.0), (1.0, 0.9, 0, 1.0), (1.0, 0.8, 0, 1.0), (1.0, 1.0, 32, 1.0),
+    (1.5, 1.0, 0, 1.0), (2.0, 1.0, 0, 1.0), (3.0, 1.0, 0, 1.0),
 ]
+
 
 @torch.no_grad()
 def features(tokenizer: ConvVQ, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """uint8 (N, S, S, 3) -> (N, g*g*d) unit vectors: the encoder latent, normalised per position
-    (as the quantiser sees it), flattened and normalised again for cosine nearest neighbours."""
+    """uint8 (N, S, S, 3) -> (N, g*g*d): the encoder latent, normalised per position (as the
+    quantiser sees it) and flattened. Every vector has norm g, so the largest dot product is the
+    nearest neighbour by cosine and by Euclidean distance alike."""
     out = []
     for i in range(0, len(images), batch):
         z = tokenizer.encoder(to_float(torch.from_numpy(images[i:i + batch])))
-        out.append(F.normalize(F.normalize(z, dim=1).flatten(1), dim=1))
+        out.append(F.normalize(z, dim=1).flatten(1))
     return torch.cat(out).double().numpy() if out else np.zeros((0, 0))
 
 
 def retrieval(fake: np.ndarray, fake_labels: np.ndarray, real: np.ndarray, real_labels: np.ndarray
               ) -> dict[str, Any]:
-    """Top-1 nearest real image (cosine) per generated image; chance as in the module docstring."""
+    """Top-1 nearest real image per generated image; chance as in the module docstring."""
     nearest = real_labels[(fake @ real.T).argmax(1)]
     hit = nearest == fake_labels
     share = np.bincount(real_labels, minlength=int(fake_labels.max()) + 1) / len(real_labels)
@@ -101,11 +103,16 @@ class Ruler:
         return frechet(twemoji, noto) if min(len(twemoji), len(noto)) > 1 else float("nan")
 
     def score(self, fake: np.ndarray, fake_labels: np.ndarray) -> dict[str, Any]:
-        """Retrieval over all generated images; FID on the first generated image of each class."""
+        """Retrieval over all generated images; FID on the first generated image of each class,
+        against both sets' renderings and (a stricter, one-style reference) each set alone."""
         f = features(self.tokenizer, fake)
         metrics = retrieval(f, fake_labels, self.feats, self.labels)
         _, first = np.unique(fake_labels, return_index=True)
-        metrics["fid"] = frechet(self.reduce(self.feats[self.default]), self.reduce(f[first]))
+        ref, gen = self.reduce(self.feats[self.default]), self.reduce(f[first])
+        metrics["fid"] = frechet(ref, gen)
+        for name, source in (("fid_vs_twemoji", "twitter"), ("fid_vs_noto", "google")):
+            one = ref[self.sources == source]
+            metrics[name] = frechet(one, gen) if len(one) > 1 else float("nan")
         return metrics
 
 
