@@ -3,7 +3,8 @@
 UI only. Every request goes through `ear.pipeline.EARPipeline` (picked from a small model
 registry) and every value is checked again on the server by `ear.app_support`, because the HTTP
 API accepts whatever a client sends. `python app.py` serves it; GRADIO_SERVER_NAME and
-GRADIO_SERVER_PORT choose the address, EAR_STUDIO_MODEL adds a local model folder as default.
+GRADIO_SERVER_PORT choose the address. `ear.startup` chooses, downloads, loads and warms up the
+first model before the page is built (EAR_STUDIO_MODEL overrides its choice).
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ except ImportError:
     spaces = None
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import torch
-from PIL import Image
 
+from ear import startup
 from ear.app_support import (
     ANIMATION_FORMATS,
     CFG,
@@ -35,6 +38,7 @@ from ear.app_support import (
     TOP_P,
     UNCONDITIONAL,
     ZOOM_ROUNDS,
+    Canvases,
     ModelRegistry,
     OutputFiles,
     Range,
@@ -42,32 +46,51 @@ from ear.app_support import (
     check_keep,
     default_keep,
     examples_cache,
-    extra_model,
     info_markdown,
     keep_choices,
     load_upload,
     model_choices,
+    public_info,
     resolve_class,
     sampling_kwargs,
+    stopped_caption,
     threads_per_request,
     timed,
 )
+from ear.growth import FULL, SKETCH, GrowthAnimation, PreviewPacer
 from ear.order import SCHEDULES
 from ear.pipeline import EARPipeline, Frame
 from ear.preview import make_grid
+from ear.serving import attach, from_environment, log_batches
+from ear.stops import Stops
 
-gpu: Callable[[Callable], Callable] = spaces.GPU if spaces is not None else (lambda fn: fn)
+gpu = startup.zero_gpu(spaces)  # spaces.GPU with a duration that follows each request's work
 
 EXAMPLES = sorted((Path(__file__).parent / "assets" / "examples").glob("*.png"))
-MODEL_CHOICES = model_choices(extra_model())
-MODELS = ModelRegistry([name for _, name in MODEL_CHOICES], EARPipeline.from_pretrained)
+STARTED = startup.start()  # ready (downloaded, loaded, warmed up) before the page exists
+SCHEDULER = from_environment()  # concurrent requests share batched forwards (EAR_BATCHING=0: off)
+MODEL_CHOICES = model_choices(STARTED.name)
+MODELS = ModelRegistry([name for _, name in MODEL_CHOICES],
+                       lambda name: attach(EARPipeline.from_pretrained(name), SCHEDULER),
+                       preloaded={STARTED.name: attach(STARTED.pipeline, SCHEDULER)})
 FILES = OutputFiles()
-CONCURRENCY_LIMIT = 2  # generations at once: one per CPU core on a basic Space
+STOPS = Stops()
+gr.set_static_paths([FILES.root])  # served in place, never copied into Gradio's temp folder (see OutputFiles)
+DEFAULT_IMAGES = 4  # a 2 x 2 grid: enough to see what the class looks like, fast on a CPU
+# Generations computing at once: the scheduler runs one batch at a time; without it, one request per
+# CPU core on a basic Space. Requests handled at once: with the scheduler, enough to fill a batch.
+GENERATIONS_AT_ONCE = 2 if SCHEDULER is None else 1
+CONCURRENCY_LIMIT = GENERATIONS_AT_ONCE if SCHEDULER is None else SCHEDULER.max_rows
 QUEUE_SIZE = 24  # beyond this the page says the app is busy and to try again
 RANDOM_SEED_JS = f"() => Math.floor(Math.random() * {SEED.hi + 1})"
+# Canvases fill their box, enlarged as crisp pixels (live canvases of big grids come at half
+# size); the results gallery is as tall as its thumbnails, not a fixed 450 px.
 CSS = """
 .caption p { font-family: ui-monospace, monospace; font-size: 0.95rem; }
-.canvas img { image-rendering: pixelated; }
+.canvas .image-frame { width: 100%; height: 100%; }
+.canvas img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
+#gen-final .grid-wrap { min-height: 0; height: auto; }
+#model-info td:first-child { white-space: nowrap; padding-right: 1.5em; }
 """
 
 
@@ -80,49 +103,84 @@ def shown_to_user() -> Iterator[None]:
         raise gr.Error(str(err), print_exception=False) from None
 
 
-def _play(frames: Iterator[Frame], stem: str, fmt: str) -> Iterator[tuple[Any, ...]]:
-    """Stream one canvas per frame, then the finished images, then also the growth animation.
+def _refuse(err: ValueError, update: list[Any]) -> Iterator[list[Any]]:
+    """A refused request: `update` (the reason where the caption goes, the previous run's pictures
+    and download cleared) is the page's one message; the error still reaches API clients, but
+    without a second copy of the message as a toast."""
+    yield update
+    raise gr.Error(str(err), visible=False, print_exception=False)
 
-    The first update also clears the previous run's results and animation."""
-    canvases: list[Image.Image] = []
-    shown, last = None, None
+
+def _warning(err: ValueError) -> str:
+    return f"⚠️ {err}"
+
+
+def _no_download() -> dict[str, Any]:
+    return gr.update(value=None, interactive=False)
+
+
+def _with_last(frames: Iterator[Frame]) -> Iterator[tuple[Frame, bool]]:
+    """Each frame and whether it is the last (one frame of look-ahead)."""
+    previous = next(frames, None)
     for frame in frames:
-        canvases.append(make_grid(frame.images))
-        shown = FILES.image(canvases[-1], stem)
-        if last is None:
-            yield shown, frame.caption, None, None
-        else:
-            yield shown, frame.caption, gr.skip(), gr.skip()
-        last = frame
-    if last is None:
+        yield previous, False
+        previous = frame
+    if previous is not None:
+        yield previous, True
+
+
+def _play(frames: Iterator[Frame], stem: str, fmt: str, first: str = FULL) -> Iterator[list[Any]]:
+    """Stream a run: canvases as the pacer allows (every step while that costs little; else the
+    first, one at least every 0.2 s, and the last, which comes with the finished images), then
+    the growth animation, which holds every step. The first update clears the previous run;
+    `first` says whether the first canvas is decoded (an upload) or sketched (a single cell)."""
+    pacer, growth, canvases = PreviewPacer(first=first), GrowthAnimation(), FILES.canvases(stem)
+    try:
+        for frame, last in _with_last(frames):
+            growth.add(frame.state, frame.images if frame.state.done else None)
+            if last:
+                finals = [FILES.image(image, f"{stem}-final") for image in frame.images]
+                canvas = finals[0] if len(finals) == 1 else canvases.show(make_grid(frame.images))
+                yield [canvas, f"{frame.caption} · writing the animation…", finals, gr.skip()]
+                animation = FILES.animation(growth, stem, fmt)
+                yield [canvas, f"{frame.caption} · done", finals, animation]  # all four: the API's result
+                return
+            kind = pacer.due()
+            if kind:
+                opening = not any(pacer.shown.values())
+                with pacer.showing(kind):
+                    images = frame.images if kind == FULL else frame.sketch()
+                    yield [canvases.show(make_grid(images)), frame.caption,
+                           *([None, _no_download()] if opening else [gr.skip(), gr.skip()])]
         raise gr.Error("The model produced no frames.")
-    finals = [FILES.image(image, f"{stem}-final") for image in last.images]
-    yield shown, f"{last.caption} · writing the animation…", finals, None
-    animation = FILES.animation(canvases, stem, fmt)  # seconds for big grids: results are shown first
-    yield shown, f"{last.caption} · done", finals, animation
+    finally:
+        canvases.close()
 
 
 @gpu
 def generate(class_name: str, num_images: int, seed: int, cfg_scale: float, temperature: float,
-             top_k: int, top_p: float, model: str, animation_format: str) -> Iterator[tuple[Any, ...]]:
-    """Grow `num_images` images of a class: the canvas after every step, then the final images
-    (a gallery) and the growth as a GIF/MP4 file."""
-    with shown_to_user():
+             top_k: int, top_p: float, model: str, animation_format: str) -> Iterator[list[Any]]:
+    """Grow `num_images` images of a class: live canvases, then the final images (a gallery) and
+    the growth as a GIF/MP4 file."""
+    try:
         pipe = MODELS.get(model)
         class_id = resolve_class(pipe, class_name, required=True)
         batch = [class_id] * NUM_IMAGES.check(num_images)
         kwargs = sampling_kwargs(pipe, seed, cfg_scale, temperature, top_k, top_p)
         fmt = check_format(animation_format)
-        yield from _play(pipe.stream(batch, **kwargs), "ear-generate", fmt)
+        frames = pipe.stream(batch, **kwargs)
+    except ValueError as err:
+        yield from _refuse(err, [None, _warning(err), None, _no_download()])
+    yield from _play(frames, "ear-generate", fmt, first=SKETCH)
 
 
 @gpu
 def extend(image: Any, keep: int, class_name: str, zoom_rounds: int, seed: int, cfg_scale: float,
            temperature: float, top_k: int, top_p: float, model: str,
-           animation_format: str) -> Iterator[tuple[Any, ...]]:
+           animation_format: str) -> Iterator[list[Any]]:
     """Grow a border around an uploaded picture (kept as the central keep x keep tokens); with
     zoom-out rounds > 0, shrink the result into the centre and extend again, as one zoom-out."""
-    with shown_to_user():
+    try:
         pipe = MODELS.get(model)
         picture = load_upload(image)
         keep = check_keep(pipe, keep)
@@ -132,16 +190,28 @@ def extend(image: Any, keep: int, class_name: str, zoom_rounds: int, seed: int, 
         fmt = check_format(animation_format)
         frames = (pipe.zoom_out(picture, rounds, keep, class_id, **kwargs) if rounds
                   else pipe.extend(picture, keep, class_id, **kwargs))
-        for canvas, caption, finals, download in _play(frames, "ear-extend", fmt):
-            yield canvas, caption, finals[0] if isinstance(finals, list) else finals, download
+    except ValueError as err:
+        yield from _refuse(err, [None, _warning(err), None, _no_download()])
+    for canvas, caption, finals, download in _play(frames, "ear-extend", fmt):
+        yield [canvas, caption, finals[0] if isinstance(finals, list) else finals, download]
 
 
-def extend_example(image: Any, keep: int, class_name: str) -> Iterator[tuple[Any, ...]]:
+def extend_example(image: Any, keep: int, class_name: str) -> Iterator[list[Any]]:
     """The cached examples: the default model and its preset, seed 0, no zoom."""
     pipe = MODELS.get(None)
     preset = pipe.default_settings
     yield from extend(image, keep, class_name, 0, 0, preset.cfg_scale, preset.temperature,
                       preset.top_k, preset.top_p, MODELS.default, "gif")
+
+
+def check_upload(image: Any) -> list[Any]:
+    """Read an upload as soon as it arrives: one that cannot be used is taken off again and the
+    reason is shown under it, instead of a broken picture until Extend is pressed."""
+    try:
+        load_upload(image)
+    except ValueError as err:
+        return [None, _warning(err)]
+    return [gr.skip(), ""]
 
 
 def _order_caption(name: str, trained: str, frame: Frame, seconds: float) -> str:
@@ -152,37 +222,61 @@ def _order_caption(name: str, trained: str, frame: Frame, seconds: float) -> str
             f"{state.num_known} / {state.known.numel()} tokens · {seconds:.2f} s{done}")
 
 
-@gpu
+@gpu(schedules=SCHEDULES)
 def compare(class_name: str, seed: int, model: str) -> Iterator[list[Any]]:
-    """The same class and seed generated with every order in `ear.order.SCHEDULES`, advanced in
-    lockstep; each order's time counts only its own steps."""
-    with shown_to_user():
+    """The same class and seed generated with every order in `ear.order.SCHEDULES`, one step of
+    each in turn, so every order shows its progress as it goes and the short spirals finish long
+    before raster's 256 steps; canvases are paced as in Generate, every order's last step shown.
+    Each order's time counts only its own steps (previews excluded)."""
+    try:
         pipe = MODELS.get(model)
         class_id = resolve_class(pipe, class_name, required=True)
         seed = SEED.check(seed)
-        trained = pipe.model.config.schedule
         streams = {name: timed(pipe.stream(class_id, seed=seed, schedule=name)) for name in SCHEDULES}
-        spent = dict.fromkeys(SCHEDULES, 0.0)
+    except ValueError as err:
+        yield from _refuse(err, [None, _warning(err), *[None, ""] * (len(SCHEDULES) - 1)])
+    trained = pipe.model.config.schedule
+    pacer = PreviewPacer()
+    canvases = {name: FILES.canvases(f"ear-{name}") for name in SCHEDULES}
+    spent = dict.fromkeys(SCHEDULES, 0.0)
+    waiting: dict[str, Frame] = {}  # each order's newest frame not shown yet
+    try:
         while streams:
-            update: list[Any] = []
-            for name in SCHEDULES:
-                item = next(streams[name], None) if name in streams else None
+            for name in list(streams):
+                item = next(streams[name], None)
                 if item is None:
-                    streams.pop(name, None)
-                    update += [gr.skip(), gr.skip()]
+                    del streams[name]
                     continue
-                frame, seconds = item
+                waiting[name], seconds = item
                 spent[name] += seconds
-                update += [FILES.image(frame.images[0], f"ear-{name}"),
-                           _order_caption(name, trained, frame, spent[name])]
-            if streams:
-                yield update
+            finished = any(frame.state.done for frame in waiting.values())
+            kind = FULL if finished else pacer.due()
+            if waiting and kind:
+                with pacer.showing(kind):
+                    yield [value for name in SCHEDULES for value in _order_update(
+                        name, waiting.pop(name, None), canvases[name], trained, spent[name], kind)]
+    finally:
+        for files in canvases.values():
+            files.close()
+
+
+def _order_update(name: str, frame: Frame | None, canvases: Canvases, trained: str,
+                  seconds: float, kind: str) -> list[Any]:
+    """Canvas and caption of one order in a Compare update (a finished picture as lossless PNG)."""
+    if frame is None:
+        return [gr.skip(), gr.skip()]
+    if frame.state.done:
+        image = FILES.image(frame.images[0], f"ear-{name}-final")
+    else:
+        image = canvases.show((frame.images if kind == FULL else frame.sketch())[0])
+    return [image, _order_caption(name, trained, frame, seconds)]
 
 
 def model_info(model: str) -> tuple[str, dict[str, Any]]:
-    """What is loaded: model, device, dtype, parameters, licence and attribution, Hub cache state."""
+    """What is loaded: model, device, dtype, parameters, licence and attribution, Hub cache state
+    (where it came from as "bundled", a Hub id or a folder name: never a path on the server)."""
     with shown_to_user():
-        info = MODELS.get(model).info()
+        info = public_info(MODELS.get(model).info())
     return info_markdown(info), info
 
 
@@ -230,10 +324,10 @@ def _sampling_controls(pipe: EARPipeline, model: gr.Dropdown) -> tuple[list[Any]
 def _outputs(prefix: str, final: gr.components.Component) -> list[gr.components.Component]:
     """Live canvas, step caption, finished result and the animation download of one tab."""
     canvas = gr.Image(label="Canvas", format="png", interactive=False, elem_id=f"{prefix}-canvas",
-                      elem_classes="canvas", placeholder="The latest step's cells are outlined.")
+                      elem_classes="canvas", height=420, placeholder="The latest step's cells are outlined.")
     caption = gr.Markdown(label="Caption", elem_id=f"{prefix}-caption", elem_classes="caption")
     final.render()
-    download = gr.DownloadButton("Download animation", elem_id=f"{prefix}-download")
+    download = gr.DownloadButton("Download animation", interactive=False, elem_id=f"{prefix}-download")
     return [canvas, caption, final, download]
 
 
@@ -247,26 +341,75 @@ def _run_and_stop(label: str, prefix: str) -> tuple[gr.Button, gr.Button]:
                 gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop"))
 
 
-def _class_picker(names: list[str], **kwargs: Any) -> gr.Dropdown:
-    """Searchable class names (typing filters the list); the first class preselected."""
-    return gr.Dropdown(names, value=names[0], label="Class", info="type to search", **kwargs)
+def after_run(caption: str, animation: Any) -> list[Any]:
+    """Once a run has ended, however: a run that was stopped says where (Gradio sends nothing
+    after a cancel, and this runs after every update already sent has landed), and the download
+    button can be pressed only when there is an animation."""
+    return [stopped_caption(caption), gr.update(interactive=bool(animation))]
+
+
+def after_compare(*captions: str) -> list[str]:
+    return [stopped_caption(caption) for caption in captions]
+
+
+def _run_key(request: gr.Request | None, tab: str) -> tuple[str, str] | None:
+    session = request.session_hash if request is not None else None
+    return None if session is None else (session, tab)
+
+
+def _stoppable(run: Callable[..., Iterator[list[Any]]], tab: str) -> Callable[..., Iterator[list[Any]]]:
+    """`run` as the tab's Stop button can end it (`ear.stops`); the request says whose run it is.
+    It keeps `run`'s name, docstring and parameters (the API's), with Gradio's request first."""
+    @functools.wraps(run)
+    def served(request: gr.Request, *args: Any) -> Iterator[list[Any]]:
+        yield from STOPS.follow(_run_key(request, tab), run(*args))
+
+    signature = inspect.signature(run)
+    first = inspect.Parameter("request", inspect.Parameter.POSITIONAL_ONLY, annotation=gr.Request)
+    served.__signature__ = signature.replace(parameters=[first, *signature.parameters.values()])
+    served.__annotations__ = {**run.__annotations__, "request": gr.Request}
+    return served
+
+
+def _finish(event: Any, stop: gr.Button, tab: str, ended: Callable[..., list[Any]],
+            components: list[gr.components.Component]) -> None:
+    """Stop ends the tab's run at its next update, as a normal end (`ear.stops` says why), then
+    cancels what is left: a run still queued, or one busy past the wait. `ended` then updates
+    `components`."""
+    def stop_run(request: gr.Request) -> None:
+        key = _run_key(request, tab)
+        if key is not None:
+            STOPS.stop(key)
+
+    stop.click(stop_run, None, None, queue=False, show_progress="hidden", api_visibility="private") \
+        .then(None, cancels=[event], queue=False, api_visibility="private")
+    event.then(ended, components, components, queue=False, show_progress="hidden",
+               api_visibility="private")
+
+
+def _class_picker(pipe: EARPipeline, **kwargs: Any) -> gr.Dropdown:
+    """Searchable class names (typing filters the list); the model's own default class preselected."""
+    return gr.Dropdown(pipe.class_names, value=pipe.default_class, label="Class", info="type to search",
+                       **kwargs)
 
 
 def _generate_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Component]:
     with gr.Row():
         with gr.Column(scale=1):
-            klass = _class_picker(pipe.class_names)
-            count = gr.Slider(NUM_IMAGES.lo, NUM_IMAGES.hi, value=1, step=1, label=NUM_IMAGES.label,
-                              info="shown as a grid")
+            klass = _class_picker(pipe)
+            count = gr.Slider(NUM_IMAGES.lo, NUM_IMAGES.hi, value=DEFAULT_IMAGES, step=1,
+                              label=NUM_IMAGES.label, info="shown as a grid")
             sampling, refilled = _sampling_controls(pipe, model)
             fmt = _format_picker()
             run, stop = _run_and_stop("Generate", "gen")
         with gr.Column(scale=2):
             finals = gr.Gallery(label="Final images", columns=4, fit_columns=False, preview=False,
-                                format="png", height="auto", render=False, elem_id="gen-final")
+                                format="png", height="auto", object_fit="contain", render=False,
+                                elem_id="gen-final")
             outputs = _outputs("gen", finals)
-    event = run.click(generate, [klass, count, *sampling, model, fmt], outputs, api_name="generate", **HEAVY)
-    stop.click(None, cancels=[event], queue=False, api_visibility="private")
+    event = run.click(_stoppable(generate, "gen"), [klass, count, *sampling, model, fmt], outputs,
+                      api_name="generate", show_progress_on=outputs[0], **HEAVY)
+    _finish(event, stop, "gen", after_run, outputs[1::2])
     return [klass, *refilled]
 
 
@@ -275,6 +418,9 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Com
         with gr.Column(scale=1):
             image = gr.Image(label="Your picture", type="filepath", sources=["upload", "clipboard"],
                              elem_id="ext-image")
+            note = gr.Markdown(elem_id="ext-upload-note")
+            image.upload(check_upload, image, [image, note], queue=False, preprocess=False,
+                         show_progress="hidden", api_visibility="private")
             keep = gr.Dropdown(keep_choices(pipe), value=default_keep(pipe), label="Kept centre",
                                info="how much of the final canvas your picture covers")
             klass = gr.Dropdown([UNCONDITIONAL, *pipe.class_names], value=UNCONDITIONAL, label="Class",
@@ -291,9 +437,9 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Com
         gr.Examples([[str(p), default_keep(pipe), UNCONDITIONAL] for p in EXAMPLES],
                     inputs=[image, keep, klass], outputs=outputs, fn=extend_example, cache_examples=True,
                     cache_mode="lazy", preprocess=False, label="Examples (results cached, default model)")
-    event = run.click(extend, [image, keep, klass, rounds, *sampling, model, fmt], outputs,
-                      api_name="extend", **HEAVY)
-    stop.click(None, cancels=[event], queue=False, api_visibility="private")
+    event = run.click(_stoppable(extend, "ext"), [image, keep, klass, rounds, *sampling, model, fmt], outputs,
+                      api_name="extend", show_progress_on=outputs[0], **HEAVY)
+    _finish(event, stop, "ext", after_run, outputs[1::2])
     return [klass, keep, *refilled]
 
 
@@ -301,7 +447,7 @@ def _compare_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Co
     gr.Markdown("Same class, same seed, every generation order. The model only ever saw its training "
                 "order; the others show what happens off-distribution.")
     with gr.Row(equal_height=True):
-        klass = _class_picker(pipe.class_names, scale=3)
+        klass = _class_picker(pipe, scale=3)
         seed = gr.Number(0, label=SEED.label, precision=0, minimum=SEED.lo, maximum=SEED.hi, scale=2)
         with gr.Column(scale=2):
             run, stop = _run_and_stop("Compare", "cmp")
@@ -313,14 +459,15 @@ def _compare_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Co
                                         elem_id=f"cmp-{name}-canvas"))
                 outputs.append(gr.Markdown(label=f"{name} caption", elem_classes="caption",
                                            elem_id=f"cmp-{name}-caption"))
-    event = run.click(compare, [klass, seed, model], outputs, api_name="compare", **HEAVY)
-    stop.click(None, cancels=[event], queue=False, api_visibility="private")
+    event = run.click(_stoppable(compare, "cmp"), [klass, seed, model], outputs, api_name="compare",
+                      show_progress_on=outputs[0::2], **HEAVY)
+    _finish(event, stop, "cmp", after_compare, outputs[1::2])
     return [klass]
 
 
 def _info_tab(model: gr.Dropdown) -> list[gr.components.Component]:
     text, info = model_info(MODELS.default)
-    view = gr.Markdown(text)
+    view = gr.Markdown(text, elem_id="model-info")
     with gr.Accordion("As JSON", open=False):
         raw = gr.JSON(info)
     refresh = gr.Button("Refresh", size="sm")
@@ -335,10 +482,10 @@ def _model_updates(pipe: EARPipeline, name: str) -> list[Any]:
                gr.Slider(value=preset.cfg_scale), gr.Slider(value=preset.temperature),
                gr.Slider(value=preset.top_k, maximum=pipe.tokenizer.codebook_size),
                gr.Slider(value=preset.top_p)]
-    return [gr.Dropdown(choices=names, value=names[0]), *sliders,
+    return [gr.Dropdown(choices=names, value=pipe.default_class), *sliders,
             gr.Dropdown(choices=[UNCONDITIONAL, *names], value=UNCONDITIONAL),
             gr.Dropdown(choices=keep_choices(pipe), value=default_keep(pipe)), *sliders,
-            gr.Dropdown(choices=names, value=names[0]), *model_info(name)]
+            gr.Dropdown(choices=names, value=pipe.default_class), *model_info(name)]
 
 
 def select_model(name: str, previous: str) -> list[Any]:
@@ -388,7 +535,9 @@ demo = build_demo()
 
 def launch(**kwargs: Any) -> Any:
     """Start the server; address and port come from GRADIO_SERVER_NAME/PORT unless passed here."""
-    threads = threads_per_request(CONCURRENCY_LIMIT)
+    threads = threads_per_request(GENERATIONS_AT_ONCE)
+    if SCHEDULER is not None:
+        log_batches()
     if threads is not None:
         torch.set_num_threads(threads)
     return demo.launch(css=CSS, max_file_size=MAX_UPLOAD_BYTES, **kwargs)

@@ -1,4 +1,4 @@
-"""Command line: `python -m ear models | download | generate | extend` (each has --help).
+"""Command line: `python -m ear models | download | generate | extend | sample` (each has --help).
 
 Bad input of any kind (unreadable image, unknown model or class, bad --keep, corrupt checkpoint,
 offline without a cached model) ends with one line on stderr and exit code 2, never a traceback.
@@ -105,6 +105,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeat N times: shrink the result into the centre and extend again")
     _add_sampling_flags(p)
     _add_output_flags(p)
+
+    p = sub.add_parser("sample", help="bulk sampling for evaluation: N images of every class into one "
+                                      "npz; the same under torchrun or accelerate launch on many GPUs",
+                       description="Image j takes its randomness from (--seed, j) alone (--seed is 0 unless "
+                                   "given), so any number of processes writes the same file; a rerun after "
+                                   "an interruption resumes from the finished chunks.")
+    p.set_defaults(seed=0)
+    _add_model_flags(p)
+    p.add_argument("--per-class", type=int, required=True, metavar="N", help="images of each class")
+    p.add_argument("--classes", metavar="LIST", help="only these classes: ids, ranges or names without "
+                                                     "commas, e.g. 0,1,2 or 0-99 (default: every class)")
+    p.add_argument("--batch", type=int, help="images per forward in each process (default: the largest "
+                   "that fits: free GPU memory over one image's KV cache and logits; 32 on a CPU)")
+    _add_sampling_flags(p)
+    p.add_argument("--out", type=Path, metavar="SAMPLES.npz",
+                   help="arr_0: uint8 N x H x W x 3, arr_1: class labels (the ImageNet evaluator's input)")
+    p.add_argument("--png-dir", type=Path, metavar="DIR", help="also (or only) one PNG per image")
+    p.add_argument("--work-dir", type=Path, metavar="DIR",
+                   help="finished chunks, kept until the end so that a rerun resumes (default: next to the "
+                        "output, SAMPLES.parts); on several machines it must be on a shared filesystem")
+    p.add_argument("--fid", type=Path, metavar="REFERENCE.npz",
+                   help="then compute FID / IS against this reference batch (needs torch-fidelity and its "
+                        "Inception weights)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -210,6 +234,52 @@ def cmd_extend(args: argparse.Namespace) -> None:
     _write(args, make_grid(last.images), shown)
 
 
+def _check_sample_flags(args: argparse.Namespace) -> None:
+    """Everything that can be wrong with the flags, before the model loads or any rank starts."""
+    from ear import bulk, fid
+
+    if args.per_class < 1:
+        raise ValueError(f"--per-class must be at least 1, got {args.per_class}.")
+    if args.batch is not None and args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}.")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must lie in [0, 2^63), got {args.seed}.")
+    if args.out is None and args.png_dir is None:
+        raise ValueError("give --out SAMPLES.npz, --png-dir DIR or both.")
+    if args.out is not None:
+        if args.out.is_dir():
+            raise ValueError(f"--out '{args.out}' is a folder; give a file name ending in .npz.")
+        if args.out.suffix != ".npz":
+            raise ValueError(f"--out must end in .npz (the evaluator's format), got '{args.out.name}'.")
+        bulk.check_writable(args.out.parent, f"'{args.out.name}'")
+    if args.png_dir is not None:
+        if args.png_dir.exists() and not args.png_dir.is_dir():
+            raise ValueError(f"--png-dir '{args.png_dir}' exists and is not a folder.")
+        bulk.check_writable(args.png_dir.parent, f"the folder '{args.png_dir.name}'")
+    if args.fid is not None:
+        if args.out is None:
+            raise ValueError("--fid scores the npz: give --out SAMPLES.npz as well.")
+        problem = fid.missing(args.fid)
+        if problem:
+            raise ValueError(problem)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from ear import bulk, fid
+
+    _check_sample_flags(args)
+    state, device = bulk.start(args.device)
+    pipe = EARPipeline.from_pretrained(args.model, device=device, dtype=args.dtype, **_overrides(args))
+    settings = pipe.default_settings.merged(**{k: v for k, v in _sampling(args, pipe).items() if k != "seed"})
+    classes = bulk.parse_classes(args.classes, pipe)
+    plan = bulk.Plan.of(pipe, classes, args.per_class, args.seed, settings)
+    batch = args.batch or bulk.fitting_batch(pipe.model, settings.guided, pipe.device)
+    work_dir = args.work_dir or bulk.default_work_dir(args.out, args.png_dir)
+    if bulk.run(pipe, plan, bulk.Outputs(args.out, args.png_dir, work_dir), batch, state, args.quiet) \
+            and args.fid is not None:
+        print(json.dumps(fid.scores(args.out, args.fid)))
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     rows = hub.list_models(**_overrides(args))
     if args.json:
@@ -232,7 +302,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"models": cmd_models, "download": cmd_download, "generate": cmd_generate,
-            "extend": cmd_extend}
+            "extend": cmd_extend, "sample": cmd_sample}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
+import re
 import tempfile
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,10 +27,12 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from ear import hub
-from ear.images import load_image, save_image
-from ear.preview import save_animation
+from ear.growth import GrowthAnimation
+from ear.images import atomic_output, load_image
+from ear.preview import preview_factor
 
 T = TypeVar("T")
+LOG = logging.getLogger("ear.app")
 
 UNCONDITIONAL = "(none: unconditional)"
 ANIMATION_FORMATS = ("gif", "mp4")
@@ -149,26 +153,43 @@ def load_upload(payload: Any) -> Image.Image:
 
 def model_choices(extra: str | None = None) -> list[tuple[str, str]]:
     """(label, name) for the model picker, the default first: an optional extra model (a local
-    folder), then the registry with what is available offline, so users see what will load."""
+    folder or a Hub repo id), then the registry with what is available offline, so users see
+    what will load."""
     registry = [(f"{s.name} · {s.status}", s.name) for s in hub.list_models()]
     if not extra:
         return registry
     if extra in hub.REGISTRY:
         return sorted(registry, key=lambda choice: choice[1] != extra)
-    return [(f"{Path(extra).name} · local folder", extra), *registry]
+    kind = "Hub" if hub.is_repo_id(extra) else "local folder"
+    return [(f"{Path(extra).name} · {kind}", extra), *registry]
+
+
+def unavailable_message(name: str) -> str:
+    """Why a model cannot be used, for a visitor: what it means and what the host can do (the
+    loader's own message names flags and environment variables; it goes to the log)."""
+    status = {s.name: s.status for s in hub.list_models()}.get(name)
+    if status in ("not downloaded", "partly cached"):
+        return (f"Model '{name}' is not downloaded on this server, and it cannot be fetched from the "
+                f"Hugging Face Hub right now. The host can download it ahead of time by running "
+                f"python -m ear download {name} (details are in the server log).")
+    return (f"Model '{name}' cannot be loaded on this server: its files are missing or damaged. "
+            f"The host will find the details in the server log.")
 
 
 class ModelRegistry:
     """Loads pipelines by name on first use and keeps the most recent few in memory.
 
-    Only the listed names are accepted, so the API cannot be used to load arbitrary paths."""
+    Only the listed names are accepted, so the API cannot be used to load arbitrary paths.
+    `preloaded` holds pipelines loaded already (the one start-up prepared)."""
 
-    def __init__(self, names: Sequence[str], loader: Callable[[str], Any], capacity: int = 2) -> None:
+    def __init__(self, names: Sequence[str], loader: Callable[[str], Any], capacity: int = 2,
+                 preloaded: Mapping[str, Any] | None = None) -> None:
         self.names = list(dict.fromkeys(names))
         self.default = self.names[0]
         self._loader = loader
         self._capacity = capacity
-        self._loaded: OrderedDict[str, Any] = OrderedDict()
+        self._loaded: OrderedDict[str, Any] = OrderedDict(
+            (name, pipe) for name, pipe in (preloaded or {}).items() if name in self.names)
         self._lock = threading.Lock()
 
     def get(self, name: Any = None) -> Any:
@@ -183,7 +204,8 @@ class ModelRegistry:
             try:
                 pipeline = self._loader(name)
             except (ValueError, OSError, RuntimeError) as err:
-                raise InputError(f"Model {name!r} cannot be loaded: {err}") from None
+                LOG.warning("Model %r cannot be loaded: %s", name, err)  # the long form, for the host
+                raise InputError(unavailable_message(name)) from None
             self._loaded[name] = pipeline
             while len(self._loaded) > self._capacity:
                 self._loaded.popitem(last=False)
@@ -191,39 +213,108 @@ class ModelRegistry:
 
 
 class OutputFiles:
-    """Files the page shows or offers for download, each under a unique name in one temp folder.
+    """Files the page shows or offers for download, each under a unique name in one folder.
 
-    Handlers hand Gradio paths rather than PIL images: Gradio then copies each file into its cache
-    atomically and never rewrites an existing copy, whereas a PIL image is re-encoded into a
-    content-named file that is overwritten in place, so identical frames (the same class and
-    seed from two users, or a final image equal to the last canvas) could be served half-written.
-    """
+    app.py registers the folder as a Gradio static path, so Gradio serves these files where they
+    are instead of hashing and copying each one into its own temp folder (one copy per streamed
+    canvas used to pile up there). This class therefore bounds what it keeps itself: a request's
+    canvases are deleted seconds after newer ones replaced them (`Canvases`), leaving one per run,
+    and everything older than `max_age_s` is pruned after finished requests. Unique
+    names also mean no file is ever rewritten while a browser may be reading it."""
 
-    def __init__(self, root: Path | None = None, max_age_s: float = 3600.0) -> None:
+    def __init__(self, root: Path | None = None, max_age_s: float = 3600.0, linger_s: float = 10.0) -> None:
         self.root = root or Path(tempfile.gettempdir()) / "ear-studio"
-        self.max_age_s = max_age_s
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_age_s, self.linger_s = max_age_s, linger_s
+        self._pruned = 0.0  # when prune() last looked (it lists the whole folder)
 
-    def _path(self, stem: str, suffix: str) -> Path:
+    def new_path(self, stem: str, suffix: str) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         return self.root / f"{stem}-{uuid.uuid4().hex[:12]}.{suffix}"
 
     def image(self, image: Image.Image, stem: str) -> str:
-        return str(save_image(image, self._path(stem, "png")))
+        """A finished picture: lossless PNG (fast to write, somewhat larger)."""
+        return str(_fast_png(image, self.new_path(stem, "png")))
 
-    def animation(self, frames: Sequence[Image.Image], stem: str, fmt: str, fps: float = 8) -> str:
-        """Write `frames` as `fmt` and return the path written (GIF if no MP4 encoder exists).
-        Old files are pruned here, once per request."""
+    def canvases(self, stem: str) -> Canvases:
+        return Canvases(self, stem, self.linger_s)
+
+    def animation(self, growth: GrowthAnimation, stem: str, fmt: str, fps: float = 8) -> str:
+        """Write `growth` as `fmt` and return the path written (GIF if no MP4 encoder exists).
+        Old files are pruned here (see `prune`)."""
         self.prune()
-        return str(save_animation(frames, self._path(stem, fmt), fps=fps))
+        return str(growth.save(self.new_path(stem, fmt), fps=fps))
 
     def prune(self) -> None:
-        cutoff = time.time() - self.max_age_s
+        """Delete files older than `max_age_s`; at most one look per hundredth of that age."""
+        now = time.time()
+        if now - self._pruned < self.max_age_s / 100:
+            return
+        self._pruned, cutoff = now, now - self.max_age_s
         for path in self.root.iterdir():
             try:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
             except FileNotFoundError:  # a concurrent request pruned it first
                 pass
+
+
+class Canvases:
+    """One request's live canvases: fast PNGs, large grids shrunk (`preview_factor`).
+
+    A canvas is deleted once it is `linger_s` seconds old and two newer ones exist; when the
+    run ends (finished or stopped) all but the last, the one left on screen, go `linger_s` later.
+    Not at once: the browser fetches a canvas only after its update arrives, and when a run is
+    stopped, updates the server had already made are dropped, so the canvas the page shows last
+    may be older than the newest written."""
+
+    def __init__(self, files: OutputFiles, stem: str, linger_s: float = 10.0) -> None:
+        self.files, self.stem, self.linger_s = files, stem, linger_s
+        self._written: list[tuple[float, Path]] = []
+
+    def show(self, image: Image.Image) -> str:
+        """Write a canvas, shrunk as `preview_factor` says, and drop those long out of sight."""
+        factor = preview_factor(*image.size)
+        path = _fast_png(image.reduce(factor) if factor > 1 else image, self.files.new_path(self.stem, "png"))
+        self._written.append((time.monotonic(), path))
+        self._drop(keep=2, older_than=time.monotonic() - self.linger_s)
+        return str(path)
+
+    def close(self) -> None:
+        """The run is over: in `linger_s` seconds, drop every canvas but the last."""
+        timer = threading.Timer(self.linger_s, self._drop, kwargs={"keep": 1, "older_than": math.inf})
+        timer.daemon = True
+        timer.start()
+
+    def _drop(self, keep: int, older_than: float) -> None:
+        kept = self._written[-keep:]
+        for written, path in self._written[:-keep]:
+            if written < older_than:
+                path.unlink(missing_ok=True)
+            else:
+                kept.insert(0, (written, path))
+        self._written = sorted(kept)
+
+
+def _fast_png(image: Image.Image, path: Path) -> Path:
+    """Lossless PNG at the lowest compression (a few times faster than the default); atomic."""
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG", compress_level=1)
+    return path
+
+
+STEP_CAPTION = re.compile(r"step (\d+ / \d+ · \d+ / \d+ tokens).*$")
+
+
+def stopped_caption(caption: str) -> str:
+    """The caption a run left behind, as it reads once the run has ended: one that was still
+    going ("step 10 / 31 · 120 / 256 tokens · 0.41 s", in Compare after the order's name) says
+    "stopped at step 10 / 31 · 120 / 256 tokens"; finished ones, messages and blanks stay."""
+    if not caption or caption.endswith("· done") or caption.startswith("⚠"):
+        return caption
+    if "writing the animation" in caption:
+        return caption.replace("writing the animation…", "stopped before the animation was written")
+    return STEP_CAPTION.sub(r"stopped at step \1", caption)
 
 
 def timed(items: Iterator[T]) -> Iterator[tuple[T, float]]:
@@ -280,11 +371,6 @@ def examples_cache(pipeline: Any) -> Iterator[Path]:
             os.environ["GRADIO_EXAMPLES_CACHE"] = base
 
 
-def extra_model() -> str | None:
-    """A local model folder from EAR_STUDIO_MODEL, offered first and used by default."""
-    return os.environ.get("EAR_STUDIO_MODEL") or None
-
-
 def _count(n: int) -> str:
     for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= size:
@@ -292,11 +378,33 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def public_source(source: str) -> str:
+    """Where a model came from, without the server's paths: "bundled with the app", a Hub file
+    or repo id, or the name of a local folder or file (the host's paths are nobody else's business)."""
+    parts = []
+    for part in str(source).split(" + "):
+        path = Path(part)
+        if part.startswith("hf://"):
+            parts.append(f"Hugging Face Hub: {part.removeprefix('hf://')}")
+        elif not path.is_absolute():
+            parts.append(f"Hugging Face Hub: {part}")
+        elif path.resolve().is_relative_to(hub.ASSETS.resolve()):
+            parts.append("bundled with the app")
+        else:
+            parts.append(f"local {'folder' if path.is_dir() else 'file'} '{path.name}'")
+    return " + ".join(parts)
+
+
+def public_info(info: dict[str, Any]) -> dict[str, Any]:
+    """`EARPipeline.info()` as the page may show it (see `public_source`)."""
+    return {**info, "source": public_source(info["source"])}
+
+
 def info_markdown(info: dict[str, Any]) -> str:
-    """`EARPipeline.info()` as a two-column Markdown table for the Model info panel."""
+    """`public_info(...)` as a Markdown table for the Model info panel, headed by the model's name."""
     cached = {True: "yes", False: "no (downloads on first use)", None: "n/a (bundled or local)"}
     rows = [
-        ("Model", info["name"]), ("Source", f"`{info['source']}`"),
+        ("Source", info["source"]),
         ("Device / dtype", f"{info['device']} / {info['dtype']}"),
         ("Parameters", f"{_count(info['parameters'])} (+ tokenizer {_count(info['tokenizer_parameters'])})"),
         ("Trained order", f"{info['schedule']}, {info['steps']} steps"),
@@ -306,4 +414,4 @@ def info_markdown(info: dict[str, Any]) -> str:
         ("Cached from the Hub", cached.get(info.get("cached"), str(info.get("cached")))),
     ]
     body = "\n".join(f"| {key} | {str(value).replace('|', '/')} |" for key, value in rows)
-    return f"| | |\n|---|---|\n{body}"
+    return f"| Model | {info['name']} |\n|---|---|\n{body}"

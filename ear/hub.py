@@ -185,9 +185,10 @@ def apply_overrides(default: HubFile, component: str, overrides: dict[str, str])
 
 # ---- downloads -------------------------------------------------------------------------------------
 
-def fetch(ref: HubFile | Path, model_name: str, component: str) -> Path:
+def fetch(ref: HubFile | Path, model_name: str, component: str, progress: type | None = None) -> Path:
     """A local path for `ref`, downloading into the Hub cache if needed (any alternate repo
-    spelling is tried next). ValueError says what was tried and how to override it."""
+    spelling is tried next); `progress` is a tqdm class for the download's progress (the Hub's
+    own bars when None). ValueError says what was tried and how to override it."""
     if isinstance(ref, Path):
         return ref
     tried, failures, offline = [], [], True
@@ -201,7 +202,8 @@ def fetch(ref: HubFile | Path, model_name: str, component: str) -> Path:
             failures.append("not in the local cache")
             continue
         try:
-            return Path(hf_hub_download(candidate.repo_id, candidate.filename, revision=candidate.revision))
+            return Path(hf_hub_download(candidate.repo_id, candidate.filename, revision=candidate.revision,
+                                        tqdm_class=progress))
         except LocalEntryNotFoundError:
             unreachable = True
             failures.append("not in the local cache and the Hub is unreachable")
@@ -216,6 +218,11 @@ def fetch(ref: HubFile | Path, model_name: str, component: str) -> Path:
                          f"{_hint(component)}.")
     details = "; ".join(f"{t}: {f}" for t, f in zip(tried, failures, strict=True))
     raise ValueError(f"Could not download the {component} of {model_name} ({details}); {_hint(component)}.")
+
+
+def hub_online() -> bool:
+    """Whether downloads can be attempted: not HF_HUB_OFFLINE and the Hub's host resolves."""
+    return not constants.is_offline_mode() and _hub_resolvable()
 
 
 def _hub_resolvable() -> bool:
@@ -402,7 +409,7 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, **hub_overrides: str |
     if path.is_file():
         entry = replace(REGISTRY["EAR-adaLN-B"], name=path.stem, ear_config=None, presets={})
         return load_official(entry, path, apply_overrides(XQGAN_FILE, "tokenizer", overrides))
-    if _is_repo_id(name):
+    if is_repo_id(name):
         return _load_hub_repo(name, overrides)
     raise ValueError(f"Unknown model '{name}': use one of {', '.join(REGISTRY)}, a folder holding "
                      f"config.json, a released .pt checkpoint, or a Hub repo id in our format (org/name).")
@@ -417,7 +424,8 @@ def _load_folder(path: Path, name: str) -> LoadedModel:
     return load_own_format(files, name, str(path))
 
 
-def _is_repo_id(name: str) -> bool:
+def is_repo_id(name: str) -> bool:
+    """Whether `name` looks like a Hub repo id ("org/name") and is not a local path."""
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
 
 
@@ -434,9 +442,9 @@ def _load_hub_repo(repo_id: str, overrides: dict[str, str]) -> LoadedModel:
     return load_own_format(files, repo_id, f"hf://{repo_id}", list(refs.values()))
 
 
-def download(name: str, **hub_overrides: str | None) -> list[Path]:
+def download(name: str, *, progress: type | None = None, **hub_overrides: str | None) -> list[Path]:
     """Fetch a Hub model's files into the cache without loading them (nothing for bundled or
-    local models); returns the cached paths."""
+    local models); returns the cached paths. `progress`: a tqdm class, as for `fetch`."""
     overrides = overrides_from(hub_overrides)
     entry = REGISTRY.get(name)
     if entry is not None and entry.bundled:
@@ -445,12 +453,13 @@ def download(name: str, **hub_overrides: str | None) -> list[Path]:
         assert entry.model is not None and entry.tokenizer is not None
         refs = {"model": apply_overrides(entry.model, "model", overrides),
                 "tokenizer": apply_overrides(entry.tokenizer, "tokenizer", overrides)}
-    elif _is_repo_id(name):
+    elif is_repo_id(name):
         refs = _own_repo_refs(name, overrides)
     else:
         raise ValueError(f"Nothing to download for '{name}': use one of {', '.join(REGISTRY)} or a Hub "
                          f"repo id (org/name).")
-    return [fetch(ref, name, "tokenizer" if key == "tokenizer" else "model") for key, ref in refs.items()]
+    return [fetch(ref, name, "tokenizer" if key == "tokenizer" else "model", progress)
+            for key, ref in refs.items()]
 
 
 # ---- listing ---------------------------------------------------------------------------------------

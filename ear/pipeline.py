@@ -10,8 +10,8 @@ becomes the first steps of the spiral) and the zoom-out built on it. Loading hap
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ from ear.model import EAR
 from ear.order import Schedule, make_schedule
 from ear.preview import PreviewRenderer, module_device, neutral_token
 from ear.sampler import SamplingParams, StepState, sample
+from ear.serving import ServedState
 from ear.tokenizer import Tokenizer
 
 MAX_BATCH = 64
@@ -31,13 +32,38 @@ MAX_ZOOM_ROUNDS = 32
 ZOOM_TRANSITION = 8  # bridge frames between zoom-out rounds
 
 
-@dataclass
 class Frame:
-    """One streamed EAR step (or one bridge frame of a zoom-out)."""
+    """One streamed EAR step (or one bridge frame of a zoom-out).
 
-    state: StepState
-    images: list[Image.Image]  # display-size previews, one per batch item
-    caption: str
+    `images` (display-size previews, one per batch item) are drawn on first access and kept, so
+    a consumer that shows only some steps (the app, under its preview time budget) pays for the
+    decode of those steps only; `sketch()` draws a step without any decode."""
+
+    def __init__(self, state: StepState, images: list[Image.Image] | None, caption: str,
+                 renderer: PreviewRenderer | None = None) -> None:
+        if images is None and renderer is None:
+            raise ValueError("a Frame needs its images or a renderer to draw them")
+        self.state, self.caption = state, caption
+        self._images, self._renderer = images, renderer
+
+    @property
+    def images(self) -> list[Image.Image]:
+        if self._images is None:
+            assert self._renderer is not None
+            self._images = self._renderer.render(self.state)  # within the renderer's decode budget
+        return self._images
+
+    def sketch(self) -> list[Image.Image]:
+        """The step drawn without a tokenizer call: the pixels last decoded in this stream, the
+        cells known since then as "pending" tiles (the images themselves once drawn, and the
+        finished pictures on the last step, which are always decoded)."""
+        if self._images is not None or self._renderer is None or self.state.done:
+            return self.images
+        return self._renderer.render(self.state, decode=False)
+
+    def with_caption(self, caption: str) -> Frame:
+        """The same step (its images still undrawn if they were) under another caption."""
+        return Frame(self.state, self._images, caption, self._renderer)
 
 
 class EARPipeline:
@@ -54,6 +80,9 @@ class EARPipeline:
         self.default_settings = self.presets[loaded.default_preset]
         self._loaded = loaded
         self._fill_token: int | None = None
+        # Every generation goes through this (`ear.sampler.sample`'s signature); a server sets it to
+        # `ear.serving.Scheduler.sample` so that concurrent requests share batched forwards.
+        self.sampler: Callable[..., Iterator[StepState]] = sample
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = hub.DEFAULT_MODEL, device: str | torch.device | None = None,
@@ -182,7 +211,7 @@ class EARPipeline:
         for t in range(times):
             last = None
             for frame in rounds:
-                last = replace(frame, caption=f"zoom {t + 1} / {times} · {frame.caption}")
+                last = frame.with_caption(f"zoom {t + 1} / {times} · {frame.caption}")
                 yield last
             assert last is not None
             if t == times - 1:
@@ -253,15 +282,18 @@ class EARPipeline:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | np.integer)
                                  or not 0 <= seed < 2**63):
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-        return sample(self.model, ids, **asdict(settings), seed=seed, prefix=prefix,
-                      schedule=self._schedule(schedule))
+        seed = None if seed is None else int(seed)  # numpy integers too
+        return self.sampler(self.model, ids, **asdict(settings), seed=seed, prefix=prefix,
+                            schedule=self._schedule(schedule))
 
     def _frames(self, states: Iterator[StepState], renderer: PreviewRenderer) -> Iterator[Frame]:
         cells = self.grid * self.grid
         for state in states:
             caption = (f"step {state.step} / {state.num_steps} · {state.num_known} / {cells} tokens · "
                        f"{state.elapsed:.2f} s")
-            yield Frame(state, renderer.render(state), caption)
+            if isinstance(state, ServedState):  # a shared batch: say how busy the server is
+                caption += f" · {state.rows_in_flight} row{'s' * (state.rows_in_flight != 1)} in flight"
+            yield Frame(state, None, caption, renderer)
 
 
 def _last(states: Iterator[StepState]) -> StepState:

@@ -22,6 +22,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,15 +69,13 @@ class PreviewRenderer:
         self.tokenizer, self.display_size, self.outline = tokenizer, display_size, outline
         self.decode_share, self.decode_slack = decode_share, decode_slack
         self.fill_token = neutral_token(tokenizer) if fill_token is None else fill_token
-        g, d, s = tokenizer.grid_size, display_size, tokenizer.image_size
-        self._cell = (np.arange(d) * g) // d  # grid row/col of each display pixel row/col
-        checker = (self._cell[:, None] + self._cell[None, :]) % 2
-        self.canvas = np.asarray(CANVAS_RGB, dtype=np.uint8)[checker]
-        self.pending = np.asarray(PENDING_RGB, dtype=np.uint8)[checker]
+        d, s = display_size, tokenizer.image_size
+        self.cells = CellGrid(tokenizer.grid_size, d)
+        self.canvas = np.asarray(CANVAS_RGB, dtype=np.uint8)[self.cells.checker]
+        self.pending = np.asarray(PENDING_RGB, dtype=np.uint8)[self.cells.checker]
         # Small tokenizers (e.g. 64 px) look right as crisp pixel art; others get a smooth resize.
         self._resample = (Image.Resampling.NEAREST if d > s and d % s == 0
                           else Image.Resampling.LANCZOS)
-        self._thickness = max(1, d // 128)
         self.decode_seconds, self.decode_calls = 0.0, 0
         self._started: float | None = None
         self._pixels: np.ndarray | None = None  # the last decoded frame and the cells it showed
@@ -99,26 +98,32 @@ class PreviewRenderer:
 
     def cell_mask(self, cells: torch.Tensor) -> np.ndarray:
         """(g, g) bool cells -> (D, D) bool display pixels."""
-        cells = cells.numpy()
-        return cells[self._cell[:, None], self._cell[None, :]]
+        return self.cells.mask(cells)
 
-    def render(self, state: StepState) -> list[Image.Image]:
-        """One frame per batch item: known cells decoded (or pending, over the decode budget), the
-        rest dim, this step's cells outlined (except on the last step: the finished picture)."""
+    def render(self, state: StepState, decode: bool | None = None) -> list[Image.Image]:
+        """One frame per batch item: known cells decoded (or pending), the rest dim, this step's
+        cells outlined (except on the last step: the finished picture). `decode=None` decodes
+        within the decode budget; False never decodes (the pixels last decoded in this stream,
+        newer cells as pending tiles: a sketch costing no tokenizer call); True always does.
+        The last step is always decoded."""
         if state.step <= self._last_step:
             self._pixels = None  # a new stream (the next zoom-out round, a restart): stale pixels
         self._last_step = state.step
         if state.done:  # whatever comes next is a new stream
             self._pixels, self._last_step = None, 0
             return self.final(state.tokens)
-        if self._pixels is None or self._affordable():
+        if decode is None:
+            decode = self._pixels is None or self._affordable()
+        if decode:
             self._pixels, self._drawn = self.decode(state.tokens), state.known.clone()
-        assert self._drawn is not None
-        drawn = self.cell_mask(self._drawn)[None, :, :, None]
-        pending = self.cell_mask(state.known & ~self._drawn)[None, :, :, None]
-        frames = np.where(drawn, self._pixels, np.where(pending, self.pending[None], self.canvas[None]))
+        pixels = self.canvas[None] if self._pixels is None else self._pixels
+        drawn = torch.zeros_like(state.known) if self._drawn is None else self._drawn
+        shown = self.cell_mask(drawn)[None, :, :, None]
+        pending = self.cell_mask(state.known & ~drawn)[None, :, :, None]
+        frames = np.where(shown, pixels, np.where(pending, self.pending[None], self.canvas[None]))
+        frames = np.broadcast_to(frames, (state.tokens.shape[0], *frames.shape[1:])).copy()
         if self.outline:
-            frames[:, _border(self.cell_mask(state.new), self._thickness)] = OUTLINE_RGB
+            frames[:, self.cells.outline(state.new)] = OUTLINE_RGB
         return [Image.fromarray(f) for f in frames]
 
     def _affordable(self) -> bool:
@@ -158,13 +163,28 @@ class PreviewRenderer:
         return frames
 
 
-def _border(mask: np.ndarray, thickness: int) -> np.ndarray:
-    """Pixels of `mask` within `thickness` of its edge (the outline of a group of cells)."""
-    inner = mask
-    for _ in range(thickness):
-        p = np.pad(inner, 1)
-        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return mask & ~inner
+class CellGrid:
+    """Where the g x g token cells lie on a D x D display image: masks, outlines, checkerboard."""
+
+    def __init__(self, grid: int, display: int) -> None:
+        self.grid, self.display = grid, display
+        self._cell = (np.arange(display) * grid) // display  # grid row/col of each display row/col
+        self.checker = (self._cell[:, None] + self._cell[None, :]) % 2  # (D, D) 0/1 per cell
+        self.thickness = max(1, display // 128)
+
+    def mask(self, cells: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(g, g) bool cells -> (D, D) bool display pixels."""
+        cells = cells.numpy() if isinstance(cells, torch.Tensor) else cells
+        return cells[self._cell[:, None], self._cell[None, :]]
+
+    def outline(self, cells: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(D, D) bool: the display pixels within the outline thickness of the cells' edge."""
+        mask = self.mask(cells)
+        inner = mask
+        for _ in range(self.thickness):
+            p = np.pad(inner, 1)
+            inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+        return mask & ~inner
 
 
 def render_frame(state: StepState, tokenizer: Tokenizer, *, display_size: int = 256,
@@ -173,19 +193,53 @@ def render_frame(state: StepState, tokenizer: Tokenizer, *, display_size: int = 
     return PreviewRenderer(tokenizer, display_size, outline, fill_token).render(state)
 
 
-def make_grid(images: Sequence[Image.Image], gap: int = 4, background: str = "#e5e7eb") -> Image.Image:
+GRID_RGB = (229, 231, 235)  # the gaps between the images of a batch
+PREVIEW_SIDE = 512  # live canvases and animations larger than this are shrunk by an integer factor
+
+
+def make_grid(images: Sequence[Image.Image], gap: int = 4, background: tuple[int, int, int] = GRID_RGB
+              ) -> Image.Image:
     """Batch -> one near-square image (a single image comes back unchanged)."""
     if not images:
         raise ValueError("make_grid needs at least one image")
     if len(images) == 1:
         return images[0]
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), background)
-    for i, image in enumerate(images):
-        grid.paste(image.convert("RGB"), ((i % cols) * (w + gap), (i // cols) * (h + gap)))
+    size, corners = grid_layout(len(images), images[0].size, gap)
+    grid = Image.new("RGB", size, background)
+    for image, corner in zip(images, corners, strict=True):
+        grid.paste(image.convert("RGB"), corner)
     return grid
+
+
+def tile(arrays: Sequence[np.ndarray], gap: int = 4, fill: Any = GRID_RGB) -> np.ndarray:
+    """Equal-size (H, W, ...) arrays laid out as `make_grid` lays out images, gaps set to `fill`;
+    one array comes back as it is. Works for pixels, palette indices and masks alike."""
+    if len(arrays) == 1:
+        return arrays[0]
+    h, w = arrays[0].shape[:2]
+    (width, height), corners = grid_layout(len(arrays), (w, h), gap)
+    out = np.empty((height, width, *arrays[0].shape[2:]), arrays[0].dtype)
+    out[:] = fill
+    for array, (left, top) in zip(arrays, corners, strict=True):
+        out[top:top + h, left:left + w] = array
+    return out
+
+
+def grid_layout(count: int, size: tuple[int, int], gap: int) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """(width, height) of a near-square grid of `count` tiles of `size`, and each tile's corner."""
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    w, h = size
+    corners = [((i % cols) * (w + gap), (i // cols) * (h + gap)) for i in range(count)]
+    return (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), corners
+
+
+def preview_factor(width: int, height: int) -> int:
+    """By how much a live canvas or an animation of this size is shrunk: the smallest integer
+    factor that fits PREVIEW_SIDE. The browser shows a grid of eight 256 px images at about half
+    size anyway, and the bundled model's 256 px pictures are 64 px ones enlarged 4x, so halving
+    loses nothing but time (the finished pictures themselves are always full size)."""
+    return max(1, math.ceil(max(width, height) / PREVIEW_SIDE))
 
 
 def ffmpeg_exe() -> str | None:
@@ -203,26 +257,32 @@ def save_animation(frames: Sequence[Image.Image], path: str | os.PathLike, fps: 
     """Write frames as .gif or .mp4, holding the last frame `hold_last` seconds longer. Without an
     MP4 encoder the animation is written as .gif next to the requested path, with a warning.
     Returns the path actually written; the file appears only once complete."""
+    if not frames:
+        raise ValueError("There are no frames to save.")
+    path = animation_target(path, fps, hold_last)
+    arrays = same_size([np.asarray(f.convert("RGB")) for f in frames])
+    if path.suffix.lower() == ".mp4":
+        return write_mp4(arrays, path, fps, hold_last)
+    return _write_gif(arrays, path, fps, hold_last)
+
+
+def animation_target(path: str | os.PathLike, fps: float, hold_last: float) -> Path:
+    """The file an animation asked for as `path` is written to, after checking the suffix and the
+    timing: an .mp4 becomes a .gif (with a warning) when there is no MP4 encoder."""
     path = Path(path)
     if path.suffix.lower() not in ANIMATION_SUFFIXES:
         raise ValueError(f"Animations can be saved as {' or '.join(ANIMATION_SUFFIXES)}, "
                          f"not '{path.suffix or path.name}'.")
-    if not frames:
-        raise ValueError("There are no frames to save.")
     if not 0 < fps <= 60 or hold_last < 0:
         raise ValueError(f"fps must lie in (0, 60] and hold_last be >= 0, got {fps} and {hold_last}")
-    arrays = _same_size([np.asarray(f.convert("RGB")) for f in frames])
-    if path.suffix.lower() == ".mp4":
-        exe = ffmpeg_exe()
-        if exe is not None:
-            return _write_mp4(arrays, path, fps, hold_last)
+    if path.suffix.lower() == ".mp4" and ffmpeg_exe() is None:
         path = path.with_suffix(".gif")
         warnings.warn(f"No MP4 encoder found (install imageio-ffmpeg or set IMAGEIO_FFMPEG_EXE); "
-                      f"wrote a GIF instead: {path}", RuntimeWarning, stacklevel=2)
-    return _write_gif(arrays, path, fps, hold_last)
+                      f"wrote a GIF instead: {path}", RuntimeWarning, stacklevel=3)
+    return path
 
 
-def _same_size(arrays: list[np.ndarray]) -> list[np.ndarray]:
+def same_size(arrays: list[np.ndarray]) -> list[np.ndarray]:
     """Pad every frame to the largest one (centred, dim background) so encoders accept them."""
     h = max(a.shape[0] for a in arrays)
     w = max(a.shape[1] for a in arrays)
@@ -249,7 +309,8 @@ def _write_gif(arrays: list[np.ndarray], path: Path, fps: float, hold_last: floa
     return path
 
 
-def _write_mp4(arrays: list[np.ndarray], path: Path, fps: float, hold_last: float) -> Path:
+def write_mp4(arrays: list[np.ndarray], path: Path, fps: float, hold_last: float) -> Path:
+    """H.264 (yuv420p) of equal, even-sized frames, the last one held `hold_last` seconds longer."""
     import imageio.v2 as imageio
 
     extra = round(hold_last * fps)

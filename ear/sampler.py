@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ear.draw import RowSettings, cell_streams, check_values, draw, guide, row_keys, vocab_codes
+from ear.engine import runner_for
 from ear.model import EAR, KVCache
 from ear.order import Schedule
 
@@ -42,21 +44,16 @@ class StepState:
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """One set of sampling values (a preset, or what a request asked for)."""
+
     cfg_scale: float = 1.0
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
     greedy: bool = False
 
     def __post_init__(self) -> None:
-        if not self.cfg_scale >= 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        check_values(self.cfg_scale, self.temperature, self.top_k, self.top_p)
 
     def merged(self, **overrides: Any) -> SamplingParams:
         """These settings with every non-None override applied (and checked again)."""
@@ -67,30 +64,6 @@ class SamplingParams:
         """Official EAR doubles the batch only above 1; we also honour scales below 1 (0 = fully
         unconditional), which the official sampler silently treats as 1."""
         return self.cfg_scale != 1.0
-
-
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Keep the top-k logits (ties at the k-th value kept), then the smallest set whose
-    probability reaches top_p; the rest become -inf."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, index = logits.sort(dim=-1, descending=True)
-        beyond = sorted_logits.softmax(-1).cumsum(-1) > top_p
-        beyond[..., 1:] = beyond[..., :-1].clone()
-        beyond[..., 0] = False
-        logits = logits.scatter(-1, index, sorted_logits.masked_fill(beyond, float("-inf")))
-    return logits
-
-
-def pick_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """(B, m, V) float logits -> (B, m) token ids, one multinomial draw per cell."""
-    if params.greedy:
-        return logits.argmax(-1)
-    logits = filter_logits(logits / max(params.temperature, 1e-5), params.top_k, params.top_p)
-    probs = logits.softmax(-1).flatten(0, 1)
-    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
 
 
 def _as_class_ids(model: EAR, class_ids: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -120,23 +93,53 @@ def _as_prefix(model: EAR, prefix: torch.Tensor | None, batch: int, schedule: Sc
     return prefix.long()
 
 
+ENGINES = ("runner", "reference")
+Value = float | Sequence[float]
+
+
 def decode(model: EAR, class_ids: torch.Tensor, pick: Picker, *, cfg_scale: float = 1.0,
            prefix: torch.Tensor | None = None, schedule: Schedule | None = None,
-           use_cache: bool = True) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+           use_cache: bool = True, engine: str = "runner",
+           ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """The bare decode loop: yields (step index k, guided logits (B, m, V), picked tokens (B, m))
     for every step after the prefix. `pick(k, logits)` chooses the tokens, which lets tests
-    teacher-force and samplers sample with the same loop."""
-    layout = model.layout(schedule)
-    sched = layout.schedule
+    teacher-force and samplers sample with the same loop. `engine="runner"` (with the cache) is the
+    fast path of `ear.engine`; "reference" runs `EAR.forward_positions` step by step, and
+    `use_cache=False` recomputes every step from scratch (the baseline)."""
+    ids = class_ids.long()
+    keys = torch.zeros(ids.shape[0], dtype=torch.long)  # unused: `pick` chooses
+    rows = RowSettings.build(ids.shape[0], model.config.vocab_size, cfg_scale=cfg_scale, temperature=0.0,
+                             top_k=0, top_p=1.0, greedy=True, keys=keys)
+    yield from _steps(model, ids, rows, pick, prefix, schedule, use_cache, engine)
+
+
+def _steps(model: EAR, class_ids: torch.Tensor, rows: RowSettings, pick: Picker | None,
+           prefix: torch.Tensor | None, schedule: Schedule | None, use_cache: bool,
+           engine: str) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    sched = model.layout(schedule).schedule
+    known = _as_prefix(model, prefix, class_ids.shape[0], sched)
+    if use_cache and engine == "runner":
+        return runner_for(model).decode(class_ids, rows, prefix=known, schedule=sched, pick=pick)
+    return _reference_steps(model, class_ids, rows, pick, known, sched, use_cache)
+
+
+def _reference_steps(model: EAR, class_ids: torch.Tensor, rows: RowSettings, pick: Picker | None,
+                     known: torch.Tensor, sched: Schedule,
+                     use_cache: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Step by step through the readable model (the path the runner is checked against)."""
+    layout = model.layout(sched)
     device = model.output.weight.device
-    batch = class_ids.shape[0]
-    known = _as_prefix(model, prefix, batch, sched).to(device)
+    rows = rows.to(device)
+    known = known.to(device)
     first = sched.steps_for_prefix(known.shape[1])
-    guided = cfg_scale != 1.0
     ids = class_ids.to(device)
-    if guided:
+    if rows.guided:
         ids = torch.cat([ids, torch.full_like(ids, model.null_class)])
     bounds = sched.boundaries
+    streams = cell_streams(rows.keys, sched.num_tokens)
+    codes = vocab_codes(model.config.vocab_size, device)
     with torch.no_grad():
         cond = model.cls_embedding.embedding_table(ids).unsqueeze(1)
         cache: list[KVCache] | None = model.new_cache(ids.shape[0]) if use_cache else None
@@ -145,37 +148,37 @@ def decode(model: EAR, class_ids: torch.Tensor, pick: Picker, *, cfg_scale: floa
             restart = cache is None or k == first
             start = 0 if restart else bounds[k - 1] + 1
             fed = known if restart else known[:, bounds[k - 1]:]
-            if guided:
+            if rows.guided:
                 fed = torch.cat([fed, fed])
             x = model.embed_inputs(fed, cond, sched.sizes[k], with_class=restart)
             logits = model.forward_positions(x, cond, start, layout, cache)[:, -sched.sizes[k]:]
-            if guided:
-                cond_logits, uncond_logits = logits.chunk(2)
-                logits = uncond_logits + (cond_logits - uncond_logits) * cfg_scale
-            tokens = pick(k, logits).to(device=device, dtype=torch.long)
+            if rows.guided:
+                logits = guide(logits, rows)
+            cells = torch.tensor(sched.groups[k], device=device)
+            tokens = (pick(k, logits) if pick is not None
+                      else draw(logits, rows, streams[:, cells], codes)).to(device=device, dtype=torch.long)
             known = torch.cat([known, tokens], dim=1)
         yield k, logits, tokens
 
 
-def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_scale: float = 1.0,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-           greedy: bool = False, prefix: torch.Tensor | None = None, schedule: Schedule | None = None,
-           use_cache: bool = True) -> Iterator[StepState]:
+def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_scale: Value = 1.0,
+           temperature: Value = 1.0, top_k: int | Sequence[int] = 0, top_p: Value = 1.0,
+           seed: int | Sequence[int] | None = None, row_ids: Sequence[int] | torch.Tensor | None = None,
+           greedy: bool | Sequence[bool] = False, prefix: torch.Tensor | None = None,
+           schedule: Schedule | None = None, use_cache: bool = True,
+           engine: str = "runner") -> Iterator[StepState]:
     """Yield a StepState after every step (after the prefix, if one is given, a first state shows
-    it). Same seed and settings -> same tokens. `schedule` runs another order of the same grid."""
+    it). Every sampling value is one for all rows or one per row. Row i's randomness comes only from
+    (seed_i, row_ids[i]) (row ids default to 0..B-1): same seed and settings -> same image, whatever
+    else shares the batch. `schedule` runs another order of the same grid."""
     if model.training:
         raise ValueError("the model is in training mode (dropout, label drop): call model.eval() first")
-    params = SamplingParams(cfg_scale, temperature, top_k, top_p, greedy)
     ids = _as_class_ids(model, class_ids)
+    g, batch = model.config.grid_size, ids.shape[0]
+    rows = RowSettings.build(batch, model.config.vocab_size, cfg_scale=cfg_scale, temperature=temperature,
+                             top_k=top_k, top_p=top_p, greedy=greedy, keys=row_keys(seed, row_ids, batch))
     sched = model.layout(schedule).schedule
-    device = model.output.weight.device
-    generator = torch.Generator(device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(int(seed))
-
-    g, batch = sched.grid, ids.shape[0]
+    steps = _steps(model, ids, rows, None, prefix, sched, use_cache, engine)
     grid = torch.full((batch, g * g), UNKNOWN, dtype=torch.long)
     known = torch.zeros(g * g, dtype=torch.bool)
     order = torch.tensor(sched.order)
@@ -187,19 +190,20 @@ def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_sca
         return StepState(step, sched.num_steps, grid.view(batch, g, g).clone(), known.view(g, g).clone(),
                          new.view(g, g), time.perf_counter() - started)
 
-    steps = decode(model, ids, lambda _k, logits: pick_tokens(logits, params, generator),
-                   cfg_scale=params.cfg_scale, prefix=prefix, schedule=sched, use_cache=use_cache)
     if prefix is not None:
         given = _as_prefix(model, prefix, batch, sched)
         cells = order[: given.shape[1]]
         grid[:, cells] = given
         known[cells] = True
         yield state(sched.steps_for_prefix(given.shape[1]), cells)
-    for k, _logits, tokens in steps:
-        cells = torch.tensor(sched.groups[k])
-        grid[:, cells] = tokens.cpu()
-        known[cells] = True
-        yield state(k + 1, cells)
+    try:
+        for k, _logits, tokens in steps:
+            cells = torch.tensor(sched.groups[k])
+            grid[:, cells] = tokens.cpu()
+            known[cells] = True
+            yield state(k + 1, cells)
+    finally:  # a stream stopped early hands its cache back at once
+        steps.close()
 
 
 def generate(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, **kwargs) -> torch.Tensor:

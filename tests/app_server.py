@@ -36,18 +36,20 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(model: str, log: Path) -> Iterator[str]:
-    """Serve app.py with `model` as default; yields the base URL. The log file keeps the server's
-    output for failure reports."""
+def running_app(model: str, log: Path, env: dict[str, str] | None = None,
+                timeout: float = STARTUP_TIMEOUT_S) -> Iterator[str]:
+    """Serve app.py with `model` as default (offline unless `env` says otherwise); yields the base
+    URL once the server answers. The log file keeps the server's output for failure reports."""
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "EAR_STUDIO_MODEL": model}
+           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "EAR_STUDIO_MODEL": model,
+           **(env or {})}
     url = f"http://127.0.0.1:{port}/"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            deadline = time.monotonic() + timeout
             while True:
                 if proc.poll() is not None:
                     raise RuntimeError(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
@@ -57,7 +59,7 @@ def running_app(model: str, log: Path) -> Iterator[str]:
                 except OSError:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"app.py did not answer on {url} within "
-                                           f"{STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}") from None
+                                           f"{timeout:.0f} s:\n{log.read_text()[-3000:]}") from None
                     time.sleep(0.5)
             yield url
         finally:

@@ -1,4 +1,5 @@
-"""Shared fixtures: where the official conformance vectors live."""
+"""Shared fixtures: where the official conformance vectors live, a fake offline Hub cache, a tiny
+model folder."""
 
 from __future__ import annotations
 
@@ -34,3 +35,19 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch) -> Path:
+    """An empty, offline Hugging Face cache for this test (see helpers.offline_hub_cache)."""
+    from tests.helpers import offline_hub_cache
+
+    return offline_hub_cache(monkeypatch, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random model folder in our format, shared by a test module."""
+    from tests.helpers import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("own") / "tiny")

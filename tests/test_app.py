@@ -7,13 +7,16 @@ in seconds on a CPU whether or not the bundled model is present.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import io
-import itertools
 import os
+import re
 import sys
+import time
 import types
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -31,8 +34,11 @@ from ear.app_support import (
     OutputFiles,
     available_cpus,
     examples_cache,
+    public_source,
+    stopped_caption,
     threads_per_request,
 )
+from ear.growth import GrowthAnimation, PreviewPacer
 from ear.order import SCHEDULES, make_schedule
 from tests.helpers import CLASS_NAMES, write_tiny_model
 
@@ -57,7 +63,7 @@ def app(tiny: str) -> types.ModuleType:
 def served_threads(app: types.ModuleType) -> Iterator[None]:
     """Run handlers with the thread count the served app uses (see `threads_per_request`)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads_per_request(app.CONCURRENCY_LIMIT) or before)
+    torch.set_num_threads(threads_per_request(app.GENERATIONS_AT_ONCE) or before)
     yield
     torch.set_num_threads(before)
 
@@ -65,6 +71,11 @@ def served_threads(app: types.ModuleType) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def steps(app: types.ModuleType) -> int:
     return app.MODELS.get(None).model.schedule.num_steps
+
+
+@pytest.fixture(scope="module")
+def states_of_a_run(app: types.ModuleType) -> list:
+    return list(app.MODELS.get(None).states([0], seed=1))
 
 
 def generate(app: types.ModuleType, class_name: Any = "cat", num_images: Any = 1, model: Any = None,
@@ -110,59 +121,121 @@ def pixels(path: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def caption_of(compare_update: list[Any], name: str) -> str:
+    """One order's caption in a Compare update ('' when the update skips it)."""
+    caption = compare_update[2 * SCHEDULES.index(name) + 1]
+    return "" if is_skip(caption) else caption
+
+
 def is_skip(value: Any) -> bool:
     return isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1
 
 
 # ---- endpoints --------------------------------------------------------------------------------
 
-def test_generate_streams_every_step_then_images_and_gif(app: types.ModuleType, steps: int) -> None:
+@pytest.fixture
+def every_step(app: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Previews as cheap as can be: the pacer shows every step."""
+    monkeypatch.setattr(app, "PreviewPacer", functools.partial(PreviewPacer, share=1e9))
+
+
+@pytest.fixture
+def files(app: types.ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> OutputFiles:
+    """The app's output folder, empty, for this test alone."""
+    files = OutputFiles(tmp_path / "out", linger_s=0.0)
+    monkeypatch.setattr(app, "FILES", files)
+    return files
+
+
+def test_visitors_at_once_share_the_scheduler_and_keep_their_own_pictures(
+        app: types.ModuleType, files: OutputFiles) -> None:
+    """Handlers served by the batching scheduler (the default): captions say how many rows were in
+    flight, and each visitor's pictures are those of its own seed alone."""
+    assert app.SCHEDULER is not None and app.SCHEDULER.max_rows == app.CONCURRENCY_LIMIT
+    with ThreadPoolExecutor(3) as pool:
+        runs = list(pool.map(lambda seed: generate(app, num_images=2, seed=seed), [11, 12, 11]))
+    for outs in runs:
+        assert re.search(r"· \d+ rows? in flight · done$", outs[-1][1]), outs[-1][1]
+    alone = [pixels(path) for path in generate(app, num_images=2, seed=11)[-2][2]]
+    for outs, same in zip(runs, (True, False, True), strict=True):
+        finals = [pixels(path) for path in outs[-2][2]]
+        assert all(np.array_equal(a, b) for a, b in zip(finals, alone, strict=True)) == same
+
+
+def test_generate_streams_every_step_then_images_and_gif(app: types.ModuleType, steps: int,
+                                                          every_step: None, files: OutputFiles) -> None:
     outs = generate(app, num_images=4)
-    assert len(outs) == steps + 2  # one canvas per step, the results, then also the animation
+    assert len(outs) == steps + 1  # a canvas per step (the last with the results), then the animation
     captions = [o[1] for o in outs]
     assert captions[0].startswith(f"step 1 / {steps} · ")
     assert f"step {steps} / {steps}" in captions[-1] and captions[-1].endswith("done")
-    canvases = [pixels(o[0]) for o in outs[:-2]]
-    assert all(not np.array_equal(a, b) for a, b in itertools.pairwise(canvases))
-    assert canvases[0].shape[0] > 256  # four images shown as a 2 x 2 grid
-    assert outs[0][2] is None and outs[0][3] is None  # the first update clears the last run
+    assert outs[0][2] is None and outs[0][3]["interactive"] is False  # the first update clears the last run
     assert all(is_skip(o[2]) and is_skip(o[3]) for o in outs[1:-2])
-    assert "writing the animation" in captions[-2] and outs[-2][3] is None  # results before the GIF
-    finals, animation = outs[-1][2], Path(outs[-1][3])
-    assert finals is outs[-2][2]
+    assert "writing the animation" in captions[-2] and is_skip(outs[-2][3])  # results before the GIF
+    finals, animation = outs[-2][2], outs[-1][3]
+    assert outs[-1][:3] == [outs[-2][0], captions[-1], finals]  # the last update is the whole result
+    ready = {"__type__": "update", "interactive": True}
+    assert app.after_run(captions[-1], animation) == [captions[-1], ready]
     assert len(finals) == 4 and all(pixels(path).shape == (256, 256, 3) for path in finals)
+    with Image.open(finals[0]) as image:
+        assert image.format == "PNG"  # finished pictures stay lossless
     with Image.open(animation) as gif:
         assert gif.format == "GIF" and gif.n_frames == steps
+        gif.seek(steps - 1)
+        assert gif.size == (258, 258)  # the 2 x 2 grid at half size, as the live canvas
+        last = np.asarray(gif.convert("RGB"))[:128, :128].astype(int)  # a palette GIF: nearly equal
+        with Image.open(finals[0]) as final:
+            assert np.abs(last - np.asarray(final.reduce(2))).mean() < 8
+    # Canvas files are bounded: of the streamed ones only the last, on screen, remains.
+    canvases = [o[0] for o in outs[:-1]]
+    assert len(set(canvases)) == steps
+    time.sleep(0.2)  # the clean-up runs `linger_s` after the run (here 0 s)
+    assert [Path(c).exists() for c in canvases] == [False] * (steps - 1) + [True]
+    assert pixels(outs[-2][0]).shape[0] > 256  # four images shown as a 2 x 2 grid
+
+
+def test_expensive_previews_are_skipped_but_the_animation_keeps_every_step(
+        app: types.ModuleType, steps: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(app, "PreviewPacer", functools.partial(PreviewPacer, share=0.0, max_gap=60.0))
+    outs = generate(app, num_images=2)
+    assert [o[1].split(" · ")[0] for o in outs] == [f"step {n} / {steps}" for n in (1, steps, steps)]
+    with Image.open(outs[-1][3]) as gif:
+        assert gif.n_frames == steps
+
+
+def test_one_image_is_its_own_last_canvas(app: types.ModuleType) -> None:
+    outs = generate(app, num_images=1)
+    assert outs[-2][0] == outs[-2][2][0]
 
 
 def test_generate_mp4_and_class_by_index(app: types.ModuleType) -> None:
-    outs = generate(app, class_name="2", fmt="MP4")
-    assert Path(outs[-1][3]).suffix == ".mp4" and Path(outs[-1][3]).stat().st_size > 0
+    animation = Path(generate(app, class_name="2", fmt="MP4")[-1][3])
+    assert animation.suffix == ".mp4" and animation.stat().st_size > 0
 
 
 def test_same_seed_same_images(app: types.ModuleType) -> None:
-    a, b = (pixels(generate(app, seed=11)[-1][2][0]) for _ in range(2))
+    a, b = (pixels(generate(app, seed=11)[-2][2][0]) for _ in range(2))
     assert np.array_equal(a, b)
 
 
-def test_extend_streams_border_around_upload(app: types.ModuleType, steps: int) -> None:
+def test_extend_streams_border_around_upload(app: types.ModuleType, steps: int, every_step: None) -> None:
     example = upload(REPO / "assets" / "examples" / "heart.png")
     outs = extend(app, example, keep=4, class_name="dog")
     pipe = app.MODELS.get(None)
     first_step = pipe.model.schedule.square_steps()[4]
     assert outs[0][1].startswith(f"step {first_step} / {steps}")  # the upload is the first frame
-    assert len(outs) == steps - first_step + 3
-    assert pixels(outs[-1][2]).shape == (256, 256, 3) and outs[-1][1].endswith("done")
+    assert len(outs) == steps - first_step + 2
+    assert pixels(outs[-2][2]).shape == (256, 256, 3) and outs[-1][1].endswith("done")
     assert Path(outs[-1][3]).read_bytes()[:4] == b"GIF8"
 
 
-def test_extend_zoom_out_plays_rounds(app: types.ModuleType) -> None:
+def test_extend_zoom_out_plays_rounds(app: types.ModuleType, every_step: None) -> None:
     outs = extend(app, upload(REPO / "assets" / "examples" / "smiley.png"), keep=4, rounds=2)
     captions = [o[1] for o in outs]
     assert captions[0].startswith("zoom 1 / 2") and captions[-1].startswith("zoom 2 / 2")
     assert any("zooming out" in c for c in captions)
     with Image.open(outs[-1][3]) as gif:
-        assert gif.n_frames == len(outs) - 2
+        assert gif.n_frames == len(outs) - 1
 
 
 def test_extend_examples_are_cacheable(app: types.ModuleType) -> None:
@@ -170,29 +243,48 @@ def test_extend_examples_are_cacheable(app: types.ModuleType) -> None:
     assert len(outs) > 2 and outs[-1][1].endswith("done")
 
 
-def test_compare_streams_every_order_side_by_side(app: types.ModuleType) -> None:
+def test_compare_streams_every_order_side_by_side(app: types.ModuleType, every_step: None) -> None:
     outs = list(app.compare("fish", 5, app.MODELS.default))
     pipe = app.MODELS.get(None)
-    longest = max(make_schedule(s, pipe.grid).num_steps for s in SCHEDULES)
-    assert len(outs) == longest and all(len(o) == 2 * len(SCHEDULES) for o in outs)
+    steps = {s: make_schedule(s, pipe.grid).num_steps for s in SCHEDULES}
+    assert len(outs) == max(steps.values()) and all(len(o) == 2 * len(SCHEDULES) for o in outs)
     trained = pipe.model.config.schedule
-    last_caption = {}
-    for out in outs:
-        for i, name in enumerate(SCHEDULES):
-            if not is_skip(out[2 * i + 1]):
-                last_caption[name] = out[2 * i + 1]
+    captions = {name: [o[2 * i + 1] for o in outs if not is_skip(o[2 * i + 1])]
+                for i, name in enumerate(SCHEDULES)}
     for name in SCHEDULES:
-        caption = last_caption[name]
+        assert len(captions[name]) == steps[name]  # every order shows its progress as it goes
+        caption = captions[name][-1]
         assert caption.startswith(f"**{name}**") and caption.endswith("done")
         assert ("trained order" in caption) == (name == trained)
         assert ("off-distribution" in caption) == (name != trained)
+        # an order's result arrives as soon as its own steps are done, not when the longest is
+        done_at = next(i for i, o in enumerate(outs) if caption_of(o, name).endswith("done"))
+        assert done_at == steps[name] - 1
 
 
-def test_model_info_panel(app: types.ModuleType) -> None:
+def test_compare_paced_still_shows_every_result(app: types.ModuleType,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(app, "PreviewPacer", functools.partial(PreviewPacer, share=0.0, max_gap=60.0))
+    outs = list(app.compare("fish", 5, app.MODELS.default))
+    finished = [o for o in outs for name in SCHEDULES if caption_of(o, name).endswith("done")]
+    assert len(finished) == len(SCHEDULES) and len(outs) < 10
+
+
+def test_model_info_panel(app: types.ModuleType, tiny: str) -> None:
     text, info = app.model_info(app.MODELS.default)
     for key in ("name", "device", "dtype", "parameters", "licence", "attribution", "cached"):
         assert key in info
     assert "Parameters" in text and "MIT (test)" in text and "cpu / float32" in text
+    assert text.startswith("| Model | tiny-test |")  # a real header row, not an empty one
+    assert info["source"] == "local folder 'tiny'" and tiny not in text and tiny not in str(info)
+
+
+def test_public_source_never_shows_server_paths(tmp_path: Path) -> None:
+    assert public_source(str(REPO / "assets" / "ear-emoji")) == "bundled with the app"
+    assert public_source("hf://org/name") == "Hugging Face Hub: org/name"
+    official = "FoodBamboo/EAR/EAR-adaLN-B.pt (revision main)"
+    assert (public_source(f"{official} + {tmp_path / 'xq.pt'}")
+            == f"Hugging Face Hub: {official} + local file 'xq.pt'")
 
 
 def test_select_model_refills_controls_or_goes_back(app: types.ModuleType,
@@ -202,7 +294,7 @@ def test_select_model_refills_controls_or_goes_back(app: types.ModuleType,
     assert len(out) == len(fn.outputs) == app.MODEL_DEPENDENT + 2
     assert out[2].choices == [(c, c) for c in CLASS_NAMES]
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.warns(UserWarning, match="cannot be loaded"):
+    with pytest.warns(UserWarning, match="not downloaded on this server"):
         out = app.select_model("EAR-adaLN-B", app.MODELS.default)
     assert out[:2] == [app.MODELS.default] * 2 and all(is_skip(o) for o in out[2:])
 
@@ -218,7 +310,10 @@ def test_every_tab_is_a_named_endpoint_behind_a_bounded_queue(app: types.ModuleT
     assert app.demo._queue.max_size == app.QUEUE_SIZE
     assert app.demo._queue.default_concurrency_limit == app.CONCURRENCY_LIMIT
     cancels = [f for f in app.demo.fns.values() if f.cancels]
-    assert len(cancels) == 3
+    assert len(cancels) == 3  # after each Stop asked its run to end itself (ear.stops): a queued run
+    stops = [f for f in app.demo.fns.values() if f.name == "stop_run"]
+    assert len(stops) == 3 and not any(f.queue for f in stops + cancels)
+    assert all(f.api_visibility == "private" for f in stops)
 
 
 def test_readme_front_matter_makes_a_space() -> None:
@@ -233,15 +328,23 @@ def test_readme_front_matter_makes_a_space() -> None:
 
 
 def test_zerogpu_decorator_used_when_spaces_exists(tiny: str) -> None:
-    wrapped = []
+    durations = {}
     fake = types.ModuleType("spaces")
-    fake.GPU = lambda fn: wrapped.append(fn.__name__) or fn
+    fake.GPU = lambda fn, duration: durations.setdefault(fn.__name__, duration) and fn
     spec = importlib.util.spec_from_file_location("app_on_zerogpu", REPO / "app.py")
     module = importlib.util.module_from_spec(spec)
     with mock.patch.dict(sys.modules, {"spaces": fake}), \
             mock.patch.dict(os.environ, {"EAR_STUDIO_MODEL": tiny}):
         spec.loader.exec_module(module)
-    assert sorted(wrapped) == ["compare", "extend", "generate"]
+    assert sorted(durations) == ["compare", "extend", "generate"]
+    one = durations["generate"]("cat", 1, 0, 1.5, 1.0, 0, 1.0, tiny, "gif")
+    assert durations["generate"]("cat", 8, 0, 1.5, 1.0, 0, 1.0, tiny, "gif") > one
+    assert durations["compare"]("cat", 0, tiny) > one  # every order, raster included
+
+
+def test_page_opens_on_the_model_start_up_prepared(app: types.ModuleType, tiny: str) -> None:
+    assert app.STARTED.name == app.MODELS.default == tiny
+    assert app.MODELS.get(None) is app.STARTED.pipeline  # not loaded a second time
 
 
 # ---- bad input --------------------------------------------------------------------------------
@@ -273,13 +376,50 @@ def test_unknown_class_suggests_close_names(app: types.ModuleType) -> None:
                       "too long")
 
 
-def test_unknown_and_unloadable_models(app: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_and_unloadable_models(app: types.ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                       caplog: pytest.LogCaptureFixture) -> None:
     assert_user_error(lambda: generate(app, model="/etc"), "Unknown model '/etc'")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    message = assert_user_error(lambda: generate(app, model="EAR-adaLN-L"), "EAR-adaLN-L",
-                                "cannot be loaded", "not downloaded")
-    assert "HF_HUB_OFFLINE" in message
+    with caplog.at_level("WARNING", logger="ear.app"):
+        message = assert_user_error(lambda: generate(app, model="EAR-adaLN-L"), "EAR-adaLN-L",
+                                    "not downloaded on this server", "python -m ear download EAR-adaLN-L")
+    # Two short sentences for a visitor; the command-line form (flags, variables) goes to the log.
+    assert message.count(". ") == 1 and "--" not in message and "EAR_" not in message
+    assert "HF_HUB_OFFLINE" not in message and "HF_HUB_OFFLINE" in caplog.text
     assert len(generate(app)) > 2  # and the default model still serves
+
+
+def test_a_refusal_after_a_run_clears_it_and_is_said_once(app: types.ModuleType) -> None:
+    assert generate(app)[-1][1].endswith("done")
+    updates = []
+    with pytest.raises(gr.Error) as info:
+        updates.extend(app.generate("cat", 1, 0, 1.5, 1.0, 0, 7.0, app.MODELS.default, "gif"))
+    assert len(updates) == 1
+    canvas, caption, finals, download = updates[0]
+    assert canvas is None and finals is None and download == {"__type__": "update", "value": None,
+                                                               "interactive": False}  # the last run goes
+    assert caption == f"⚠️ {info.value.message}" and "Top-p must be between" in caption
+    assert info.value.visible is False  # API clients get the error; the page shows no second copy
+
+
+def test_a_stopped_run_says_where_it_stopped() -> None:
+    stopped = stopped_caption("step 10 / 31 · 120 / 256 tokens · 0.41 s")
+    assert stopped == "stopped at step 10 / 31 · 120 / 256 tokens"
+    compare = "**raster** · off-distribution (trained on arms)  \nstep 40 / 256 · 40 / 256 tokens · 0.30 s"
+    assert stopped_caption(compare).endswith("  \nstopped at step 40 / 256 · 40 / 256 tokens")
+    writing = "step 31 / 31 · 256 / 256 tokens · 0.41 s · writing the animation…"
+    assert stopped_caption(writing).endswith("0.41 s · stopped before the animation was written")
+    for unchanged in ("", "step 31 / 31 · 256 / 256 tokens · 0.41 s · done", "⚠️ Upload an image first."):
+        assert stopped_caption(unchanged) == unchanged
+
+
+def test_unreadable_upload_is_refused_as_it_arrives(app: types.ModuleType, tmp_path: Path) -> None:
+    text = tmp_path / "notes.png"
+    text.write_text("this is not a picture")
+    image, note = app.check_upload(upload(text))
+    assert image is None and "not an image format" in note and str(tmp_path) not in note
+    image, note = app.check_upload(upload(REPO / "assets" / "examples" / "heart.png"))
+    assert is_skip(image) and note == ""
 
 
 @pytest.mark.parametrize(("field", "value", "fragment"), [
@@ -353,13 +493,25 @@ def test_threads_per_request_never_oversubscribe(monkeypatch: pytest.MonkeyPatch
     assert threads_per_request(2) is None
 
 
-def test_output_files_are_unique_and_pruned(tmp_path: Path) -> None:
-    files = OutputFiles(tmp_path / "out", max_age_s=60)
+def test_output_files_are_unique_bounded_and_pruned(tmp_path: Path, states_of_a_run: list) -> None:
+    files = OutputFiles(tmp_path / "out", max_age_s=60, linger_s=0.0)
     image = Image.new("RGB", (8, 8), "red")
     first, second = files.image(image, "x"), files.image(image, "x")
     assert first != second and pixels(first).shape == (8, 8, 3)
+    canvases = files.canvases("live")
+    shown = [canvases.show(image) for _ in range(4)]
+    assert [Path(p).exists() for p in shown] == [False, False, True, True]  # at most two at a time
+    canvases.close()
+    time.sleep(0.2)
+    assert [Path(p).exists() for p in shown] == [False, False, False, True]  # the one on screen
+    lingering = OutputFiles(tmp_path / "out", linger_s=60).canvases("slow")
+    assert all(Path(lingering.show(image)).exists() for _ in range(4))  # a slow browser may still ask
+    assert pixels(canvases.show(Image.new("RGB", (1000, 600)))).shape == (300, 500, 3)  # big: shrunk
     os.utime(first, (0, 0))  # an hour-old file
-    animation = files.animation([image, image], "anim", "gif")
+    growth = GrowthAnimation()
+    for state in states_of_a_run:
+        growth.add(state, [image] if state.done else None)
+    animation = files.animation(growth, "anim", "gif")
     assert not Path(first).exists() and Path(second).exists() and Path(animation).is_file()
 
 

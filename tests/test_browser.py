@@ -121,24 +121,41 @@ def step_numbers(captions: list[list[Any]]) -> list[int]:
     return [int(m.group(1)) for text, _ in captions if (m := re.search(r"step (\d+) / \d+", text))]
 
 
-def test_generate_streams_every_step_and_downloads_the_animation(page: Any, steps: int) -> None:
+def test_page_opens_on_the_models_best_with_nothing_to_download_yet(page: Any,
+                                                                    server: tuple[str, str]) -> None:
+    pipe = EARPipeline.from_pretrained(server[1])
+    assert page.get_by_label("Class").first.input_value() == pipe.default_class
+    assert page.get_by_label("Number of images").first.input_value() == "4"
+    download = page.locator("#gen-download")
+    assert download.is_disabled()  # item 5: nothing to download before a run
+    page.screenshot(path=ARTIFACTS / "browser-open.png", full_page=True)
+
+
+def set_images(page: Any, count: int) -> None:
+    box = page.locator("input[type=number]").first  # the slider's number box
+    box.fill(str(count))
+    box.press("Enter")
+
+
+def test_generate_streams_its_growth_and_downloads_every_step(page: Any, steps: int) -> None:
+    set_images(page, 1)
     watch(page, "gen")
     page.click("#gen-run")
-    wait_caption(page, "#gen-caption", f"step {steps} / {steps}")
     wait_caption(page, "#gen-caption", "done")
     seen = page.evaluate("window.__seen")
     srcs, captions = seen["srcs"], seen["captions"]
-    # Streaming is real: several different canvases were on screen before the last one, and the
-    # caption counted through intermediate steps while the run was in progress.
-    assert len({src for src, _ in srcs}) >= min(steps, 4), srcs
+    # Streaming is real: canvases changed while the run went on and the caption counted up.
+    assert len({src for src, _ in srcs}) >= 2, srcs
     shown = step_numbers(captions)
-    assert len(set(shown) - {steps}) >= min(steps - 1, 3), captions
-    assert shown == sorted(shown) and shown[-1] == steps
+    assert shown == sorted(shown) and shown[-1] == steps and len(shown) >= 2, captions
     first_frame_ms = srcs[0][1]
     final_image_ms = next(t for text, t in captions if text.startswith(f"step {steps} / {steps}"))
     assert first_frame_ms < final_image_ms <= captions[-1][1]
     for selector in ("#gen-canvas", "#gen-final"):
         assert_image_loaded(page, selector)
+    # Item 7: one image leaves no tall empty box under its thumbnail.
+    gallery, thumb = (page.locator(sel).first.bounding_box() for sel in ("#gen-final", "#gen-final img"))
+    assert gallery["height"] - thumb["height"] < 80, (gallery, thumb)
     page.screenshot(path=ARTIFACTS / "browser-generate.png", full_page=True)
 
     with page.expect_download() as download_info:
@@ -147,68 +164,116 @@ def test_generate_streams_every_step_and_downloads_the_animation(page: Any, step
     download_info.value.save_as(path)
     assert path.stat().st_size > 0 and path.read_bytes()[:6] in (b"GIF87a", b"GIF89a")
     with Image.open(path) as gif:
-        assert gif.n_frames == steps
+        assert gif.n_frames == steps  # every step, however few canvases were streamed
     (ARTIFACTS / "browser-timings.json").write_text(json.dumps(
         {"steps": steps, "first_frame_ms": round(first_frame_ms), "final_image_ms": round(final_image_ms),
          "animation_ready_ms": round(captions[-1][1]), "canvases_seen": len(srcs)}, indent=1))
 
 
-def test_bad_upload_shows_a_readable_message(page: Any, tmp_path: Path) -> None:
+def test_stop_says_where_the_run_stopped(page: Any, steps: int) -> None:
+    open_tab(page, "Generate")
+    set_images(page, 8)
+    running = ("() => { const text = document.querySelector('#gen-caption').innerText;"
+               " return /^step \\d+ \\//.test(text) && !text.includes('done'); }")
+    for _attempt in range(3):  # a fast machine may finish before Stop lands: try again
+        page.click("#gen-run")
+        page.wait_for_function(running, polling=10)
+        page.click("#gen-stop")
+        page.wait_for_function("() => /stopped|done/.test(document.querySelector('#gen-caption').innerText)",
+                               polling=50, timeout=20_000)
+        caption = page.inner_text("#gen-caption")
+        if "done" not in caption:
+            break
+    assert (re.match(rf"stopped at step \d+ / {steps} · \d+ / \d+ tokens$", caption)
+            or caption.endswith("stopped before the animation was written")), caption
+    time.sleep(1.0)
+    assert page.inner_text("#gen-caption") == caption  # nothing streams after a Stop
+    assert page.locator("#gen-download").is_disabled()  # item 5: a stopped run has no animation
+    assert "Error" not in page.inner_text("#gen-canvas")
+    page.screenshot(path=ARTIFACTS / "browser-generate-stopped.png", full_page=True)
+    set_images(page, 4)
+
+
+def test_bad_upload_is_refused_as_it_arrives(page: Any, tmp_path: Path) -> None:
     open_tab(page, "Extend")
     fake = tmp_path / "holiday.png"
     fake.write_text("definitely not a picture")
     page.set_input_files("#ext-image input[type=file]", str(fake))
-    page.click("#ext-run")
-    toast = page.get_by_text(re.compile("not an image format we can read"))
-    toast.first.wait_for()
+    wait_caption(page, "#ext-upload-note", "not an image format we can read")  # before Extend is pressed
+    assert page.locator("#ext-image img").count() == 0  # no broken picture left behind
     page.screenshot(path=ARTIFACTS / "browser-bad-upload.png")
 
 
-def test_extend_grows_a_border_around_the_upload(page: Any, steps: int) -> None:
+def test_extend_grows_a_border_and_a_later_error_clears_it(page: Any, steps: int) -> None:
     open_tab(page, "Extend")
-    remove = page.locator("#ext-image button[aria-label='Remove Image']")
-    if remove.count():  # the bad upload of the previous test may still be there
-        remove.first.click()
     page.set_input_files("#ext-image input[type=file]", str(REPO / "assets" / "examples" / "heart.png"))
     page.wait_for_selector("#ext-image img")
+    page.wait_for_function("() => document.querySelector('#ext-upload-note').innerText.trim() === ''")
     watch(page, "ext")
     page.click("#ext-run")
     wait_caption(page, "#ext-caption", "done")
     seen = page.evaluate("window.__seen")
-    assert len({src for src, _ in seen["srcs"]}) >= 3
+    assert len({src for src, _ in seen["srcs"]}) >= 2
     assert f"step {steps} / {steps}" in seen["captions"][-1][0]
     for selector in ("#ext-canvas", "#ext-final"):
         assert_image_loaded(page, selector)
     page.screenshot(path=ARTIFACTS / "browser-extend.png", full_page=True)
+    # Item 2: an error after that success replaces it, said once, in the caption.
+    page.locator("#ext-image button[aria-label='Remove Image']").first.click()
+    page.click("#ext-run")
+    wait_caption(page, "#ext-caption", "Upload an image first")
+    time.sleep(0.5)
+    assert page.get_by_text(re.compile("Upload an image first")).count() == 1  # no toast, no copies
+    assert page.locator("#ext-final img").count() == 0 and page.locator("#ext-canvas img").count() == 0
+    assert "Error" not in page.inner_text("#ext-caption") + page.inner_text("#ext-final")
+    assert page.locator("#ext-download").is_disabled()
+    page.screenshot(path=ARTIFACTS / "browser-error-after-success.png", full_page=True)
 
 
-def test_stop_halts_a_run_and_frees_the_worker(page: Any, steps: int) -> None:
+def test_compare_shows_every_order_as_it_goes_and_stop_frees_the_worker(page: Any, steps: int) -> None:
     open_tab(page, "Compare orders")
     raster = "#cmp-raster-caption"
     page.click("#cmp-run")
     wait_caption(page, raster, "step ")
     page.click("#cmp-stop")
-    time.sleep(1.0)
-    stopped = page.inner_text(raster)
     time.sleep(1.5)
-    assert page.inner_text(raster) == stopped and "done" not in stopped
-    page.screenshot(path=ARTIFACTS / "browser-compare-stopped.png", full_page=True)
+    stopped = page.inner_text(raster)
+    assert "done" in stopped or stopped.startswith("raster · off-distribution"), stopped
     page.click("#cmp-run")  # the worker is free again: a new run goes all the way
+    page.evaluate(COMPARE_WATCH_JS, list(SCHEDULES))
     for name in SCHEDULES:
         wait_caption(page, f"#cmp-{name}-caption", "done")
+    done = page.evaluate("window.__done")
+    progress = page.evaluate("window.__progress")
+    # Item 9: raster's 256 steps hold nobody back, and every order showed progress on the way.
+    for name in SCHEDULES:
+        if name != "raster":
+            assert done[name] <= done["raster"], done
+        assert progress[name] >= 2, progress
     assert "off-distribution" in page.inner_text(raster)
-    open_tab(page, "Generate")
-    watch(page, "gen")
-    page.click("#gen-run")
-    page.wait_for_function("""() => {
-      const texts = window.__seen.captions.map(([text]) => text);
-      const start = texts.findIndex((text) => text.startsWith('step 1 /'));
-      return start >= 0 && texts.slice(start).some((text) => text.endsWith('done'));
-    }""")
-    assert f"step {steps} / {steps}" in page.inner_text("#gen-caption")
+    page.screenshot(path=ARTIFACTS / "browser-compare.png", full_page=True)
 
 
-def test_random_seed_and_a_model_that_cannot_load(page: Any) -> None:
+# When each order's caption first said "done", and how many different captions it showed.
+COMPARE_WATCH_JS = """(names) => {
+  window.__done = {}; window.__progress = {};
+  const start = performance.now();
+  for (const name of names) {
+    const el = document.querySelector(`#cmp-${name}-caption`);
+    let last = el.innerText;
+    window.__progress[name] = 0;
+    new MutationObserver(() => {
+      const text = el.innerText;
+      if (text === last) return;
+      last = text;
+      window.__progress[name] += 1;
+      if (text.includes('done') && !(name in window.__done)) window.__done[name] = performance.now() - start;
+    }).observe(el, {subtree: true, childList: true, characterData: true});
+  }
+}"""
+
+
+def test_a_model_that_cannot_load_is_explained_to_a_visitor(page: Any) -> None:
     open_tab(page, "Generate")
     seed = page.get_by_label("Seed").first
     seed.fill("0")
@@ -218,6 +283,26 @@ def test_random_seed_and_a_model_that_cannot_load(page: Any) -> None:
     before = model.input_value()
     model.click()
     page.get_by_role("option", name=re.compile("EAR-adaLN-B")).click()  # offline: HF_HUB_OFFLINE=1
-    page.get_by_text(re.compile("EAR-adaLN-B' cannot be loaded")).first.wait_for()
+    toast = page.get_by_text(re.compile("EAR-adaLN-B' is not downloaded on this server"))
+    toast.first.wait_for()
+    text = toast.first.inner_text()
+    assert "python -m ear download EAR-adaLN-B" in text
+    assert "HF_HUB_OFFLINE" not in text and "--model" not in text  # the command-line form is in the log
     page.wait_for_function("([el, value]) => el.value === value", arg=[model.element_handle(), before])
     page.screenshot(path=ARTIFACTS / "browser-model-unavailable.png")
+
+
+def test_model_info_is_a_readable_table_without_server_paths(page: Any, server: tuple[str, str]) -> None:
+    open_tab(page, "Model info")
+    table = page.locator("#model-info table")
+    headers = table.locator("th").all_inner_texts()
+    assert headers[0] == "Model" and all(h.strip() for h in headers), headers  # no empty header row
+    lines = table.locator("td:first-child").evaluate_all(
+        "(cells) => cells.map((cell) => { const range = document.createRange();"
+        " range.selectNodeContents(cell); return [cell.innerText, range.getClientRects().length]; })")
+    assert lines and all(count == 1 for _, count in lines), lines  # no label broken ("Paramet ers")
+    text = table.inner_text()
+    assert str(REPO) not in text and "/tmp" not in text
+    if server[1] == "ear-emoji":
+        assert "bundled with the app" in text
+    page.screenshot(path=ARTIFACTS / "browser-model-info.png")

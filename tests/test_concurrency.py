@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image
 
 from tests.app_server import REPO, running_app, server_model
@@ -59,3 +60,9 @@ def test_six_clients_at_once_all_finish(server: str, tmp_path: Path) -> None:
             assert len(final) == 1
     slowest = max(u["seconds"] for u in users)
     assert slowest < TIMEOUT_S
+
+
+def test_a_refused_request_raises_the_pages_sentence(server: str) -> None:
+    client = Client(server, verbose=False)
+    with pytest.raises(AppError, match="Number of images must be between 1 and 8"):
+        client.predict(num_images=9, api_name="/generate")

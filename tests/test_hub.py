@@ -15,19 +15,9 @@ from ear import hub
 from ear.hub import HubFile, ModelEntry
 from ear.model import EAR, EARConfig
 from ear.pipeline import EARPipeline
-from tests.helpers import add_to_hub_cache, offline_hub_cache, write_tiny_model
+from tests.helpers import add_to_hub_cache, write_tiny_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
-
-@pytest.fixture
-def hub_cache(tmp_path: Path, monkeypatch) -> Path:
-    return offline_hub_cache(monkeypatch, tmp_path)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("own") / "tiny")
 
 
 def _own_files(folder: Path) -> dict[str, Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import imageio.v2 as imageio_v2
@@ -12,6 +13,8 @@ import torch
 from PIL import Image
 
 import ear.preview as preview
+from ear.growth import FULL, SKETCH, GrowthAnimation, PreviewPacer
+from ear.pipeline import EARPipeline
 from ear.preview import (
     CANVAS_RGB,
     OUTLINE_RGB,
@@ -23,7 +26,7 @@ from ear.preview import (
     save_animation,
 )
 from ear.sampler import sample
-from tests.helpers import PaletteTokenizer, tiny_ear
+from tests.helpers import PaletteTokenizer, tiny_ear, write_tiny_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -176,3 +179,150 @@ def test_frames_of_different_sizes_are_padded(tmp_path: Path) -> None:
     frames = [Image.new("RGB", (20, 10), (255, 0, 0)), Image.new("RGB", (10, 20), (0, 255, 0))]
     path = save_animation(frames, tmp_path / "a.gif")
     assert iio.imread(path, index=None).shape[1:3] == (20, 20)
+
+
+def test_a_sketch_never_decodes(states) -> None:
+    tokenizer, all_states = states
+    renderer = PreviewRenderer(tokenizer, display_size=64, outline=False)
+    blank = np.asarray(renderer.render(all_states[3], decode=False)[1])
+    assert renderer.decode_calls == 0
+    known = renderer.cell_mask(all_states[3].known)
+    assert set(map(tuple, blank[known].reshape(-1, 3))) <= set(PENDING_RGB)  # nothing decoded yet
+    decoded = np.asarray(renderer.render(all_states[5], decode=True)[1])
+    later = np.asarray(renderer.render(all_states[9], decode=False)[1])
+    assert renderer.decode_calls == 1
+    shown = renderer.cell_mask(all_states[5].known)
+    assert np.array_equal(later[shown], decoded[shown])  # the last decoded pixels, newer cells pending
+    since = renderer.cell_mask(all_states[9].known & ~all_states[5].known)
+    assert set(map(tuple, later[since].reshape(-1, 3))) <= set(PENDING_RGB)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_pacer_shows_every_step_while_canvases_are_cheap() -> None:
+    clock = FakeClock()
+    pacer = PreviewPacer(share=0.2, max_gap=0.2, clock=clock)
+    kinds = []
+    for _ in range(20):
+        clock.now += 0.05  # a step
+        kinds.append(pacer.due())
+        with pacer.showing(kinds[-1]):
+            clock.now += 0.005  # a canvas costing a tenth of a step
+    assert kinds == [FULL] * 20
+
+
+def test_pacer_skips_expensive_canvases_but_keeps_first_last_and_a_pulse() -> None:
+    clock = FakeClock()
+    pacer = PreviewPacer(share=0.1, max_gap=0.2, first=SKETCH, clock=clock)
+    shown = []
+    for step in range(1, 101):
+        clock.now += 0.01  # a 10 ms step; a full canvas costs 30 ms, a sketch 5 ms
+        kind = pacer.due(last=step == 100)
+        if kind:
+            shown.append((step, kind, clock.now))
+            with pacer.showing(kind):
+                clock.now += 0.03 if kind == FULL else 0.005
+    assert shown[0][:2] == (1, SKETCH) and shown[-1][:2] == (100, FULL)
+    gaps = [b[2] - a[2] for a, b in itertools.pairwise(shown)]
+    assert max(gaps) <= 0.2 + 0.03 + 0.01  # never longer than max_gap (plus one canvas and step)
+    assert 5 < len(shown) < 40 and {kind for _, kind, _ in shown} == {FULL, SKETCH}
+    assert pacer.spent <= 0.1 * (clock.now - pacer.spent) + 0.03 + 0.005 * len(shown)
+
+
+def test_pacer_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="share"):
+        PreviewPacer(share=-1)
+    with pytest.raises(ValueError, match="first"):
+        PreviewPacer(first="maybe")
+
+
+def _growth(all_states, tokenizer, display: int = 64) -> tuple[GrowthAnimation, list[np.ndarray]]:
+    """A GrowthAnimation of a stream, and what each of its frames must show."""
+    renderer = PreviewRenderer(tokenizer, display_size=display, fill_token=0)
+    finished = [np.asarray(i) for i in renderer.final(all_states[-1].tokens)]
+    growth = GrowthAnimation()
+    expected = []
+    for state in all_states:
+        pictures = [Image.fromarray(f) for f in finished] if state.done else None
+        growth.add(state, pictures)
+        if state.done:
+            expected.append(np.asarray(make_grid(pictures)))
+            continue
+        known, outline = renderer.cell_mask(state.known), renderer.cells.outline(state.new)
+        frames = [np.where(known[..., None], f, renderer.canvas) for f in finished]
+        for f in frames:
+            f[outline] = OUTLINE_RGB
+        expected.append(np.asarray(make_grid([Image.fromarray(f) for f in frames])))
+    return growth, expected
+
+
+def test_growth_animation_holds_every_step_painted_from_the_finished_pictures(states, tmp_path) -> None:
+    tokenizer, all_states = states
+    growth, expected = _growth(all_states, tokenizer)
+    assert growth.frame_count == len(all_states)
+    path = growth.save(tmp_path / "growth.gif", fps=10, hold_last=1.0)
+    with Image.open(path) as gif:
+        assert gif.n_frames == len(all_states)
+        for i, want in enumerate(expected):
+            gif.seek(i)
+            got = np.asarray(gif.convert("RGB")).astype(int)
+            assert got.shape == want.shape
+            # the palette keeps the canvas colours exact and the pictures' colours close
+            assert np.abs(got - want).mean() < 3, i
+        assert gif.info["duration"] == pytest.approx(1100, abs=10)  # the last frame, held
+    assert [p.name for p in tmp_path.iterdir()] == ["growth.gif"]
+
+
+def test_growth_animation_as_mp4(states, tmp_path) -> None:
+    if preview.ffmpeg_exe() is None:
+        pytest.skip("no ffmpeg binary (imageio-ffmpeg) here")
+    tokenizer, all_states = states
+    growth, _ = _growth(all_states, tokenizer)
+    path = growth.save(tmp_path / "growth.mp4", fps=8, hold_last=0.5)
+    with imageio_v2.get_reader(path, format="FFMPEG") as reader:
+        assert len(list(reader.iter_data())) == len(all_states) + 4
+
+
+def test_growth_animation_of_a_zoom_out_keeps_each_rounds_colours(states, tmp_path) -> None:
+    _, all_states = states
+    growth = GrowthAnimation()
+    red, blue = Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 255))
+    for state in all_states:
+        growth.add(state, [red, red] if state.done else None)
+    growth.add(all_states[-1], [blue, blue])  # a bridge frame: a finished frame, kept as it is
+    for state in all_states:
+        growth.add(state, [blue, blue] if state.done else None)
+    with Image.open(growth.save(tmp_path / "zoom.gif")) as gif:
+        assert gif.n_frames == 2 * len(all_states) + 1
+        colours = []
+        for i in (len(all_states) - 1, len(all_states), 2 * len(all_states)):
+            gif.seek(i)
+            colours.append(tuple(np.asarray(gif.convert("RGB"))[32, 32]))
+    assert colours == [(255, 0, 0), (0, 0, 255), (0, 0, 255)]
+
+
+def test_growth_animation_needs_finished_pictures(states, tmp_path) -> None:
+    _, all_states = states
+    growth = GrowthAnimation()
+    growth.add(all_states[0])
+    with pytest.raises(ValueError, match="no finished frames"):
+        growth.save(tmp_path / "a.gif")
+    with pytest.raises(ValueError, match="needs its pictures"):
+        growth.add(all_states[-1])
+
+
+def test_frames_are_drawn_only_when_asked_for(tmp_path) -> None:
+    pipe = EARPipeline.from_pretrained(str(write_tiny_model(tmp_path / "tiny")))
+    frames = list(pipe.stream([0, 1], seed=0))
+    renderer = frames[0]._renderer
+    assert renderer.decode_calls == 0  # streaming itself decodes nothing
+    frames[3].sketch()
+    assert renderer.decode_calls == 0
+    assert frames[-1].images[0].size == (256, 256) and renderer.decode_calls == 1
+    assert frames[-1].with_caption("x").images is frames[-1].images

@@ -8,8 +8,9 @@ from itertools import pairwise
 import pytest
 import torch
 
+from ear.draw import RowSettings, filter_rows
 from ear.order import SCHEDULES, make_schedule
-from ear.sampler import UNKNOWN, decode, filter_logits, generate, sample
+from ear.sampler import UNKNOWN, decode, generate, sample
 from tests.helpers import noisy_model
 
 
@@ -98,13 +99,29 @@ def test_off_distribution_schedule_runs():
     assert len(states) == 64 and states[-1].done
 
 
-def test_filter_logits_top_k_and_top_p():
-    logits = torch.tensor([[3.0, 2.0, 2.0, 1.0, 0.0]])
-    kept = filter_logits(logits, top_k=2, top_p=1.0).isfinite()
-    assert kept.tolist() == [[True, True, True, False, False]]  # tie at the k-th value kept
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    assert filter_logits(probs, 0, 0.7).isfinite().tolist() == [[True, True, False, False]]
-    assert filter_logits(probs, 0, 0.4).isfinite().tolist() == [[True, False, False, False]]
+def _rows(vocab: int, top_k, top_p, temperature=1.0) -> RowSettings:
+    batch = len(top_k) if isinstance(top_k, list) else 1
+    return RowSettings.build(batch, vocab, cfg_scale=1.0, temperature=temperature, top_k=top_k, top_p=top_p,
+                             greedy=False, keys=torch.zeros(batch, dtype=torch.long))
+
+
+def test_filter_top_k_and_top_p():
+    logits = torch.tensor([[[3.0, 2.0, 2.0, 1.0, 0.0]]])
+    kept = filter_rows(logits, _rows(5, 2, 1.0)).isfinite()
+    assert kept.tolist() == [[[True, True, True, False, False]]]  # tie at the k-th value kept
+    probs = torch.tensor([[[0.5, 0.3, 0.15, 0.05]]]).log()
+    assert filter_rows(probs, _rows(4, 0, 0.7)).isfinite().tolist() == [[[True, True, False, False]]]
+    assert filter_rows(probs, _rows(4, 0, 0.4)).isfinite().tolist() == [[[True, False, False, False]]]
+    # top-p sees the temperature-scaled probabilities of what top-k kept
+    assert filter_rows(probs, _rows(4, 3, 0.7)).isfinite().tolist() == [[[True, True, False, False]]]
+    assert filter_rows(probs, _rows(4, 0, 0.6)).isfinite().sum().item() == 2
+    assert filter_rows(probs, _rows(4, 0, 0.6, temperature=0.5)).isfinite().sum().item() == 1
+
+
+def test_filter_is_per_row():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().expand(3, 1, 4)
+    rows = _rows(4, [1, 0, 3], [1.0, 0.7, 1.0])
+    assert filter_rows(logits, rows).isfinite().sum(-1).flatten().tolist() == [1, 2, 3]
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -1,0 +1,486 @@
+"""The decode runner: EAR's sampling loop with static shapes, the fast path behind `ear.sampler`.
+
+`ear/model.py` is the readable reference; this module computes the same numbers with less work
+per step:
+
+* weights prepared once per set of weights (rebuilt when they change): RMSNorm gains folded into
+  the next linear where there is no adaLN, the two FFN inputs fused, the mask token appended to
+  the token table; on a CPU the float32 linears are pre-packed for MKL, or quantised to int8;
+* adaLN modulation computed once per generation (the class never changes), with the norm gain
+  folded into the scale;
+* per schedule step, precomputed: fed and written positions, the block-causal mask, the rotary
+  table as complex numbers (one multiply rotates q and k, and writes q, k, v into the cache);
+* a KV cache per batch bucket allocated once and reused (a pool, so concurrent streams never share
+  one), the output head on the query rows only, and the draw (`ear.draw`) on the device;
+* on CUDA, every step after the first replayed as a CUDA graph (captured on first use per step
+  and bucket, one memory pool), and each step's tokens copied to pinned memory while the next step
+  already runs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ear.draw import RowSettings, cell_streams, draw, guide, vocab_codes
+from ear.model import EAR, _Layout
+from ear.order import Schedule
+
+Picker = Callable[[int, torch.Tensor], torch.Tensor]
+LINEAR_MODES = ("auto", "plain", "packed", "int8")
+MAX_IDLE_SLOTS = 4  # caches kept for reuse once their stream ended
+
+
+def _has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as info:
+            return "vnni" in info.read()
+    except OSError:
+        return False
+
+
+# Without VNNI, int8 products of full-range activations can saturate in FBGEMM: use 7 bits there.
+_REDUCE_RANGE = not _has_vnni()
+
+
+class _Linear:
+    """y = x W^T in the fastest form this device and dtype allow."""
+
+    def __init__(self, weight: torch.Tensor, mode: str) -> None:
+        self.weight, self.mode = weight, mode
+        if mode == "packed":
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 64)
+        elif mode == "int8":
+            scales = (weight.abs().amax(1).clamp_min(1e-8) / 127).double()
+            zeros = torch.zeros(weight.shape[0], dtype=torch.long)
+            with warnings.catch_warnings():  # the quantised-tensor constructors warn of their future
+                warnings.simplefilter("ignore")
+                q = torch.quantize_per_channel(weight.float(), scales, zeros, 0, torch.qint8)
+                self.packed = torch.ops.quantized.linear_prepack(q, None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "packed":
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, 64)
+        if self.mode == "int8":
+            return torch.ops.quantized.linear_dynamic(x, self.packed, _REDUCE_RANGE)
+        return F.linear(x, self.weight)
+
+
+def _linear_mode(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    if requested not in LINEAR_MODES:
+        raise ValueError(f"linear mode must be one of {LINEAR_MODES}, got {requested!r}")
+    cpu_f32 = device.type == "cpu" and dtype == torch.float32
+    if requested in ("packed", "int8") and not cpu_f32:
+        raise ValueError(f"{requested!r} linears need a float32 model on the CPU")
+    if requested == "auto":
+        packable = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+        return "packed" if cpu_f32 and packable else "plain"
+    return requested
+
+
+@dataclass
+class _LayerWeights:
+    wqkv: _Linear
+    wo: _Linear
+    w13: _Linear  # w1 and w3 stacked: one product, then split
+    w2: _Linear
+    ada: tuple[torch.Tensor, torch.Tensor] | None  # adaLN linear (weight, bias)
+    gains: tuple[torch.Tensor, torch.Tensor]  # attention / ffn RMSNorm gains (folded if no adaLN)
+
+
+class _Weights:
+    def __init__(self, model: EAR, mode: str) -> None:
+        dim = model.config.dim
+        self.embed = torch.cat([model.tok_embeddings.weight, model.mask_token.weight]).detach()
+        self.layers = []
+        for block in model.layers:
+            a, f = block.attention, block.feed_forward
+            g1, g2 = block.attention_norm.weight.detach(), block.ffn_norm.weight.detach()
+            adaln = block.ada_lin is not None
+            wqkv = a.wqkv.weight.detach() if adaln else a.wqkv.weight.detach() * g1
+            w13 = torch.cat([f.w1.weight, f.w3.weight]).detach()
+            self.layers.append(_LayerWeights(
+                wqkv=_Linear(wqkv.contiguous(), mode), wo=_Linear(a.wo.weight.detach(), mode),
+                w13=_Linear(w13 if adaln else w13 * g2, mode), w2=_Linear(f.w2.weight.detach(), mode),
+                ada=(block.ada_lin[1].weight.detach(), block.ada_lin[1].bias.detach()) if adaln else None,
+                gains=(g1, g2)))
+        self.head = _Linear((model.output.weight * model.norm.weight).detach(), mode)
+        self.classes = model.cls_embedding.embedding_table.weight.detach()
+        self.dim, self.eps = dim, model.config.norm_eps
+
+
+@dataclass
+class _Plan:
+    """One schedule step: positions start..end-1 are fed (class token and/or the previous step's
+    tokens, then this step's mask queries); `fed`/`out` index the generation-order token buffer."""
+
+    k: int
+    start: int
+    end: int
+    fed: slice
+    out: slice
+    with_class: bool
+    mask: torch.Tensor  # (L, end) bool, [query, slot]
+    rope: torch.Tensor  # (L, 3, 1, head_dim/2) complex64; the v plane is 1
+
+    @property
+    def num_queries(self) -> int:
+        return self.out.stop - self.out.start
+
+
+def _plan(layout: _Layout, k: int, first: int) -> _Plan:
+    b = layout.schedule.boundaries
+    start, fed = (0, slice(0, b[k])) if k == first else (b[k - 1] + 1, slice(b[k - 1], b[k]))
+    end = b[k + 1] + 1
+    cos, sin = layout.rope[start:end].unbind(-1)
+    qk = torch.complex(cos, sin)[:, None, :]
+    rope = torch.stack([qk, qk, torch.ones_like(qk)], dim=1)
+    return _Plan(k, start, end, fed, slice(b[k], b[k + 1]), k == first,
+                 layout.infer_mask[start:end, :end], rope)
+
+
+@dataclass(eq=False)  # identity: slots are found in the idle pool by who they are
+class _Slot:
+    """Everything one generation writes, for one (schedule, bucket, guidance): reused, never shared."""
+
+    epoch: int  # the prepared weights it was made for
+    rows: int  # model rows: bucket, doubled under guidance
+    bucket: int
+    caches: list[torch.Tensor]  # per layer (rows, slots, planes, heads, head_dim)
+    complex_caches: list[torch.Tensor] | None  # float32: complex views the rotation writes into
+    tokens: torch.Tensor  # (bucket, n) generation order
+    streams: torch.Tensor  # (bucket, n) noise stream per row and generation-order cell
+    cond: torch.Tensor  # (rows, 1, dim) class embeddings
+    mods: list[torch.Tensor]  # per layer (6, rows, 1, dim): gamma1, gamma2, scale1, scale2, shift1, shift2
+    settings: RowSettings | None = None
+    host: torch.Tensor | None = None  # pinned copy of `tokens` (CUDA)
+    graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = field(default_factory=dict)
+    mask_ids: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _bucket(batch: int, device: torch.device) -> int:
+    """CUDA graphs are captured per batch size, so CUDA rounds up to a power of two; a CPU computes
+    exactly the rows asked for."""
+    return 1 << (batch - 1).bit_length() if device.type == "cuda" else batch
+
+
+def _graphs_default(device: torch.device) -> bool:
+    """Graphs on CUDA, except under ZeroGPU (a fresh GPU worker per call: capture would cost more
+    than it saves) or when EAR_CUDA_GRAPHS=0."""
+    if device.type != "cuda" or os.environ.get("EAR_CUDA_GRAPHS", "1") == "0":
+        return False
+    return not os.environ.get("SPACES_ZERO_GPU")
+
+
+class DecodeRunner:
+    """The fast decode loop for one model. Get it with `runner_for(model)`."""
+
+    def __init__(self, model: EAR, linear: str = "auto", graphs: bool | None = None) -> None:
+        self._model = weakref.ref(model)
+        self.linear_request = linear
+        self.graphs_request = graphs
+        self._lock = threading.Lock()
+        self._fingerprint: tuple | None = None
+        self._free: dict[tuple, list[_Slot]] = {}
+        self._idle_order: list[tuple[tuple, _Slot]] = []
+        self._epoch = 0
+        self.capture_seconds = 0.0
+
+    # ---- weights, buckets, slots ---------------------------------------------------------------
+
+    @property
+    def model(self) -> EAR:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this runner no longer exists")
+        return model
+
+    def _refresh(self) -> None:
+        """(Re)build the prepared weights when the model's weights, dtype or device changed."""
+        model = self.model
+        fingerprint = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+        with self._lock:
+            if fingerprint != self._fingerprint:
+                self._rebuild(model, fingerprint)
+
+    def _rebuild(self, model: EAR, fingerprint: tuple) -> None:
+        weight = model.output.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.mode = _linear_mode(self.linear_request, self.device, self.dtype)
+        with torch.inference_mode():
+            self.weights = _Weights(model, self.mode)
+            self.codes = vocab_codes(model.config.vocab_size, self.device)
+        self.use_graphs = _graphs_default(self.device) if self.graphs_request is None else self.graphs_request
+        if self.use_graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a model on a CUDA device")
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._free.clear()
+        self._idle_order.clear()
+        self._plans: dict[tuple[str, int, int], _Plan] = {}
+        self._fingerprint = fingerprint
+        self._epoch += 1  # slots still in flight are dropped when they come back
+
+    def release(self) -> None:
+        """Drop every idle cache and graph (they are made again on the next generation)."""
+        with self._lock:
+            self._free.clear()
+            self._idle_order.clear()
+
+    def cached_slots(self) -> int:
+        return sum(len(v) for v in self._free.values())
+
+    def _new_slot(self, schedule: Schedule, bucket: int, guided: bool) -> _Slot:
+        c, dev = self.model.config, self.device
+        rows, n = bucket * (2 if guided else 1), schedule.num_tokens
+        complex_cache = self.dtype == torch.float32
+        planes = 3 if complex_cache else 2  # float32 keeps q beside k and v: one write does all three
+        caches = [torch.zeros(rows, n + 1, planes, c.n_head, c.head_dim, dtype=self.dtype, device=dev)
+                  for _ in range(c.n_layer)]
+        complex_views = ([torch.view_as_complex(t.unflatten(-1, (-1, 2))) for t in caches]
+                         if complex_cache else None)
+        slot = _Slot(epoch=self._epoch, rows=rows, bucket=bucket, caches=caches, complex_caches=complex_views,
+                     tokens=torch.zeros(bucket, n, dtype=torch.long, device=dev),
+                     streams=torch.zeros(bucket, n, dtype=torch.long, device=dev),
+                     cond=torch.zeros(rows, 1, c.dim, dtype=self.dtype, device=dev),
+                     mods=[torch.zeros(6, rows, 1, c.dim, dtype=self.dtype, device=dev)
+                           for _ in range(c.n_layer)] if c.adaln else [])
+        if dev.type == "cuda":
+            slot.host = torch.zeros(bucket, n, dtype=torch.long, pin_memory=True)
+        return slot
+
+    def _acquire(self, key: tuple, schedule: Schedule, bucket: int, guided: bool) -> _Slot:
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                slot = free.pop()
+                self._idle_order.remove((key, slot))
+                return slot
+        return self._new_slot(schedule, bucket, guided)
+
+    def _give_back(self, key: tuple, slot: _Slot) -> None:
+        """Keep the slot for the next stream of its shape; beyond MAX_IDLE_SLOTS idle ones, the
+        longest-idle goes (a CPU has a bucket per batch size, which would otherwise pile up)."""
+        with self._lock:
+            if slot.epoch != self._epoch:
+                return
+            self._free.setdefault(key, []).append(slot)
+            self._idle_order.append((key, slot))
+            while len(self._idle_order) > MAX_IDLE_SLOTS:
+                old_key, old = self._idle_order.pop(0)
+                self._free[old_key].remove(old)
+
+    def _step_plan(self, layout: _Layout, k: int, first: int) -> _Plan:
+        key = (layout.schedule.name, k, first)
+        if key not in self._plans:
+            self._plans[key] = _plan(layout, k, first)
+        return self._plans[key]
+
+    # ---- one generation ------------------------------------------------------------------------
+
+    def _start(self, slot: _Slot, class_ids: torch.Tensor, rows: RowSettings, prefix: torch.Tensor,
+               order: torch.Tensor) -> None:
+        """Write this generation's classes, modulation, settings, prefix and noise streams."""
+        w, batch = self.weights, class_ids.shape[0]
+        pad = slot.bucket - batch
+        ids = torch.cat([class_ids, class_ids[:1].expand(pad)]) if pad else class_ids
+        if slot.rows != slot.bucket:
+            ids = torch.cat([ids, torch.full_like(ids, self.model.null_class)])
+        cond = F.embedding(ids.to(self.device), w.classes)[:, None]
+        slot.cond.copy_(cond)
+        for layer, mods in zip(w.layers, slot.mods, strict=False):
+            ada = F.linear(F.silu(cond), *layer.ada)
+            gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.chunk(6, dim=-1)
+            g1, g2 = layer.gains
+            mods.copy_(torch.stack([gamma1, gamma2, g1 * (1 + scale1), g2 * (1 + scale2), shift1, shift2]))
+        settings = _padded(rows, pad).to(self.device)
+        if slot.settings is None:
+            slot.settings = settings
+        else:  # same tensors (captured graphs read them), new values; the host-side flags follow
+            for name in ("cfg_scale", "temperature", "inv_temperature", "top_k", "top_p", "keys"):
+                getattr(slot.settings, name).copy_(getattr(settings, name))
+            slot.settings.guided, slot.settings.filtered = settings.guided, settings.filtered
+            slot.settings.greedy = settings.greedy
+        if prefix.shape[1]:
+            slot.tokens[:batch, : prefix.shape[1]].copy_(prefix)
+        slot.streams.copy_(cell_streams(slot.settings.keys, order.numel())[:, order.to(self.device)])
+
+    def _inputs(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
+        fed = slot.tokens[:, plan.fed]
+        if slot.rows != slot.bucket:
+            fed = fed.repeat(2, 1)
+        m = plan.num_queries
+        if m not in slot.mask_ids:
+            mask_id = self.model.config.vocab_size  # the row appended to the token table
+            slot.mask_ids[m] = torch.full((slot.rows, m), mask_id, device=self.device)
+        x = F.embedding(torch.cat([fed, slot.mask_ids[m]], dim=1), self.weights.embed)
+        return torch.cat([slot.cond, x], dim=1) if plan.with_class else x
+
+    def _attend(self, layer: _LayerWeights, h: torch.Tensor, i: int, slot: _Slot,
+                plan: _Plan) -> torch.Tensor:
+        """qkv projection, rotation written straight into the cache, attention over slots < end."""
+        rows, length, dim = h.shape
+        heads = self.model.config.n_head
+        qkv = layer.wqkv(h).view(rows, length, 3, heads, -1, 2)
+        cache = slot.caches[i]
+        if slot.complex_caches is not None:
+            written = slot.complex_caches[i][:, plan.start:plan.end]
+            torch.mul(torch.view_as_complex(qkv), plan.rope, out=written)
+            q = cache[:, plan.start:plan.end, 0]
+            k, v = cache[:, : plan.end, 1], cache[:, : plan.end, 2]
+        else:  # rotate in float32, as the reference does, then store in the compute dtype
+            rotated = torch.view_as_real(torch.view_as_complex(qkv.float()) * plan.rope).flatten(-2)
+            cache[:, plan.start:plan.end].copy_(rotated[:, :, 1:])
+            q = rotated[:, :, 0].to(self.dtype)
+            k, v = cache[:, : plan.end, 0], cache[:, : plan.end, 1]
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=plan.mask)
+        return layer.wo(y.transpose(1, 2).reshape(rows, length, dim))
+
+    def _forward(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
+        """Guided float32 logits (bucket, m, V) of this step's queries."""
+        w = self.weights
+        x = self._inputs(slot, plan)
+        shape = (w.dim,)
+        for i, layer in enumerate(w.layers):
+            if layer.ada is None:
+                x = x + self._attend(layer, F.rms_norm(x, shape, None, w.eps), i, slot, plan)
+                a, b = layer.w13(F.rms_norm(x, shape, None, w.eps)).chunk(2, dim=-1)
+                x = x + layer.w2(F.silu(a) * b)
+                continue
+            gamma1, gamma2, scale1, scale2, shift1, shift2 = slot.mods[i]
+            h = torch.addcmul(shift1, F.rms_norm(x, shape, None, w.eps), scale1)
+            x = torch.addcmul(x, gamma1, self._attend(layer, h, i, slot, plan))
+            h = torch.addcmul(shift2, F.rms_norm(x, shape, None, w.eps), scale2)
+            a, b = layer.w13(h).chunk(2, dim=-1)
+            x = torch.addcmul(x, gamma2, layer.w2(F.silu(a) * b))
+        logits = w.head(F.rms_norm(x[:, -plan.num_queries:], shape, None, w.eps)).float()
+        return guide(logits, slot.settings) if slot.rows != slot.bucket else logits
+
+    def _step(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
+        logits = self._forward(slot, plan)
+        slot.tokens[:, plan.out] = draw(logits, slot.settings, slot.streams[:, plan.out], self.codes)
+        return logits
+
+    def _replay(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
+        s = slot.settings
+        key = (plan.k, plan.start, s.filtered, s.greedy)
+        if key not in slot.graphs:
+            started = time.perf_counter()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture (the step is idempotent)
+                self._step(slot, plan)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._step(slot, plan)
+            slot.graphs[key] = (graph, logits)
+            torch.cuda.synchronize()
+            self.capture_seconds += time.perf_counter() - started
+        graph, logits = slot.graphs[key]
+        graph.replay()
+        return logits
+
+    def decode(self, class_ids: torch.Tensor, rows: RowSettings, *, prefix: torch.Tensor,
+               schedule: Schedule | None = None, pick: Picker | None = None
+               ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yield (step k, guided logits (B, m, V), tokens (B, m)) for every step after the prefix.
+        Logits stay valid until the next step. `pick(k, logits)` replaces the draw (teacher
+        forcing); otherwise tokens are drawn on the device and, on CUDA, arrive through pinned
+        memory one step behind the device."""
+        self._refresh()
+        layout = self.model.layout(schedule)
+        sched, batch = layout.schedule, class_ids.shape[0]
+        first = sched.steps_for_prefix(prefix.shape[1])
+        bucket = _bucket(batch, self.device)
+        key = (sched.name, bucket, rows.guided)
+        with torch.inference_mode():
+            slot = self._acquire(key, sched, bucket, rows.guided)
+        try:
+            with torch.inference_mode():
+                self._start(slot, class_ids, rows, prefix.to(self.device), layout.order)
+            yield from self._run(slot, layout, first, batch, pick)
+        finally:  # also when the consumer stops early: the slot goes back for the next stream
+            self._give_back(key, slot)
+
+    def _run(self, slot: _Slot, layout: _Layout, first: int, batch: int,
+             pick: Picker | None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        pending = None
+        for k in range(first, layout.schedule.num_steps):
+            plan = self._step_plan(layout, k, first)
+            if pick is not None:  # eager; the picker runs outside inference mode, as user code
+                with torch.inference_mode():
+                    logits = self._forward(slot, plan)[:batch]
+                tokens = pick(k, logits).to(device=self.device, dtype=torch.long)
+                with torch.inference_mode():
+                    slot.tokens[:batch, plan.out] = tokens
+                yield k, logits, tokens
+                continue
+            with torch.inference_mode():
+                graphed = self.use_graphs and not plan.with_class
+                logits = self._replay(slot, plan) if graphed else self._step(slot, plan)
+                if slot.host is None:
+                    tokens = slot.tokens[:batch, plan.out].clone()
+                else:
+                    slot.host[:, plan.out].copy_(slot.tokens[:, plan.out], non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record()
+            if slot.host is None:
+                yield k, logits[:batch], tokens
+                continue
+            if pending is not None:  # the device already runs step k while step k-1 is consumed
+                yield _arrived(*pending, slot, batch)
+            pending = (k, logits, ready, plan)
+        if pending is not None:
+            yield _arrived(*pending, slot, batch)
+
+
+def _arrived(k: int, logits: torch.Tensor, ready: torch.cuda.Event, plan: _Plan, slot: _Slot,
+             batch: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    ready.synchronize()
+    return k, logits[:batch], slot.host[:batch, plan.out]
+
+
+def _padded(rows: RowSettings, pad: int) -> RowSettings:
+    """Bucket padding rows repeat row 0's settings, so the host-side flags stay those of real rows."""
+    if not pad:
+        return rows
+    grow = {name: torch.cat([t, t[:1].expand(pad, *t.shape[1:])]) for name, t in
+            (("cfg_scale", rows.cfg_scale), ("temperature", rows.temperature),
+             ("inv_temperature", rows.inv_temperature), ("top_k", rows.top_k), ("top_p", rows.top_p),
+             ("keys", rows.keys))}
+    return RowSettings(**grow, guided=rows.guided, filtered=rows.filtered, greedy=rows.greedy)
+
+
+_RUNNERS: weakref.WeakKeyDictionary[EAR, DecodeRunner] = weakref.WeakKeyDictionary()
+_RUNNERS_LOCK = threading.Lock()
+
+
+def runner_for(model: EAR) -> DecodeRunner:
+    """The model's runner, made on first use (prepared weights are rebuilt if the weights change).
+    EAR_LINEAR (auto/plain/packed/int8) and EAR_CUDA_GRAPHS=0 choose its defaults."""
+    with _RUNNERS_LOCK:
+        runner = _RUNNERS.get(model)
+        if runner is None:
+            runner = _RUNNERS[model] = DecodeRunner(model, linear=os.environ.get("EAR_LINEAR", "auto"))
+        return runner
+
+
+def configure(model: EAR, *, linear: str = "auto", graphs: bool | None = None) -> DecodeRunner:
+    """Give the model a runner with these choices: linear "auto" (MKL-packed float32 on a CPU where
+    available), "plain", "packed" or "int8" (dynamic int8 on a CPU: faster, slightly different
+    tokens); graphs None = CUDA graphs on CUDA outside ZeroGPU."""
+    if linear not in LINEAR_MODES:
+        raise ValueError(f"linear mode must be one of {LINEAR_MODES}, got {linear!r}")
+    runner = DecodeRunner(model, linear=linear, graphs=graphs)
+    with _RUNNERS_LOCK:
+        _RUNNERS[model] = runner
+    return runner

@@ -1,0 +1,419 @@
+"""Many visitors, one forward pass: a batching scheduler in front of the decode engine.
+
+A forward over 16 rows costs about what a forward over one costs on a GPU (and less than 16 single
+forwards on a CPU), so requests that arrive together should be sampled together. `Scheduler.sample`
+takes one request (its classes, seed and sampling settings) with the signature of
+`ear.sampler.sample` and returns that request's own StepStates; one worker thread runs the batches:
+
+* Requests that arrive while a batch runs join it at the next step boundary if it is still early
+  (within its first `join_share` of steps, a quarter by default): a new, bigger batch replays the
+  steps done so far, and the earlier requests are handed only the states they have not had yet
+  (the replay gives their rows the same tokens again, as the next points explain). Later arrivals
+  start a second batch of their kind at once (which takes joiners in turn), and beyond `overlap`
+  such batches (2) wait for one to finish. First come, first served; at most `max_rows` rows in
+  flight; a request bigger than that runs alone.
+* Rows share a forward only when the engine can run them as one batch: same model, schedule,
+  prefix length (Extend) and guidance on or off (cfg 1 rows in a guided batch would double their
+  cost and add a rounding step). Batches of different kinds run side by side, one step of each in
+  turn, so an Extend or a Compare never waits for a long Generate batch to finish.
+* Every row keeps its own settings and randomness: row i of a request with seed s is drawn from
+  (s, i) (`ear.draw`), so its image is the same whoever else shares the batch, as long as the
+  batch's shape does not change the rounding of the forward (on a CPU in float32 no token of the
+  bundled model differed in `bench/bench_serving.py`; half precision on a GPU may differ rarely).
+* The worker never waits for a consumer: each request has its own unbounded queue of states, and
+  rendering happens in the consumer's thread. A consumer that stops (closes its generator) only
+  cancels its own rows: their results are dropped (and the rows leave the batch if it grows), and a
+  batch whose requests all stopped ends at the next step boundary.
+
+`EAR_BATCHING=0` turns batching off in the app (the benchmark's baseline); `EAR_MAX_BATCH` bounds
+the rows of one batch (memory).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import operator
+import os
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ear.model import EAR
+from ear.order import Schedule
+from ear.sampler import SamplingParams, StepState, _as_class_ids, _as_prefix, sample
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ROWS = 16
+DEFAULT_JOIN_SHARE = 0.25
+DEFAULT_OVERLAP = 2
+
+
+def batching_enabled() -> bool:
+    """EAR_BATCHING=0 serves every request with its own forwards (the old behaviour). ZeroGPU runs
+    each request in a GPU worker process of its own, where a shared worker thread cannot reach."""
+    zero_gpu = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
+    return os.environ.get("EAR_BATCHING", "1").strip() != "0" and not zero_gpu
+
+
+def max_rows_setting() -> int:
+    """Rows in flight at most, from EAR_MAX_BATCH (default 16)."""
+    raw = os.environ.get("EAR_MAX_BATCH", "").strip()
+    if not raw:
+        return DEFAULT_MAX_ROWS
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"EAR_MAX_BATCH must be a whole number >= 1, got {raw!r}")
+    return int(raw)
+
+
+def from_environment() -> Scheduler | None:
+    """The app's scheduler (EAR_MAX_BATCH rows), or None when batching is off."""
+    return Scheduler(max_rows_setting()) if batching_enabled() else None
+
+
+def attach(pipeline: Any, scheduler: Scheduler | None) -> Any:
+    """`pipeline` (an `EARPipeline`) with every generation sampled through `scheduler` (if any)."""
+    if scheduler is not None:
+        pipeline.sampler = scheduler.sample
+    return pipeline
+
+
+def log_batches() -> None:
+    """Print one line per batch (rows, requests, rows in flight, waiting) on stderr: the server log."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+@dataclass
+class ServedState(StepState):
+    """A request's own StepState (its rows only), with what it shared the step with."""
+
+    batch_rows: int = 0  # rows in the forward that produced this step
+    rows_in_flight: int = 0  # rows in every batch running at that step
+
+
+@dataclass(eq=False)
+class _Request:
+    model: EAR
+    class_ids: torch.Tensor  # (n,)
+    params: SamplingParams
+    seed: int
+    prefix: torch.Tensor  # (n, P) generation order, P may be 0
+    schedule: Schedule
+    submitted: float = field(default_factory=time.perf_counter)
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancelled: bool = False
+    received: int = 0  # states handed over so far (a batch that replays skips these)
+    began: float | None = None  # when its first batch started
+
+    @property
+    def rows(self) -> int:
+        return self.class_ids.shape[0]
+
+    @property
+    def key(self) -> tuple:
+        """What must match for rows to share a forward."""
+        return (self.model, self.schedule.name, self.prefix.shape[1], self.params.guided)
+
+
+def _whole(seed: object) -> int:
+    try:
+        value = operator.index(seed)  # ints and numpy integers, not floats
+    except TypeError:
+        value = -1
+    if isinstance(seed, bool) or value < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    return value
+
+
+class _Failed:
+    """Put into a request's queue when its batch failed: the consumer raises."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _Batch:
+    """Requests of one kind sampled together; `advance` runs one step and hands each request its
+    rows. A request joining late makes a new batch that replays the first steps: rows are drawn
+    from their own (seed, row id), so the replay gives the earlier rows the tokens they already
+    have, and each request is handed only the states it has not had yet."""
+
+    def __init__(self, number: int, requests: list[_Request]) -> None:
+        self.number, self.requests = number, requests
+        self.key = requests[0].key
+        self.started = time.perf_counter()
+        for r in requests:
+            r.began = self.started if r.began is None else r.began
+        first = requests[0]
+        per_row = [(r, i) for r in requests for i in range(r.rows)]
+        params = [r.params for r, _ in per_row]
+        prefix = torch.cat([r.prefix for r in requests])
+        self._states = sample(
+            first.model, torch.cat([r.class_ids for r in requests]),
+            cfg_scale=[p.cfg_scale for p in params], temperature=[p.temperature for p in params],
+            top_k=[p.top_k for p in params], top_p=[p.top_p for p in params],
+            greedy=[p.greedy for p in params], seed=[r.seed for r, _ in per_row],
+            row_ids=[i for _, i in per_row], prefix=prefix if prefix.shape[1] else None,
+            schedule=first.schedule)
+        self.offsets = list(itertools.accumulate([r.rows for r in requests], initial=0))
+        self.produced = 0  # states this batch has computed
+        self.num_states = first.schedule.num_steps - first.schedule.steps_for_prefix(first.prefix.shape[1]) \
+            + int(first.prefix.shape[1] > 0)
+
+    def close(self) -> None:
+        self._states.close()  # hands the engine's cache back at once
+
+    @property
+    def live_rows(self) -> int:
+        return sum(r.rows for r in self.requests if not r.cancelled)
+
+    def joined_by(self, newcomers: list[_Request]) -> _Batch:
+        """This batch's live requests and `newcomers` as one new batch (this one is closed)."""
+        self.close()
+        return _Batch(self.number, [r for r in self.requests if not r.cancelled] + newcomers)
+
+    def advance(self, rows_in_flight: int) -> bool:
+        """One step; False when the batch is finished (done, failed or nobody is listening)."""
+        if not self.live_rows:
+            self.close()
+            return False
+        try:
+            state = next(self._states)
+        except Exception as err:  # a failed forward (out of memory, a bug) fails this batch only
+            log.exception("batch %d failed", self.number)
+            for r in self.requests:
+                r.out.put(_Failed(err))
+            return False
+        self.produced += 1
+        rows = self.offsets[-1]
+        for r, start, stop in zip(self.requests, self.offsets, self.offsets[1:], strict=False):
+            if not r.cancelled and r.received < self.produced:
+                assert r.began is not None
+                r.received += 1
+                r.out.put(ServedState(state.step, state.num_steps, state.tokens[start:stop], state.known,
+                                      state.new, state.elapsed + self.started - r.began, rows,
+                                      rows_in_flight))
+        return not state.done
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    rows_in_flight: int
+    batches_running: int
+    requests_waiting: int
+    batches_started: int
+
+
+class Scheduler:
+    """Batches concurrent requests (see the module docstring). One worker thread, started on the
+    first request; thread-safe; `close()` stops it.
+
+    `max_rows` bounds the rows in flight; `join_share` is how far into its steps a batch still takes
+    newcomers of its kind (by replaying its first steps with them; 0: never); `overlap` is how many
+    batches of one kind may run at once (a newcomer that can no longer join starts another one at
+    once, up to this many, else waits); `gather_s` holds a new batch back until its first request
+    is that old, unless it is full (0: start at once)."""
+
+    def __init__(self, max_rows: int = DEFAULT_MAX_ROWS, join_share: float = DEFAULT_JOIN_SHARE,
+                 overlap: int = DEFAULT_OVERLAP, gather_s: float = 0.0) -> None:
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
+        if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 1:
+            raise ValueError(f"overlap must be an integer >= 1, got {overlap!r}")
+        if not 0 <= join_share <= 1:
+            raise ValueError(f"join_share must lie in [0, 1], got {join_share!r}")
+        if not gather_s >= 0:
+            raise ValueError(f"gather_s must be >= 0 seconds, got {gather_s!r}")
+        self.max_rows, self.join_share, self.overlap, self.gather_s = max_rows, join_share, overlap, gather_s
+        self._cond = threading.Condition()
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Batch] = []
+        self._started = 0
+        self._worker: threading.Thread | None = None
+        self._closed = False
+
+    # ---- the request side ------------------------------------------------------------------------
+
+    def sample(self, model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_scale: float = 1.0,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+               seed: int | None = None, prefix: torch.Tensor | None = None,
+               schedule: Schedule | None = None) -> Iterator[ServedState]:
+        """`ear.sampler.sample` for one request, served in a shared batch: the same states, the
+        same tokens (row i drawn from (seed, i)). Arguments are checked now; the request joins the
+        queue when the first state is asked for, and leaves it when the iterator is closed."""
+        if model.training:
+            raise ValueError("the model is in training mode (dropout, label drop): call model.eval() first")
+        ids = _as_class_ids(model, class_ids)
+        params = SamplingParams(cfg_scale, temperature, top_k, top_p, greedy)
+        seed = secrets.randbits(63) if seed is None else _whole(seed)
+        sched = model.layout(schedule).schedule
+        known = _as_prefix(model, prefix, ids.shape[0], sched)
+        return self._follow(_Request(model, ids, params, seed, known, sched))
+
+    def _follow(self, request: _Request) -> Iterator[ServedState]:
+        self._submit(request)
+        try:
+            while True:
+                item = request.out.get()
+                if isinstance(item, _Failed):
+                    raise RuntimeError(f"generation failed: {item.error}") from item.error
+                yield item
+                if item.done:
+                    return
+        finally:  # also on Stop: only this request's rows are dropped
+            self._cancel(request)
+
+    def _submit(self, request: _Request) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the scheduler has been closed")
+            self._waiting.append(request)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="ear-serving", daemon=True)
+                self._worker.start()
+            self._cond.notify()
+
+    def _cancel(self, request: _Request) -> None:
+        with self._cond:
+            request.cancelled = True
+            if request in self._waiting:
+                self._waiting.remove(request)
+
+    def stats(self) -> SchedulerStats:
+        with self._cond:
+            return SchedulerStats(self._in_flight(), len(self._running), len(self._waiting), self._started)
+
+    def close(self) -> None:
+        """Stop the worker after the current step; requests still waiting or running fail."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+            worker = self._worker
+        if worker is not None:
+            worker.join()
+
+    # ---- the worker ------------------------------------------------------------------------------
+
+    def _in_flight(self) -> int:
+        return sum(b.live_rows for b in self._running)
+
+    def _joinable(self, batch: _Batch) -> bool:
+        """Early enough that replaying the steps done so far costs little."""
+        done = max([batch.produced, *(r.received for r in batch.requests)])
+        return done <= self.join_share * batch.num_states
+
+    def _admit(self, now: float) -> tuple[list[tuple[_Batch | None, list[_Request]]], float | None]:
+        """Waiting requests that go now, in arrival order, grouped by the running batch they join
+        (None: a new batch); at most `max_rows` rows in flight in all (a request that does not fit
+        stops the admission, so nothing overtakes it). Returns them and when to look again (a
+        group held back by `gather_s`). Called with the lock held."""
+        kinds: dict[tuple, list[_Batch]] = {}
+        for batch in self._running:
+            kinds.setdefault(batch.key, []).append(batch)
+        room = self.max_rows - self._in_flight()
+        groups: dict[tuple, tuple[_Batch | None, list[_Request]]] = {}
+        left = room
+        for request in self._waiting:
+            if request.key not in groups:
+                batches = kinds.get(request.key, [])
+                if batches and self._joinable(batches[-1]):
+                    target = batches[-1]
+                elif len(batches) < self.overlap:
+                    target = None
+                else:
+                    continue  # waits until a batch of its kind finishes
+            if request.rows > left and (self._running or groups):  # bigger than max_rows: alone
+                break
+            groups.setdefault(request.key, (target, []))[1].append(request)
+            left -= request.rows
+        ready: list[tuple[_Batch | None, list[_Request]]] = []
+        wake = None
+        for target, group in groups.values():
+            due = group[0].submitted + self.gather_s
+            if target is not None or due <= now or sum(r.rows for r in group) >= room:
+                ready.append((target, group))
+                for request in group:
+                    self._waiting.remove(request)
+            else:
+                wake = due if wake is None else min(wake, due)
+        return ready, wake
+
+    def _work(self) -> None:
+        try:
+            self._loop()
+        except BaseException as err:  # a bug in the loop itself: fail everyone rather than hang them
+            log.exception("the serving worker stopped")
+            with self._cond:
+                self._fail_all(RuntimeError(f"the serving worker stopped: {err}"))
+                self._worker = None  # the next request starts a fresh one
+            raise
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                ready, wake = self._admit(time.perf_counter())
+                while not ready and not self._running and not self._closed:
+                    self._cond.wait(None if wake is None else max(0.0, wake - time.perf_counter()))
+                    ready, wake = self._admit(time.perf_counter())
+                if self._closed:
+                    self._fail_all(RuntimeError("the scheduler was closed"))
+                    return
+            for batch, requests in ready:
+                self._launch(batch, requests)
+            in_flight = self._in_flight()
+            finished = [b for b in list(self._running) if not b.advance(in_flight)]
+            for batch in finished:
+                batch.close()  # its cache goes back to the engine now, not when collected
+            with self._cond:
+                for batch in finished:
+                    self._running.remove(batch)
+                    seconds = time.perf_counter() - batch.started
+                    log.debug("batch %d finished in %.2f s", batch.number, seconds)
+
+    def _launch(self, running: _Batch | None, requests: list[_Request]) -> None:
+        """Start a batch for `requests`, or grow `running` by them (a new batch that replays)."""
+        with self._cond:
+            if running is None:
+                self._started += 1
+            number = self._started if running is None else running.number
+        try:
+            batch = _Batch(number, requests) if running is None else running.joined_by(requests)
+        except Exception as err:  # arguments were checked on submission; this is a failure, not input
+            log.exception("batch %d could not start", number)
+            for r in requests if running is None else [*running.requests, *requests]:
+                r.out.put(_Failed(err))
+            if running is not None:
+                with self._cond:
+                    self._running.remove(running)
+            return
+        with self._cond:
+            if running is None:
+                self._running.append(batch)
+            else:
+                self._running[self._running.index(running)] = batch
+            waited = time.perf_counter() - min(r.submitted for r in requests)
+            how = "started" if running is None else f"grew at step {running.produced}"
+            log.info("batch %d %s: %d rows, %d requests (the new ones waited up to %.2f s); "
+                     "%d rows in flight, %d requests waiting", number, how, batch.offsets[-1],
+                     len(batch.requests), waited, self._in_flight(), len(self._waiting))
+
+    def _fail_all(self, error: Exception) -> None:
+        for request in [*self._waiting, *(r for b in self._running for r in b.requests)]:
+            request.out.put(_Failed(error))
+        self._waiting.clear()
+        for batch in self._running:
+            batch.close()
+        self._running.clear()

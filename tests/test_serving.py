@@ -1,0 +1,295 @@
+"""The batching scheduler: a request's tokens do not depend on who shares its batch, kinds that
+cannot share a forward get batches of their own, Stop and slow consumers affect only themselves."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from ear import serving
+from ear.engine import MAX_IDLE_SLOTS, runner_for
+from ear.order import make_schedule
+from ear.pipeline import EARPipeline
+from ear.sampler import generate, sample
+from ear.serving import Scheduler, ServedState
+from tests.helpers import noisy_model, write_tiny_model
+
+TIMEOUT_S = 60
+
+
+@pytest.fixture
+def model():
+    return noisy_model()
+
+
+@pytest.fixture
+def make_scheduler() -> Iterator[Callable[..., Scheduler]]:
+    made: list[Scheduler] = []
+
+    def make(**kwargs: Any) -> Scheduler:
+        made.append(Scheduler(**kwargs))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def crowd(scheduler: Scheduler, model, requests: list[dict[str, Any]]) -> list[list[ServedState]]:
+    """Every request consumed to the end in its own thread, as the app's handlers do."""
+    def run(request: dict[str, Any]) -> list[ServedState]:
+        kwargs = dict(request)
+        return list(scheduler.sample(model, kwargs.pop("class_ids"), **kwargs))
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(run, requests, timeout=TIMEOUT_S))
+
+
+REQUESTS = [  # different settings each, all guided: one batch
+    {"class_ids": [1, 1], "seed": 7, "cfg_scale": 1.5, "temperature": 1.0, "top_k": 20, "top_p": 1.0},
+    {"class_ids": [4], "seed": 7, "cfg_scale": 3.0, "temperature": 0.7, "top_k": 0, "top_p": 0.8},
+    {"class_ids": [2, 3, 9], "seed": 123, "cfg_scale": 0.5, "temperature": 1.3, "top_k": 5, "top_p": 0.9},
+    {"class_ids": [0], "seed": 7, "cfg_scale": 2.0, "greedy": True},
+]
+
+
+def alone(model, request: dict[str, Any]) -> torch.Tensor:
+    kwargs = dict(request)
+    return generate(model, kwargs.pop("class_ids"), **kwargs)
+
+
+def test_served_in_a_crowd_equals_served_alone(model, make_scheduler):
+    rows = sum(len(r["class_ids"]) for r in REQUESTS)
+    # everyone in one batch: it starts when full (the gather window is far longer than the test)
+    scheduler = make_scheduler(max_rows=rows, gather_s=TIMEOUT_S)
+    results = crowd(scheduler, model, REQUESTS)
+    for request, states in zip(REQUESTS, results, strict=True):
+        n = len(request["class_ids"])
+        assert [s.step for s in states] == list(range(1, model.schedule.num_steps + 1))
+        assert all(s.tokens.shape == (n, 8, 8) and s.batch_rows == rows for s in states)
+        assert states[-1].done
+        assert torch.equal(states[-1].tokens, alone(model, request)), request
+    assert scheduler.stats().batches_started == 1
+
+
+def test_kinds_that_cannot_share_a_forward_get_their_own_batches(model, make_scheduler):
+    """Guidance on/off, another schedule and a prefix each make a batch of their own; all run side
+    by side and each still equals the request served alone."""
+    prefix = generate(model, [5], seed=1)[0].flatten()[list(model.schedule.order)][:9]
+    requests = [
+        {"class_ids": [1], "seed": 3, "cfg_scale": 2.0},
+        {"class_ids": [1], "seed": 3, "cfg_scale": 1.0},
+        {"class_ids": [1], "seed": 3, "cfg_scale": 2.0, "schedule": make_schedule("raster", 8)},
+        {"class_ids": [1], "seed": 3, "cfg_scale": 2.0, "prefix": prefix},
+    ]
+    scheduler = make_scheduler(max_rows=8)
+    results = crowd(scheduler, model, requests)
+    for request, states in zip(requests, results, strict=True):
+        assert all(s.batch_rows == 1 for s in states)
+        assert torch.equal(states[-1].tokens, alone(model, request))
+    assert scheduler.stats().batches_started == 4
+
+
+def test_requests_wait_for_the_next_batch_within_max_rows(model, make_scheduler):
+    """max_rows bounds the rows in flight; a request bigger than that runs alone; first come,
+    first served."""
+    scheduler = make_scheduler(max_rows=3)
+    requests = [{"class_ids": [i] * n, "seed": i, "cfg_scale": 1.5} for i, n in enumerate([2, 2, 1, 4, 1])]
+    results = crowd(scheduler, model, requests)
+    for request, states in zip(requests, results, strict=True):
+        n = len(request["class_ids"])
+        assert all(s.rows_in_flight <= max(3, n) and s.batch_rows >= n for s in states)
+        assert torch.equal(states[-1].tokens, alone(model, request))
+    assert scheduler.stats() == serving.SchedulerStats(0, 0, 0, scheduler.stats().batches_started)
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not condition():
+        assert time.monotonic() < deadline, "the scheduler did not get there in time"
+        time.sleep(0.01)
+
+
+def test_stop_drops_only_its_own_rows(model, make_scheduler):
+    scheduler = make_scheduler(max_rows=3, gather_s=TIMEOUT_S)
+    stopped = scheduler.sample(model, [2, 2], seed=5, cfg_scale=1.5)
+    kept = scheduler.sample(model, [6], seed=9, cfg_scale=1.5)
+    with ThreadPoolExecutor(1) as pool:
+        first_kept = pool.submit(next, kept)
+        assert next(stopped).batch_rows == 3  # both in one batch
+        stopped.close()  # Stop
+        states = [first_kept.result(TIMEOUT_S), *kept]
+    assert states[-1].done and all(s.batch_rows == 3 for s in states)
+    assert states[-1].rows_in_flight == 1  # the stopped rows are no longer counted
+    assert torch.equal(states[-1].tokens, generate(model, [6], seed=9, cfg_scale=1.5))
+
+
+def test_idle_caches_of_many_batch_sizes_are_not_all_kept(model, make_scheduler):
+    scheduler = make_scheduler()
+    for rows in range(1, 9):  # a CPU sizes every batch exactly: eight sizes, eight caches
+        list(scheduler.sample(model, [1] * rows, seed=rows, cfg_scale=1.5))
+    wait_until(lambda: scheduler.stats().batches_running == 0)
+    assert runner_for(model).cached_slots() <= MAX_IDLE_SLOTS  # the engine's own bound
+
+
+def test_a_batch_nobody_listens_to_ends_early(model, make_scheduler):
+    scheduler = make_scheduler()
+    states = scheduler.sample(model, [1, 2], seed=0, cfg_scale=1.5)
+    assert next(states).step == 1
+    states.close()
+    wait_until(lambda: scheduler.stats().batches_running == 0)
+    assert scheduler.stats().rows_in_flight == 0
+
+
+def test_a_consumer_that_never_reads_holds_back_nobody(model, make_scheduler):
+    scheduler = make_scheduler(max_rows=2, gather_s=TIMEOUT_S)
+    slow = scheduler.sample(model, [3], seed=1, cfg_scale=1.5)
+    fast = scheduler.sample(model, [4], seed=2, cfg_scale=1.5)
+    started = threading.Event()
+
+    def read_one() -> None:
+        next(slow)
+        started.set()  # ... and then reads nothing more
+
+    reader = threading.Thread(target=read_one, daemon=True)
+    reader.start()
+    final = list(fast)[-1]  # would hang if the batch waited for `slow`
+    assert final.done and started.wait(TIMEOUT_S)
+    wait_until(lambda: scheduler.stats().batches_running == 0)
+    rest = list(slow)  # everything was queued for it meanwhile
+    assert rest[-1].done and len(rest) == model.schedule.num_steps - 1
+    slow.close()
+
+
+def test_bad_arguments_are_refused_before_anything_is_queued(model, make_scheduler):
+    scheduler = make_scheduler()
+    for kwargs in ({"class_ids": [11]}, {"class_ids": [1], "cfg_scale": -1.0},
+                   {"class_ids": [1], "top_p": 0.0}, {"class_ids": [1], "seed": -3},
+                   {"class_ids": [1], "prefix": torch.zeros(64, dtype=torch.long)},
+                   {"class_ids": [1], "schedule": make_schedule("arms", 6)}):
+        with pytest.raises(ValueError):
+            scheduler.sample(model, kwargs.pop("class_ids"), **kwargs)
+    assert scheduler.stats().requests_waiting == 0
+    with pytest.raises(ValueError, match="max_rows"):
+        Scheduler(max_rows=0)
+    with pytest.raises(ValueError, match="overlap"):
+        Scheduler(overlap=0)
+
+
+def test_a_failed_batch_fails_its_requests_and_the_scheduler_carries_on(model, make_scheduler, monkeypatch):
+    def broken(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        raise RuntimeError("out of memory")
+        yield  # a generator, like the sampler
+
+    scheduler = make_scheduler()
+    monkeypatch.setattr(serving, "sample", broken)
+    with pytest.raises(RuntimeError, match="generation failed: out of memory"):
+        list(scheduler.sample(model, [1], seed=0))
+    monkeypatch.setattr(serving, "sample", sample)
+    assert list(scheduler.sample(model, [1], seed=0))[-1].done
+
+
+def test_settings_from_the_environment(monkeypatch):
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    monkeypatch.setenv("EAR_BATCHING", "0")
+    assert not serving.batching_enabled() and serving.from_environment() is None
+    monkeypatch.delenv("EAR_BATCHING")
+    assert serving.batching_enabled()
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")  # every call in a GPU process of its own
+    assert not serving.batching_enabled()
+    monkeypatch.delenv("SPACES_ZERO_GPU")
+    monkeypatch.setenv("EAR_MAX_BATCH", "24")
+    scheduler = serving.from_environment()
+    assert scheduler is not None and scheduler.max_rows == 24
+    monkeypatch.setenv("EAR_MAX_BATCH", "lots")
+    with pytest.raises(ValueError, match="EAR_MAX_BATCH"):
+        serving.max_rows_setting()
+
+
+def test_a_pipeline_served_by_a_scheduler_streams_the_same_pictures(tmp_path, make_scheduler):
+    pipe = EARPipeline.from_pretrained(str(write_tiny_model(tmp_path / "model")))
+    direct = list(pipe.stream(["cat", "dog"], seed=np.int64(4)))
+    assert serving.attach(pipe, None).sampler is sample
+    serving.attach(pipe, make_scheduler())
+    served = list(pipe.stream(["cat", "dog"], seed=np.int64(4)))
+    assert [f.state.step for f in served] == [f.state.step for f in direct]
+    assert torch.equal(served[-1].state.tokens, direct[-1].state.tokens)
+    assert served[-1].caption == f"{direct[-1].caption.rsplit(' · ', 1)[0]} · " \
+        f"{served[-1].state.elapsed:.2f} s · 2 rows in flight"
+    extended = list(pipe.extend(served[-1].images[0], keep=4, class_id="cat", seed=1))
+    assert extended[-1].state.done and extended[0].state.step > 1  # the prefix, then the rest
+
+
+def drain(request: serving._Request) -> list[ServedState]:
+    states = []
+    while not request.out.empty():
+        states.append(request.out.get())
+    return states
+
+
+def request(model, ids: list[int], seed: int) -> serving._Request:
+    return serving._Request(model, torch.tensor(ids), serving.SamplingParams(cfg_scale=1.5), seed,
+                            torch.zeros(len(ids), 0, dtype=torch.long), model.schedule)
+
+
+@pytest.mark.parametrize(("done", "overlap", "placed"),
+                         [(3, 2, "joins"), (4, 2, "own batch"), (4, 1, "waits"), (3, 1, "joins")])
+def test_where_a_newcomer_goes(model, done, overlap, placed):
+    """join_share 0.25 of 15 steps: a batch 3 steps in takes newcomers, one 4 steps in does not;
+    then a second batch of the kind starts at once if `overlap` allows, else the newcomer waits."""
+    scheduler = Scheduler(max_rows=8, join_share=0.25, overlap=overlap)
+    running = serving._Batch(1, [request(model, [1], 0)])
+    running.produced = done
+    newcomer = request(model, [2], 1)
+    scheduler._running.append(running)
+    scheduler._waiting.append(newcomer)
+    ready, _ = scheduler._admit(time.perf_counter())
+    expected = {"joins": [(running, [newcomer])], "own batch": [(None, [newcomer])], "waits": []}[placed]
+    assert ready == expected
+    running.close()
+
+
+def test_a_late_request_joins_by_replaying_and_nobody_gets_a_step_twice(model):
+    """The replay hands the first request only steps it has not had, with the same tokens."""
+    early, late = request(model, [1, 2], 5), request(model, [3], 6)
+    batch = serving._Batch(1, [early])
+    for _ in range(3):
+        assert batch.advance(rows_in_flight=2)
+    batch = batch.joined_by([late])
+    while batch.advance(rows_in_flight=3):
+        pass
+    steps = model.schedule.num_steps
+    for r, ids, seed, rows in ((early, [1, 2], 5, [2] * 3 + [3] * (steps - 3)), (late, [3], 6, [3] * steps)):
+        states = drain(r)
+        assert [s.step for s in states] == list(range(1, steps + 1))
+        assert [s.batch_rows for s in states] == rows
+        assert torch.equal(states[-1].tokens, generate(model, ids, seed=seed, cfg_scale=1.5))
+        assert all(b.elapsed >= a.elapsed for a, b in itertools.pairwise(states))
+
+
+@pytest.mark.parametrize(("join_share", "overlap"), [(0.0, 1), (1.0, 1), (0.0, 2), (0.25, 2)])
+def test_requests_arriving_during_a_batch_all_get_their_own_steps(model, make_scheduler, join_share,
+                                                                  overlap):
+    """Whether they join the running batch, start another or wait: every step once, in order,
+    tokens as if alone."""
+    scheduler = make_scheduler(max_rows=16, join_share=join_share, overlap=overlap)
+    requests = [{"class_ids": [i] * (1 + i % 3), "seed": i, "cfg_scale": 1.5} for i in range(8)]
+
+    def staggered(i: int) -> list[ServedState]:
+        time.sleep(0.002 * i)
+        kwargs = dict(requests[i])
+        return list(scheduler.sample(model, kwargs.pop("class_ids"), **kwargs))
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(staggered, range(len(requests)), timeout=TIMEOUT_S))
+    for request, states in zip(requests, results, strict=True):
+        assert [s.step for s in states] == list(range(1, model.schedule.num_steps + 1))
+        assert torch.equal(states[-1].tokens, alone(model, request))
