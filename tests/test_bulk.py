@@ -146,7 +146,7 @@ def test_a_different_run_in_the_same_folder_is_refused(tmp_path: Path, monkeypat
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--classes", "0,nonsense-class"], "Unknown class 'nonsense-class'"),
-    (["--classes", "0,99"], "class id must lie in [0, 37]"),
+    (["--classes", "0,999"], "class id must lie in [0, 227]"),
     (["--classes", "1,0-2"], "more than once"),
     (["--per-class", "0"], "--per-class must be at least 1"),
     (["--batch", "0"], "--batch must be at least 1"),
