@@ -146,7 +146,7 @@ def test_a_different_run_in_the_same_folder_is_refused(tmp_path: Path, monkeypat
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--classes", "0,nonsense-class"], "Unknown class 'nonsense-class'"),
-    (["--classes", "0,99"], "class id must lie in [0, 37]"),
+    (["--classes", "0,999"], "class id must lie in [0, 227]"),
     (["--classes", "1,0-2"], "more than once"),
     (["--per-class", "0"], "--per-class must be at least 1"),
     (["--batch", "0"], "--batch must be at least 1"),
@@ -198,7 +198,8 @@ def test_fid_hands_both_batches_to_torch_fidelity(reference: Path, tmp_path: Pat
     assert main(["sample", *SMALL, "--out", str(out), "--fid", str(ref)]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     with np.load(reference) as data:
-        assert printed == {"fid": 6.0, "inception_score": float(data["arr_0"][0].mean()),
+        # the stand-in averages in float32, numpy in float64: equal up to rounding
+        assert printed == {"fid": 6.0, "inception_score": pytest.approx(float(data["arr_0"][0].mean())),
                            "inception_score_std": 0.0}
     assert seen["input2"][2].shape == (3, 32, 32) and seen["input2"][2].dtype.is_floating_point is False
     assert seen["feature_extractor_weights_path"] == str(weights) and seen["fid"] and seen["isc"]

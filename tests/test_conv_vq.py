@@ -73,3 +73,19 @@ def test_crops_and_full_images_share_statistics() -> None:
     crop = vq.encoder(images[..., 8:56, 8:56])
     assert torch.allclose(full[..., 6:10, 6:10], crop[..., 4:8, 4:8], atol=1e-4)
     assert not torch.allclose(full[..., 2:4, 2:4], crop[..., 0:2, 0:2], atol=1e-4)
+
+
+def test_frozen_codes_train_the_decoder_only() -> None:
+    """A decoder-only step leaves every token grid as it was (encoder and codebook untouched)."""
+    torch.manual_seed(0)
+    vq = ConvVQ(ConvVQConfig(**SMALL)).train()
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    ids, state = vq.encode(images), {k: v.clone() for k, v in vq.state_dict().items()}
+    opt = torch.optim.SGD(vq.parameters(), lr=0.1)
+    out = vq(images, frozen_codes=True)
+    out["loss"].backward()
+    opt.step()
+    assert all(p.grad is None for p in vq.encoder.parameters())
+    changed = {k for k, v in vq.state_dict().items() if not torch.equal(v, state[k])}
+    assert changed and all(k.startswith("decoder.") for k in changed)
+    assert torch.equal(vq.encode(images), ids) and torch.equal(out["ids"], ids)

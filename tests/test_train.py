@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -12,14 +13,17 @@ import torch
 from PIL import Image
 
 from ear.train.__main__ import main
-from ear.train.common import augment, batch_indices
+from ear.train.common import augment, batch_indices, warm_start
 from ear.train.data import (
     ImageDataset,
+    bare_code,
     build_folder_dataset,
     fetch_npm_package,
     is_heldout,
     load_dataset,
+    read_name_list,
 )
+from ear.train.stage_ear import class_balanced, ear_split
 
 # (category, subcategory, number of distinct emoji)
 FAKE_SUBCATEGORIES = [("Smileys & Emotion", "face-smiling", 4), ("Smileys & Emotion", "face-hat", 1),
@@ -40,7 +44,7 @@ def make_fake_package(root: Path) -> Path:
     entries, k = [], 0
     for category, sub, count in FAKE_SUBCATEGORIES:
         for _ in range(count):
-            code = f"{0x1F600 + k:X}"
+            code = f"{0x1F600 + k:X}" + ("-FE0F" if k == 1 else "")  # FE0F as emoji-datasource writes it
             entry = {"unified": code, "image": f"{code.lower()}.png", "category": category,
                      "subcategory": sub, "has_img_twitter": True, "has_img_google": k % 5 != 0,
                      "has_img_apple": True}
@@ -63,6 +67,17 @@ def make_fake_package(root: Path) -> Path:
     return root
 
 
+def make_fake_names(root: Path, package: Path) -> Path:
+    """The emojibase-data layout: en/data.json with a CLDR-style label per emoji (hexcode without
+    FE0F, as emojibase writes it) and one entry the images lack."""
+    entries = json.loads((package / "emoji.json").read_text())
+    labels = [{"hexcode": bare_code(e["unified"]), "label": f"emoji {i}"} for i, e in enumerate(entries)]
+    labels.append({"hexcode": "1FAFF", "label": "not drawn"})
+    (root / "en").mkdir(parents=True)
+    (root / "en" / "data.json").write_text(json.dumps(labels))
+    return root
+
+
 def make_folder(root: Path, classes: int = 2, per_class: int = 6) -> Path:
     rng = np.random.default_rng(0)
     for c in range(classes):
@@ -74,7 +89,8 @@ def make_folder(root: Path, classes: int = 2, per_class: int = 6) -> Path:
 
 def test_emoji_package_dataset(tmp_path: Path) -> None:
     pkg = make_fake_package(tmp_path / "pkg")
-    data = load_dataset(str(pkg), cache_dir=tmp_path / "cache", min_class_size=3, heldout_fraction=0.3)
+    data = load_dataset(str(pkg), cache_dir=tmp_path / "cache", min_class_size=3, heldout_fraction=0.3,
+                        class_set="subcategory")
     # face-smiling (4) and animal-bird (3) stay; face-hat + face-tongue merge into a class of 2 ->
     # dropped; Flags (1) dropped; Component always dropped
     assert data.class_names == ["animal-bird", "face-smiling"]
@@ -97,6 +113,62 @@ def test_emoji_package_dataset(tmp_path: Path) -> None:
     assert len(cached) == 1
     again = ImageDataset.load(cached[0])
     assert np.array_equal(again.images, data.images) and again.class_names == data.class_names
+
+
+def test_per_emoji_classes_named_by_cldr(tmp_path: Path) -> None:
+    pkg = make_fake_package(tmp_path / "pkg")
+    source = os.pathsep.join([str(pkg), str(make_fake_names(tmp_path / "names", pkg))])
+    everything = load_dataset(source, cache_dir=tmp_path / "cache", class_set="all")
+    # one class per drawn emoji (Component dropped), in emoji.json order; skin tones join their emoji
+    assert everything.class_names == [f"emoji {i}" for i in range(13) if i not in (7, 8, 9)]
+    toned = everything.labels[everything.keys == "1F600"]
+    assert len(toned) == 3 and len(set(toned.tolist())) == 1  # default + tone in Twemoji, tone in Noto
+    assert everything.class_names[everything.labels[everything.keys == "1F601-FE0F"][0]] == "emoji 1"
+
+    wanted = tmp_path / "wanted.txt"
+    wanted.write_text("# a comment\nemoji 3\n\nemoji 1  # the FE0F one\nemoji 3\n")
+    assert read_name_list(wanted) == ["emoji 3", "emoji 1"]
+    chosen = load_dataset(source, cache_dir=tmp_path / "cache", class_set=str(wanted))
+    assert chosen.class_names == ["emoji 3", "emoji 1"]  # list order
+    assert sorted(chosen.keys.tolist()) == ["1F601-FE0F", "1F601-FE0F", "1F603", "1F603"]
+
+    wanted.write_text("emoji 3\nnot drawn\n")  # a name without images is an error, not a silent drop
+    with pytest.raises(ValueError, match="not drawn"):
+        load_dataset(source, cache_dir=tmp_path / "cache", class_set=str(wanted))
+    with pytest.raises(ValueError, match="CLDR"):  # per-emoji names need emojibase-data
+        load_dataset(str(pkg), cache_dir=tmp_path / "cache", class_set="all")
+    with pytest.raises(ValueError, match="class set"):
+        load_dataset(str(pkg), cache_dir=tmp_path / "cache", class_set="no-such-set")
+
+
+def test_ear_split_keeps_every_class_trainable() -> None:
+    """Held-out emoji that are whole classes train the EAR; held-out images of seen classes stay out."""
+    n = 6
+    data = ImageDataset(np.zeros((n, 4, 4, 3), np.uint8), np.array([0, 0, 1, 1, 2, 2]), ["a", "b", "c"],
+                        np.array(["twitter"] * n), np.array(list("aabbcc")),
+                        np.array([False, True, True, True, False, False]))
+    train, held = ear_split(data)
+    assert sorted(train.labels.tolist()) == [0, 1, 1, 2, 2] and held.labels.tolist() == [0]
+
+
+def test_class_balanced_pool_evens_out_classes() -> None:
+    labels = torch.tensor([0] * 12 + [1] * 2 + [2] * 3)
+    drawn = torch.bincount(labels[class_balanced(labels)])
+    assert drawn.tolist() == [12, 12, 12]  # 12 x 1, 2 x 6, 3 x 4
+
+
+def test_warm_start_copies_matching_tensors(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from ear.model import EAR, EARConfig
+
+    old = EAR(EARConfig(dim=32, n_layer=1, n_head=2, vocab_size=16, num_classes=3, grid_size=4))
+    new = EAR(EARConfig(dim=32, n_layer=1, n_head=2, vocab_size=16, num_classes=5, grid_size=4))
+    save_file({k: v.half() for k, v in old.state_dict().items()}, str(tmp_path / "ear.safetensors"))
+    fresh = warm_start(new, tmp_path / "ear.safetensors")
+    assert fresh == ["cls_embedding.embedding_table.weight"]  # the class table changed size
+    w = "layers.0.attention.wqkv.weight"
+    assert torch.allclose(new.state_dict()[w], old.state_dict()[w].half().float())
 
 
 def test_fetch_unpacks_an_npm_tarball_without_network(tmp_path: Path) -> None:
@@ -171,3 +243,30 @@ def test_training_smoke_both_stages_with_resume(tmp_path: Path) -> None:
     pipe = EARPipeline.from_pretrained(str(asset))
     images = pipe.generate([0, 1], seed=0, display_size=64)
     assert len(images) == 2 and images[0].size == (64, 64)
+
+
+def test_gpu_recipe_and_evaluation_run_tiny_on_cpu(tmp_path: Path) -> None:
+    """The GPU recipe's exact stage flags, shrunk by the appended extras, then the evaluation."""
+    torch.manual_seed(0)
+    npz, run, asset = tmp_path / "prepared.npz", tmp_path / "run", tmp_path / "asset"
+    main(["prepare", "--data", str(make_folder(tmp_path / "imgs")), "--cache-dir", str(tmp_path / "cache"),
+          "--out", str(npz)])
+    tiny = "--steps 2 --batch 4 --warmup 1 --save-every 2"
+    main(["recipe", "gpu", "--data", str(npz), "--run-dir", str(run), "--export", str(asset),
+          f"--tokenizer-extra={tiny} --channels 8 16 16 --codebook-size 16 --codebook-dim 4 --crop 32",
+          f"--ear-extra={tiny} --dim 32 --n-layer 1 --n-head 2 --aug-copies 1"])
+    stats = json.loads((run / "ear" / "ear_stats.json").read_text())
+    assert stats["steps"] == 2 and np.isfinite(stats["train_loss"])
+    config = json.loads((asset / "config.json").read_text())
+    assert config["class_names"] == ["class0", "class1"] and config["default_class"] == "class0"
+    assert config["class_aliases"] == {}  # no alias target among these classes
+
+    from ear.train.evaluate import main as evaluate
+
+    metrics = evaluate(["--asset", str(asset), "--data", str(npz), "--out", str(tmp_path / "eval"),
+                        "--samples-per-class", "2", "--fid-dims", "4", "--media",
+                        "--media-classes", "class1", "class0"])
+    assert 0 <= metrics["samples"]["top1"] <= 1 and metrics["samples"]["chance"] == pytest.approx(0.5)
+    assert np.isfinite(metrics["samples"]["fid"]) and 0 < metrics["tokenizer"]["all"]["psnr"] < 60
+    assert (asset / "samples.png").is_file() and (asset / "growth.gif").is_file()
+    assert json.loads((asset / "config.json").read_text())["default_class"] in ("class0", "class1")

@@ -189,10 +189,20 @@ class ConvVQ(Tokenizer):
         self.quantizer = EMAQuantizer(c.codebook_size, c.codebook_dim, c.ema_decay, c.dead_threshold)
         self.decoder = Decoder(c)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, frozen_codes: bool = False) -> dict[str, torch.Tensor]:
         """Training pass -> {"loss", "l1", "l2", "commit" (scalars), "recon" (unclamped, so the pixel
-        loss keeps its gradient near the range ends), "ids"}. A plain dict so DDP can handle it."""
-        q, ids, commit = self.quantizer(self.encoder(images))
+        loss keeps its gradient near the range ends), "ids"}. A plain dict so DDP can handle it.
+
+        frozen_codes: encoder and codebook stay exactly as they are (no gradient, no EMA update), so
+        only the decoder learns. Why: token grids an EAR was trained on stay valid while the
+        pictures it decodes get sharper."""
+        if frozen_codes:
+            with torch.no_grad():
+                ids = self.encode(images)
+            q = self.quantizer.codes(ids).permute(0, 3, 1, 2).to(images.dtype)
+            commit = torch.zeros((), device=images.device)
+        else:
+            q, ids, commit = self.quantizer(self.encoder(images))
         recon = self.decoder(q).float()
         l1 = (recon - images).abs().mean()
         l2 = F.mse_loss(recon, images)

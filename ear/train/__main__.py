@@ -1,23 +1,37 @@
-"""Command line for both training stages.
+"""Command line for both training stages, data preparation and whole-run recipes.
 
     python -m ear.train tokenizer --run-dir runs/tok --export assets/ear-emoji
     python -m ear.train ear --tokenizer runs/tok --run-dir runs/ear --export assets/ear-emoji
     accelerate launch -m ear.train ear ...        # same flags on one or several GPUs
+    python -m ear.train prepare --classes all --out runs/emoji-all.npz
+    python -m ear.train recipe gpu --data runs/emoji-all.npz --run-dir runs/gpu --export runs/gpu/asset
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+from pathlib import Path
 
 
-def add_common(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
+def add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="emoji",
                    help='"emoji" (npm Twemoji + Noto), a prepared .npz, an image folder root/<class>/*, '
                         "or unpacked emoji-datasource package folders joined with os.pathsep")
     p.add_argument("--cache-dir", default=None, help="npm tarballs and prepared .npz "
                    "(default ~/.cache/ear-studio/emoji)")
+    p.add_argument("--classes", default="familiar", dest="class_set",
+                   help='emoji class set: "familiar" (228 emoji, one class each), "all" (every emoji), '
+                        '"subcategory" (broad Unicode subcategories) or a file of CLDR names')
     p.add_argument("--min-class-size", type=int, default=20,
-                   help="distinct emoji a subcategory needs to be its own class")
+                   help="distinct emoji a subcategory needs to be its own class (--classes subcategory)")
+
+
+def add_common(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
+    add_data(p)
+    p.add_argument("--init-from", default=None, metavar="FOLDER",
+                   help="warm start from an asset or run folder's weights (tensors whose name and shape "
+                        "match; e.g. a new class table is left fresh)")
     p.add_argument("--run-dir", required=True, help="checkpoints, logs and the final weights")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch", type=int, default=batch, help="global batch (split across processes)")
@@ -49,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train on random crops of this size (64 = whole images; on CPU crops were "
                           "not cheaper per pixel, so the shipped model used whole images)")
 
+    tok.add_argument("--decoder-only", action="store_true",
+                     help="train the decoder only: encoder and codebook stay fixed, so the token grids an "
+                          "EAR was trained on stay valid (use with --init-from)")
+
     ear = sub.add_parser("ear", help="train the EAR transformer on tokenized images")
     add_common(ear, steps=4000, batch=16, lr=2e-3)
     ear.add_argument("--tokenizer", required=True, help="folder with config.json + tokenizer.safetensors")
@@ -63,12 +81,47 @@ def build_parser() -> argparse.ArgumentParser:
     ear.add_argument("--dropout", type=float, default=0.0)
     ear.add_argument("--aug-copies", type=int, default=4,
                      help="tokenized copies per image (copy 0 plain, the rest shifted/zoomed)")
+    ear.add_argument("--balance-classes", action="store_true",
+                     help="repeat sequences so every class is drawn about equally often (skin-tone emoji "
+                          "have 12 images, most emoji 2)")
     ear.add_argument("--name", default="ear-emoji")
+
+    prep = sub.add_parser("prepare", help="build the data set once (CPU) as one .npz to carry to a GPU")
+    add_data(prep)
+    prep.add_argument("--out", required=True, help="the .npz to write")
+
+    rec = sub.add_parser("recipe", help="both stages with a machine's preset flags (see ear/train/recipe.py)")
+    rec.add_argument("recipe", choices=["cpu", "gpu"])
+    rec.add_argument("--data", default="emoji", help="as for the stages; a prepared .npz for the GPU")
+    rec.add_argument("--run-dir", required=True, help="gets tokenizer/ and ear/ run folders")
+    rec.add_argument("--export", default=None, help="asset folder to write at the end")
+    rec.add_argument("--init-from", default=None, help="warm start both stages from this asset folder")
+    rec.add_argument("--tokenizer-extra", default="", help="flags appended to the tokenizer stage "
+                     "(write --tokenizer-extra='--resume')")
+    rec.add_argument("--ear-extra", default="", help="flags appended to the EAR stage")
+    rec.add_argument("--dry-run", action="store_true", help="print the two stage commands only")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.stage == "prepare":
+        from ear.train.data import dataset_from_args
+
+        data = dataset_from_args(args)
+        data.save(Path(args.out))
+        print(f"{args.out}: {len(data)} images, {len(data.class_names)} classes")
+        return
+    if args.stage == "recipe":
+        from ear.train.recipe import stage_argv
+
+        stages = stage_argv(args.recipe, args.data, Path(args.run_dir), args.export, args.init_from,
+                            {"tokenizer": args.tokenizer_extra, "ear": args.ear_extra})
+        for stage in stages:
+            print("python -m ear.train " + shlex.join(stage), flush=True)
+            if not args.dry_run:
+                main(stage)
+        return
     if args.stage == "tokenizer":
         from ear.train.stage_tokenizer import train
     else:

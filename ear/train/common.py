@@ -182,11 +182,25 @@ def all_agree(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(t, reduction="sum") > 0)
 
 
+def warm_start(module: nn.Module, weights: Path) -> list[str]:
+    """Copy every tensor of a .safetensors file whose name and shape match `module`'s; returns the
+    names left at their fresh initialisation. Why: on a CPU budget a new class set or a fine-tuned
+    tokenizer starts from the shipped weights (a new class table, the same drawing skills)."""
+    from safetensors.torch import load_file
+
+    own = module.state_dict()
+    loaded = {k: v.to(own[k].dtype) for k, v in load_file(str(weights)).items()
+              if k in own and own[k].shape == v.shape}
+    module.load_state_dict(loaded, strict=False)
+    return sorted(set(own) - set(loaded))
+
+
 def prepare_training(accelerator: Accelerator, module: nn.Module, optimizer: torch.optim.Optimizer,
                      ema: EMA, progress: Progress, args: Any, run_dir: Path
                      ) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """Both stages' set-up: warm-up + cosine schedule over steps or the time budget, accelerate's
-    wrapping, EMA and progress in the checkpoint, and `--resume` from the run folder."""
+    wrapping, EMA and progress in the checkpoint, and `--resume` from the run folder (which wins
+    over the `--init-from` warm start the caller applied before building the EMA)."""
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, args.warmup, fraction_done(progress, args.steps, args.time_budget)))
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)

@@ -7,17 +7,28 @@ Sources
   not openly licensed.
 - A generic folder `root/<class>/*.png|jpg|...` (one sub-folder per class).
 
-Class set (emoji): one class per Unicode subcategory holding at least `min_class_size` distinct
-emoji; smaller subcategories are merged into "<Category> (other)", and a merged class that is still
-too small is dropped. Counting distinct emoji (not images) keeps skin-tone variants from deciding
-the class set. "Component" (bare skin-tone swatches) is always dropped. Skin tones: every emoji's
-default drawing plus its uniform-tone variants (one tone for all people in it, at most 5); the
-mixed-tone combinations (up to 25 per couple/family emoji) would otherwise swamp the data with
-near-duplicates.
+- npm package `emojibase-data` (MIT; names from Unicode CLDR) for each emoji's CLDR short name
+  ("red heart", "cat face", "flag: Japan").
+
+Class sets (emoji), `class_set`:
+- "familiar" (default): one class per emoji, named by its CLDR short name, for the emoji listed
+  in familiar_emoji.txt (228 emoji most people can name, from every category). Per-emoji
+  classes are what makes samples recognisable: a class that mixes 20 fruits is learnt as a blob.
+- "all": one class per emoji for every emoji both sets draw (about 1,870 classes; a GPU run).
+- a path to a text file of CLDR names (one per line, "#" comments): those emoji only.
+- "subcategory": the older broad classes, one per Unicode subcategory holding at least
+  `min_class_size` distinct emoji; smaller subcategories merge into "<Category> (other)", and a
+  merged class still too small is dropped.
+"Component" (bare skin-tone swatches) is always dropped. Skin tones: every emoji's default drawing
+plus its uniform-tone variants (one tone for all people in it, at most 5) belong to the emoji's
+class; the mixed-tone combinations (up to 25 per couple/family emoji) would otherwise swamp the
+data with near-duplicates.
 
 Held-out split: decided by a hash of the emoji's base code point sequence (or of the file's path in
 a folder), so the Twemoji and Noto drawings and all skin tones of one emoji land on the same side:
-held-out numbers measure generalisation to unseen emoji, not to another artist's copy.
+held-out numbers measure generalisation to unseen emoji, not to another artist's copy. With
+per-emoji classes a held-out emoji is a whole class, so only the tokenizer holds it out (the EAR
+stage must see every class it is asked to draw; see stage_ear.ear_split).
 
 The prepared dataset is cached as one compressed uint8 .npz so later runs load in about a second.
 """
@@ -32,12 +43,38 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 ALLOWED_SETS = ("twitter", "google")  # never "apple" / "facebook" (not openly licensed)
 NPM_PACKAGES = {s: f"emoji-datasource-{s}" for s in ALLOWED_SETS}
+NAMES_PACKAGE = "emojibase-data"
+FAMILIAR_LIST = Path(__file__).with_name("familiar_emoji.txt")
+CLASS_SETS = ("familiar", "all", "subcategory")
+
+# The 16 familiar emoji of the model card's sample sheet (their order is the sheet's); the
+# evaluation picks the page's default class among them (ear.train.evaluate --media).
+SHOWCASE = ("red heart", "grinning face", "face with tears of joy", "flag: Japan", "thumbs up",
+            "smiling face with heart-eyes", "loudly crying face", "fire", "party popper", "cat face",
+            "dog face", "pizza", "red apple", "sun", "rainbow", "automobile")
+
+# Names that still find a class: the broad classes of the earlier ear-emoji (where one emoji
+# stands for the whole group) and everyday words. Exported where the target is in the class set.
+CLASS_ALIASES = {
+    "heart": "red heart", "country-flag": "flag: Japan", "face-concerned": "worried face",
+    "food-fruit": "red apple", "food-prepared": "pizza", "animal-mammal": "dog face", "animal-bird": "bird",
+    "sky & weather": "sun behind cloud", "transport-ground": "automobile", "drink": "hot beverage",
+    "sport": "soccer ball", "game": "video game", "clothing": "t-shirt", "event": "party popper",
+    "place-building": "house",
+    "smiley": "grinning face", "laughing": "face with tears of joy", "crying": "loudly crying face",
+    "cat": "cat face", "dog": "dog face", "tiger": "tiger face", "pig": "pig face", "rabbit": "rabbit face",
+    "monkey": "monkey face", "apple": "red apple", "car": "automobile", "cake": "birthday cake",
+    "coffee": "hot beverage", "football": "soccer ball", "gift": "wrapped gift", "moon": "crescent moon",
+    "phone": "mobile phone", "poo": "pile of poo", "100": "hundred points", "like": "thumbs up",
+    "usa": "flag: United States", "uk": "flag: United Kingdom",
+}
 DEFAULT_CACHE = Path.home() / ".cache" / "ear-studio" / "emoji"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 DROPPED_CATEGORIES = ("Component",)
@@ -49,8 +86,10 @@ LICENCES = {
     "google": ("Noto Emoji graphics Copyright Google LLC, https://github.com/googlefonts/noto-emoji, "
                "licensed under the Apache License 2.0 (https://www.apache.org/licenses/LICENSE-2.0)."),
 }
-METADATA_LICENCE = ("Emoji metadata (names, categories) from emoji-datasource by Cal Henderson "
-                    "(https://github.com/iamcal/emoji-data), MIT License.")
+METADATA_LICENCE = ("Emoji metadata (code points, categories) from emoji-datasource by Cal Henderson "
+                    "(https://github.com/iamcal/emoji-data), MIT License; emoji names (Unicode CLDR short "
+                    "names) from emojibase-data by Miles Johnson (https://github.com/milesj/emojibase), "
+                    "MIT License, CLDR data under the Unicode License v3.")
 
 
 @dataclass
@@ -108,13 +147,20 @@ def load_rgb(path: Path, size: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
+# what to unpack from each package: (file proving it is unpacked, path prefixes to keep)
+_IMAGE_FILES = ("emoji.json",
+                ("package/emoji.json", "package/LICENSE", "package/package.json", "package/img/"))
+_NAME_FILES = ("en/data.json", ("package/en/data.json", "package/LICENSE", "package/package.json"))
+
+
 def fetch_npm_package(name: str, cache_dir: Path) -> Path:
     """`npm pack` the package into cache_dir once and unpack what we need; returns the package dir."""
+    marker, wanted = _NAME_FILES if name == NAMES_PACKAGE else _IMAGE_FILES
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / name
-    if (target / "emoji.json").is_file():
+    if (target / marker).is_file():
         return target
-    tarballs = sorted(cache_dir.glob(f"{name}-*.tgz"))
+    tarballs = sorted(cache_dir.glob(f"{name}-[0-9]*.tgz"))
     if not tarballs:
         try:
             result = subprocess.run(["npm", "pack", name, "--json", "--pack-destination", str(cache_dir)],
@@ -122,7 +168,6 @@ def fetch_npm_package(name: str, cache_dir: Path) -> Path:
         except (OSError, subprocess.CalledProcessError) as e:
             raise RuntimeError(f"could not fetch {name} with npm pack: {e}") from e
         tarballs = [cache_dir / json.loads(result.stdout)[0]["filename"]]
-    wanted = ("package/emoji.json", "package/LICENSE", "package/package.json", "package/img/")
     tmp = cache_dir / f".{name}.partial"
     with tarfile.open(tarballs[-1]) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(wanted)
@@ -131,6 +176,24 @@ def fetch_npm_package(name: str, cache_dir: Path) -> Path:
     (tmp / "package").replace(target)
     tmp.rmdir()
     return target
+
+
+def bare_code(code: str) -> str:
+    """Code points without variation selector FE0F, upper case: emoji-datasource's "unified" and
+    emojibase's "hexcode" disagree on FE0F ("2764-FE0F" vs "2764" for red heart)."""
+    return "-".join(p for p in code.upper().split("-") if p != "FE0F")
+
+
+def cldr_names(names_dir: Path) -> dict[str, str]:
+    """bare code points -> CLDR short name, from an unpacked emojibase-data package."""
+    entries = json.loads((names_dir / "en" / "data.json").read_text())
+    return {bare_code(e["hexcode"]): e["label"] for e in entries}
+
+
+def read_name_list(path: Path) -> list[str]:
+    """One CLDR name per line; blank lines and "#" comments skipped; duplicates kept once."""
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return list(dict.fromkeys(line for line in lines if line))
 
 
 Record = tuple[str, str, str, str, Path]  # set, category, subcategory, key, image path
@@ -166,22 +229,50 @@ def choose_classes(records: list[Record], min_class_size: int) -> dict[tuple[str
     return {k: name for k, name in mapping.items() if class_counts[name] >= min_class_size}
 
 
+def per_emoji_classes(records: list[Record], names: dict[str, str], wanted: list[str] | None
+                      ) -> tuple[list[str], list[str | None]]:
+    """Class names (list order, or first appearance for all emoji) and each record's class (None:
+    not in the set). Every wanted name must have images: a typo must not silently drop a class."""
+    record_names = [names.get(bare_code(r[3])) for r in records]
+    if wanted is None:
+        return list(dict.fromkeys(n for n in record_names if n)), record_names
+    missing = sorted(set(wanted) - set(record_names))
+    if missing:
+        raise ValueError(f"no images for {len(missing)} listed emoji name(s): {', '.join(missing[:8])}")
+    chosen = set(wanted)
+    return wanted, [n if n in chosen else None for n in record_names]
+
+
+def subcategory_classes(records: list[Record], min_class_size: int) -> tuple[list[str], list[str | None]]:
+    mapping = choose_classes(records, min_class_size)
+    return sorted(set(mapping.values())), [mapping.get((r[1], r[2])) for r in records]
+
+
 def build_emoji_dataset(package_dirs: list[Path], image_size: int = 64, min_class_size: int = 20,
-                        heldout_fraction: float = 0.05) -> ImageDataset:
+                        heldout_fraction: float = 0.05, class_set: str = "familiar",
+                        names_dir: Path | None = None) -> ImageDataset:
+    """class_set: see the module docstring; per-emoji sets need names_dir (emojibase-data)."""
     records = [r for d in package_dirs for r in emoji_records(d)]
     if not records:
         raise ValueError(f"no twitter/google emoji images found under {package_dirs}")
-    mapping = choose_classes(records, min_class_size)
-    records = [r for r in records if (r[1], r[2]) in mapping]
-    class_names = sorted(set(mapping.values()))
+    if class_set == "subcategory":
+        class_names, record_classes = subcategory_classes(records, min_class_size)
+    else:
+        if names_dir is None:
+            raise ValueError(f"class set {class_set!r} names classes by CLDR short name: give an unpacked "
+                             f"{NAMES_PACKAGE} package too")
+        wanted = None if class_set == "all" else read_name_list(
+            FAMILIAR_LIST if class_set == "familiar" else Path(class_set))
+        class_names, record_classes = per_emoji_classes(records, cldr_names(names_dir), wanted)
+    kept = [(r, c) for r, c in zip(records, record_classes, strict=True) if c is not None]
     index = {c: i for i, c in enumerate(class_names)}
     return ImageDataset(
-        images=np.stack([load_rgb(r[4], image_size) for r in records]),
-        labels=np.array([index[mapping[(r[1], r[2])]] for r in records], dtype=np.int64),
+        images=np.stack([load_rgb(r[4], image_size) for r, _ in kept]),
+        labels=np.array([index[c] for _, c in kept], dtype=np.int64),
         class_names=class_names,
-        sources=np.array([r[0] for r in records]),
-        keys=np.array([r[3] for r in records]),
-        heldout=np.array([is_heldout(r[3], heldout_fraction) for r in records]),
+        sources=np.array([r[0] for r, _ in kept]),
+        keys=np.array([r[3] for r, _ in kept]),
+        heldout=np.array([is_heldout(r[3], heldout_fraction) for r, _ in kept]),
     )
 
 
@@ -204,30 +295,48 @@ def build_folder_dataset(root: Path, image_size: int = 64, heldout_fraction: flo
 
 
 def load_dataset(source: str | Path = "emoji", cache_dir: Path | None = None, image_size: int = 64,
-                 min_class_size: int = 20, heldout_fraction: float = 0.05) -> ImageDataset:
-    """source: "emoji" (fetch both npm sets), a prepared .npz, an image folder `root/<class>/...`,
-    or an unpacked emoji-datasource package (a folder holding emoji.json); several unpacked packages
-    can be given joined with os.pathsep. Builds are cached as .npz in cache_dir."""
+                 min_class_size: int = 20, heldout_fraction: float = 0.05,
+                 class_set: str = "familiar") -> ImageDataset:
+    """source: "emoji" (fetch both npm image sets and emojibase-data), a prepared .npz, an image
+    folder `root/<class>/...`, or unpacked emoji-datasource packages (folders holding emoji.json)
+    plus an unpacked emojibase-data (a folder holding en/data.json), joined with os.pathsep.
+    class_set applies to emoji sources (see the module docstring). Builds are cached as .npz."""
     cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE
     text = str(source)
     if text.endswith(".npz"):
         return ImageDataset.load(Path(text))
+    if class_set not in CLASS_SETS and not Path(class_set).is_file():
+        raise ValueError(f"class set must be one of {', '.join(CLASS_SETS)} or a file of emoji names, "
+                         f"got {class_set!r}")
     if text == "emoji":
         package_dirs = [fetch_npm_package(NPM_PACKAGES[s], cache_dir) for s in ALLOWED_SETS]
+        names_dir = None if class_set == "subcategory" else fetch_npm_package(NAMES_PACKAGE, cache_dir)
         tag = "emoji"
     else:
         parts = [Path(p) for p in text.split(os.pathsep)]
         package_dirs = [p for p in parts if (p / "emoji.json").is_file()]
+        names_dir = next((p for p in parts if (p / "en" / "data.json").is_file()), None)
         tag = f"{parts[0].name}-{_fingerprint(parts):08x}"
-    cached = cache_dir / f"{tag}-{image_size}px-min{min_class_size}-h{heldout_fraction}.npz"
+    classes = class_set
+    if class_set not in ("all", "subcategory"):  # a name list: the cache follows its content
+        names_file = FAMILIAR_LIST if class_set == "familiar" else Path(class_set)
+        classes = f"list{zlib.crc32(names_file.read_bytes()):08x}"
+    cached = cache_dir / f"{tag}-{image_size}px-{classes}-min{min_class_size}-h{heldout_fraction}.npz"
     if cached.is_file():
         return ImageDataset.load(cached)
     if package_dirs:
-        data = build_emoji_dataset(package_dirs, image_size, min_class_size, heldout_fraction)
+        data = build_emoji_dataset(package_dirs, image_size, min_class_size, heldout_fraction, class_set,
+                                   names_dir)
     else:
         data = build_folder_dataset(Path(text), image_size, heldout_fraction)
     data.save(cached)
     return data
+
+
+def dataset_from_args(args: Any) -> ImageDataset:
+    """The data set the CLI flags (--data, --cache-dir, --classes, --min-class-size) describe."""
+    return load_dataset(args.data, args.cache_dir, min_class_size=args.min_class_size,
+                        class_set=args.class_set)
 
 
 def _fingerprint(paths: list[Path]) -> int:

@@ -3,16 +3,20 @@
     python -m ear.train.evaluate --asset assets/ear-emoji --out runs/eval [--sweep] [--media]
 
 What is measured and why:
-- tokenizer: held-out PSNR and codebook usage (fraction used, perplexity of code frequencies);
-- EAR: held-out cross-entropy (nats/token) next to the unigram baseline (the entropy a model that
-  ignores all context would reach), so the number says how much context the model uses;
-- a small emoji classifier trained here on real images (no pretrained nets can be downloaded):
-  its held-out accuracy says how hard the class set is; its accuracy on generated images says
-  whether the class conditioning works, next to the same images scored against shuffled labels;
-- "emoji FID": Fréchet distance between real and generated images in the classifier's feature
-  space; per class (matched) and against shuffled classes, where features are first reduced by
-  PCA so the small per-class samples give usable covariances;
-- speed: seconds per image at batch 1 (all 31 steps + decode) with the default settings.
+- tokenizer: PSNR on every image of the class set (what the model has to draw) and on the emoji
+  the tokenizer held out (generalisation), codebook usage (fraction used, perplexity);
+- EAR: cross-entropy (nats/token) on its training grids and, where classes have held-out images,
+  on those; next to the unigram baseline (what a model that ignores all context reaches);
+- feature space: the tokenizer encoder's L2-normalised 16x16x8 latent, flattened. No pretrained
+  network can be downloaded here, and this space is fixed before any sample is drawn, so generated
+  and real images are measured with the same ruler;
+- retrieval top-1: the share of generated images whose nearest real image (over every real
+  rendering, skin tones included) belongs to the class asked for; chance is the share of
+  real images in that class, averaged over the classes asked for;
+- "emoji FID": Fréchet distance, in the feature space reduced by PCA to `--fid-dims` (fitted on
+  the real renderings), between one generated image per class and the default Twemoji and Noto
+  renderings; its real-vs-real baseline is Twemoji against Noto (the gap between two artists);
+- speed: seconds per image at batch 1 (all steps + decode) with the default settings.
 """
 
 from __future__ import annotations
@@ -26,71 +30,40 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ear.pipeline import EARPipeline
-from ear.train.common import augment, to_float, update_asset
-from ear.train.data import ImageDataset, load_dataset
-from ear.train.stage_ear import heldout_loss, tokenize
+from ear.tokenizer.conv_vq import ConvVQ
+from ear.train.common import to_float, update_asset
+from ear.train.data import SHOWCASE, ImageDataset, dataset_from_args
+from ear.train.stage_ear import ear_split, token_loss, tokenize
 from ear.train.stage_tokenizer import reconstruction_stats
 
-SWEEP = [  # (cfg_scale, temperature, top_k, top_p)
-    (1.0, 1.0, 0, 1.0), (2.0, 1.0, 0, 1.0), (3.0, 1.0, 0, 1.0), (5.0, 1.0, 0, 1.0),
-    (3.0, 0.9, 0, 1.0), (3.0, 1.0, 64, 1.0), (3.0, 1.0, 0, 0.9), (5.0, 0.9, 0, 0.95),
+SWEEP = [  # (cfg_scale, temperature, top_k, top_p): per-emoji classes are sharpest at low guidance
+    (1.0, 1.0, 0, 1.0), (1.0, 0.9, 0, 1.0), (1.0, 0.8, 0, 1.0), (1.0, 1.0, 32, 1.0),
+    (1.5, 1.0, 0, 1.0), (2.0, 1.0, 0, 1.0), (3.0, 1.0, 0, 1.0),
 ]
-
-SHOWCASE = ("Smileys & Emotion (other)", "country-flag", "person-role", "time", "face-concerned",
-            "transport-ground", "heart", "sky & weather")
-
-
-class EmojiClassifier(nn.Module):
-    """Four conv stages and global pooling; the pooled 96-d vector is the FID feature."""
-
-    def __init__(self, num_classes: int, widths: tuple[int, ...] = (16, 32, 64, 96)) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 3
-        for i, c in enumerate(widths):
-            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
-            if i < len(widths) - 1:
-                layers.append(nn.MaxPool2d(2))
-            c_in = c
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(c_in, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-def train_classifier(data: ImageDataset, epochs: int, seed: int, batch: int = 64) -> EmojiClassifier:
-    train = data.split(heldout=False)
-    images, labels = torch.from_numpy(train.images), torch.from_numpy(train.labels)
-    torch.manual_seed(seed)
-    model = EmojiClassifier(len(data.class_names))
-    steps = epochs * (len(labels) // batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(labels), (batch,), generator=gen)
-        loss = F.cross_entropy(model(augment(to_float(images[idx]), gen)), labels[idx], label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval()
 
 
 @torch.no_grad()
-def classify(model: EmojiClassifier, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (N, S, S, 3) -> (predicted labels (N,), features (N, D))."""
-    preds, feats = [], []
+def features(tokenizer: ConvVQ, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """uint8 (N, S, S, 3) -> (N, g*g*d): the encoder latent, normalised per position (as the
+    quantiser sees it) and flattened. Every vector has norm g, so the largest dot product is the
+    nearest neighbour by cosine and by Euclidean distance alike."""
+    out = []
     for i in range(0, len(images), batch):
-        f = model.features(to_float(torch.from_numpy(images[i:i + batch])))
-        feats.append(f)
-        preds.append(model.head(f).argmax(1))
-    return torch.cat(preds).numpy(), torch.cat(feats).double().numpy()
+        z = tokenizer.encoder(to_float(torch.from_numpy(images[i:i + batch])))
+        out.append(F.normalize(z, dim=1).flatten(1))
+    return torch.cat(out).double().numpy() if out else np.zeros((0, 0))
+
+
+def retrieval(fake: np.ndarray, fake_labels: np.ndarray, real: np.ndarray, real_labels: np.ndarray
+              ) -> dict[str, Any]:
+    """Top-1 nearest real image per generated image; chance as in the module docstring."""
+    nearest = real_labels[(fake @ real.T).argmax(1)]
+    hit = nearest == fake_labels
+    share = np.bincount(real_labels, minlength=int(fake_labels.max()) + 1) / len(real_labels)
+    per_class = {int(c): float(hit[fake_labels == c].mean()) for c in np.unique(fake_labels)}
+    return {"top1": float(hit.mean()), "chance": float(share[fake_labels].mean()), "per_class": per_class}
 
 
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
@@ -104,10 +77,43 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
     return float(mu @ mu + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(cross).sum())
 
 
-def pca(reference: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
-    mean = reference.mean(0)
-    _, _, vt = np.linalg.svd(reference - mean, full_matrices=False)
-    return mean, vt[:dims].T
+class Ruler:
+    """The real renderings in feature space, and the PCA used for FID, fitted once per evaluation."""
+
+    def __init__(self, tokenizer: ConvVQ, data: ImageDataset, fid_dims: int) -> None:
+        self.tokenizer = tokenizer
+        self.feats, self.labels = features(tokenizer, data.images), data.labels
+        # one default rendering per emoji and set: each class weighs the same in the FID
+        first = {}
+        for i, key in enumerate(zip(data.sources.tolist(), data.keys.tolist(), strict=True)):
+            first.setdefault(key, i)
+        self.default = np.array(sorted(first.values()))
+        ref = self.feats[self.default]
+        self.mean = ref.mean(0)
+        self.proj = np.linalg.svd(ref - self.mean, full_matrices=False)[2][:fid_dims].T
+        self.sources = data.sources[self.default]
+
+    def reduce(self, feats: np.ndarray) -> np.ndarray:
+        return (feats - self.mean) @ self.proj
+
+    def real_vs_real(self) -> float:
+        """Twemoji against Noto (NaN for data without both sets, e.g. an image folder)."""
+        ref = self.reduce(self.feats[self.default])
+        twemoji, noto = ref[self.sources == "twitter"], ref[self.sources == "google"]
+        return frechet(twemoji, noto) if min(len(twemoji), len(noto)) > 1 else float("nan")
+
+    def score(self, fake: np.ndarray, fake_labels: np.ndarray) -> dict[str, Any]:
+        """Retrieval over all generated images; FID on the first generated image of each class,
+        against both sets' renderings and (a stricter, one-style reference) each set alone."""
+        f = features(self.tokenizer, fake)
+        metrics = retrieval(f, fake_labels, self.feats, self.labels)
+        _, first = np.unique(fake_labels, return_index=True)
+        ref, gen = self.reduce(self.feats[self.default]), self.reduce(f[first])
+        metrics["fid"] = frechet(ref, gen)
+        for name, source in (("fid_vs_twemoji", "twitter"), ("fid_vs_noto", "google")):
+            one = ref[self.sources == source]
+            metrics[name] = frechet(one, gen) if len(one) > 1 else float("nan")
+        return metrics
 
 
 def generate_images(pipe: EARPipeline, class_ids: list[int], settings: dict[str, Any], seed: int,
@@ -119,31 +125,6 @@ def generate_images(pipe: EARPipeline, class_ids: list[int], settings: dict[str,
         images = pipe.generate(class_ids[i:i + batch], seed=seed + i, display_size=size, **settings)
         out += [np.asarray(im.convert("RGB")) for im in images]
     return np.stack(out)
-
-
-def sample_metrics(classifier: EmojiClassifier, real: ImageDataset, fake: np.ndarray, fake_labels: np.ndarray,
-                   seed: int, pca_dims: int = 16) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
-    pred, feats = classify(classifier, fake)
-    _, real_feats = classify(classifier, real.images)
-    shuffled = rng.permutation(fake_labels)
-    metrics: dict[str, Any] = {
-        "accuracy": float((pred == fake_labels).mean()),
-        "accuracy_shuffled_labels": float((pred == shuffled).mean()),
-        "fid": frechet(real_feats, feats),
-    }
-    mean, proj = pca(real_feats, pca_dims)
-    r, g = (real_feats - mean) @ proj, (feats - mean) @ proj
-    classes = [c for c in np.unique(fake_labels) if (real.labels == c).sum() >= 4]
-    perm = {c: classes[(i + 1 + rng.integers(len(classes) - 1)) % len(classes)]
-            for i, c in enumerate(classes)} if len(classes) > 1 else {}
-    matched = [frechet(r[real.labels == c], g[fake_labels == c]) for c in classes]
-    crossed = [frechet(r[real.labels == perm[c]], g[fake_labels == c]) for c in perm]
-    metrics["class_fid_pca"] = float(np.mean(matched))
-    metrics["class_fid_pca_shuffled"] = float(np.mean(crossed)) if crossed else float("nan")
-    metrics["per_class_accuracy"] = {int(c): float((pred[fake_labels == c] == c).mean())
-                                     for c in np.unique(fake_labels)}
-    return metrics
 
 
 def speed(pipe: EARPipeline, settings: dict[str, Any], repeats: int = 5) -> float:
@@ -158,30 +139,70 @@ def speed(pipe: EARPipeline, settings: dict[str, Any], repeats: int = 5) -> floa
 
 
 def choose_default(sweep: list[dict[str, Any]]) -> dict[str, Any]:
-    """Lowest FID among settings whose accuracy is within 90 % of the best: class fidelity first,
+    """Lowest FID among settings whose retrieval is within 90 % of the best: the right emoji first,
     then realism."""
-    best_acc = max(s["accuracy"] for s in sweep)
-    eligible = [s for s in sweep if s["accuracy"] >= 0.9 * best_acc]
+    best = max(s["top1"] for s in sweep)
+    eligible = [s for s in sweep if s["top1"] >= 0.9 * best]
     return min(eligible, key=lambda s: s["fid"])["settings"]
 
 
-def write_media(pipe: EARPipeline, folder: Path, settings: dict[str, Any], classes: list[int],
-                seed: int, per_row: int = 6, size: int = 96) -> None:
-    """samples.png (one labelled row per class) and growth.gif (four classes growing step by step)."""
+def tokenizer_metrics(tokenizer: ConvVQ, data: ImageDataset) -> dict[str, Any]:
+    return {"all": reconstruction_stats(tokenizer, torch.from_numpy(data.images)),
+            "heldout": reconstruction_stats(tokenizer, torch.from_numpy(data.split(heldout=True).images))
+            if data.heldout.any() else None}
+
+
+def ear_metrics(pipe: EARPipeline, data: ImageDataset, seed: int) -> dict[str, float]:
+    """Nats/token on (up to 1,500) training grids and held-out grids, and the unigram baseline."""
+    train, held = ear_split(data)
+    rng = np.random.default_rng(seed)
+    some = np.sort(rng.choice(len(train), min(len(train), 1500), replace=False))
+    train_tokens = tokenize(pipe.tokenizer, torch.from_numpy(train.images[some]), 1, seed)[0]
+    counts = torch.bincount(train_tokens.flatten().long(), minlength=pipe.tokenizer.codebook_size)
+    logp = ((counts.double() + 1) / (counts.sum() + len(counts))).log()  # add-one: no infinite costs
+    held_tokens = tokenize(pipe.tokenizer, torch.from_numpy(held.images), 1, seed)[0]
+    model = pipe.model.float()
+    return {"train_nats_per_token": token_loss(model, train_tokens, torch.from_numpy(train.labels[some])),
+            "heldout_nats_per_token": token_loss(model, held_tokens, torch.from_numpy(held.labels)),
+            "unigram_train_nats_per_token": float(-logp[train_tokens.flatten().long()].mean())}
+
+
+def sheet(pipe: EARPipeline, data: ImageDataset, classes: list[int], settings: dict[str, Any], seed: int,
+          per_row: int = 4, size: int = 80, columns: int = 2) -> Any:
+    """Per emoji: its name, the Twemoji and Noto renderings (left of the bar), then `per_row`
+    generated samples; emoji laid out in `columns` blocks."""
     from PIL import Image, ImageDraw
 
+    gap, label_h, bar = 4, 14, 8
+    block_w = (2 + per_row) * (size + gap) + bar
+    rows = -(-len(classes) // columns)
+    row_h = label_h + size + gap
+    page = Image.new("RGB", (columns * block_w + gap * (columns + 1), rows * row_h + gap), "white")
+    draw = ImageDraw.Draw(page)
+    for n, c in enumerate(classes):
+        x0, y = gap + (n // rows) * (block_w + gap), gap + (n % rows) * row_h
+        draw.text((x0, y), pipe.class_names[c], fill=(30, 30, 30))
+        real = [data.images[(data.labels == c) & (data.sources == s)][:1] for s in ("twitter", "google")]
+        real = np.concatenate(real) if sum(map(len, real)) else data.images[data.labels == c][:2]
+        fakes = pipe.generate([c] * per_row, seed=seed + c, display_size=size, **settings)
+        tiles = [Image.fromarray(r).resize((size, size), Image.Resampling.LANCZOS) for r in real]
+        for i, tile in enumerate([*tiles, *fakes]):
+            x = x0 + i * (size + gap) + (bar if i >= len(tiles) else 0)
+            page.paste(tile.convert("RGB"), (x, y + label_h))
+        bx = x0 + len(tiles) * (size + gap) + bar // 2 - 2
+        draw.rectangle((bx - 1, y + label_h, bx + 1, y + label_h + size), fill=(150, 150, 150))
+    return page
+
+
+def write_media(pipe: EARPipeline, data: ImageDataset, folder: Path, settings: dict[str, Any],
+                classes: list[int], seed: int) -> None:
+    """samples.png (real renderings next to generated ones) and growth.gif (four classes growing)."""
     from ear.preview import make_grid, save_animation
 
-    gap, label_h = 4, 16
-    row_h = label_h + size + gap
-    sheet = Image.new("RGB", (per_row * (size + gap) + gap, len(classes) * row_h + gap), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, c in enumerate(classes):
-        y = gap + r * row_h
-        draw.text((gap, y + 2), pipe.class_names[c], fill=(40, 40, 40))
-        for i, image in enumerate(pipe.generate([c] * per_row, seed=seed + c, display_size=size, **settings)):
-            sheet.paste(image.convert("RGB"), (gap + i * (size + gap), y + label_h))
-    sheet.save(folder / "samples.png")
+    page = sheet(pipe, data, classes, settings, seed)
+    tmp = folder / "samples.tmp.png"
+    page.save(tmp)
+    tmp.replace(folder / "samples.png")
     frames = [make_grid(f.images, gap=4) for f in
               pipe.stream(classes[:4], seed=seed, display_size=128, **settings)]
     save_animation(frames, folder / "growth.gif", fps=6, hold_last=2.0)
@@ -189,88 +210,88 @@ def write_media(pipe: EARPipeline, folder: Path, settings: dict[str, Any], class
         (folder / name).chmod(0o644)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def sweep_settings(pipe: EARPipeline, ruler: Ruler, num_classes: int, per_class: int, seed: int
+                   ) -> list[dict[str, Any]]:
+    labels = np.repeat(np.arange(num_classes), per_class)
+    results = []
+    for cfg, temp, k, top_p in SWEEP:
+        settings = {"cfg_scale": cfg, "temperature": temp, "top_k": k, "top_p": top_p}
+        m = ruler.score(generate_images(pipe, labels.tolist(), settings, seed), labels)
+        results.append({"settings": settings, "top1": m["top1"], "fid": m["fid"]})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def best_drawn(per_class: dict[int, float], candidates: list[int]) -> int:
+    """The showcase class with the highest retrieval rate (first in showcase order on ties)."""
+    return max(candidates, key=lambda c: per_class.get(c, 0.0))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ear.train.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--asset", default="assets/ear-emoji")
     p.add_argument("--data", default="emoji")
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--classes", default="familiar", dest="class_set")
     p.add_argument("--min-class-size", type=int, default=20)
-    p.add_argument("--out", default="runs/eval", help="metrics.json and the cached classifier")
-    p.add_argument("--samples-per-class", type=int, default=12)
+    p.add_argument("--out", default="runs/eval", help="where metrics.json goes")
+    p.add_argument("--samples-per-class", type=int, default=4)
+    p.add_argument("--fid-dims", type=int, default=64)
     p.add_argument("--sweep", action="store_true", help="pick the default preset and store it")
-    p.add_argument("--sweep-per-class", type=int, default=3)
-    p.add_argument("--classifier-epochs", type=int, default=6)
-    p.add_argument("--media", action="store_true", help="write samples.png and growth.gif")
+    p.add_argument("--sweep-per-class", type=int, default=1)
+    p.add_argument("--media", action="store_true",
+                   help="write samples.png and growth.gif, and store the best-drawn showcase class as "
+                        "the config's default_class")
     p.add_argument("--media-classes", nargs="+", default=list(SHOWCASE),
                    help="class names for samples.png (the first four also grow in growth.gif)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     asset, out = Path(args.asset), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(args.data, args.cache_dir, min_class_size=args.min_class_size)
-    train, held = data.split(heldout=False), data.split(heldout=True)
+    data = dataset_from_args(args)
     pipe = EARPipeline.from_pretrained(str(asset), device="cpu")
-    metrics: dict[str, Any] = {"classes": len(data.class_names), "train_images": len(train),
-                               "heldout_images": len(held),
-                               "ear_parameters": pipe.model.num_params(),
-                               "tokenizer_parameters": sum(q.numel() for q in pipe.tokenizer.parameters())}
+    if pipe.class_names != data.class_names:
+        raise ValueError(f"{asset} was trained on other classes than --data/--classes give")
     t0 = time.perf_counter()
-
-    metrics["tokenizer"] = reconstruction_stats(pipe.tokenizer, torch.from_numpy(held.images))
-    held_tokens = tokenize(pipe.tokenizer, torch.from_numpy(held.images), 1, args.seed)[0]
-    rng = np.random.default_rng(args.seed)
-    some = np.sort(rng.choice(len(train), min(len(train), 1500), replace=False))
-    train_tokens = tokenize(pipe.tokenizer, torch.from_numpy(train.images[some]), 1, args.seed)[0]
-    counts = torch.bincount(train_tokens.flatten().long(), minlength=pipe.tokenizer.codebook_size)
-    counts = counts.double() + 1  # add-one smoothing: unseen codes must not cost infinity
-    logp = (counts / counts.sum()).log()
-    metrics["ear_heldout_nats_per_token"] = heldout_loss(pipe.model.float(), held_tokens,
-                                                         torch.from_numpy(held.labels))
-    metrics["unigram_heldout_nats_per_token"] = float(-logp[held_tokens.flatten().long()].mean())
-
-    clf_path = out / "classifier.pt"
-    if clf_path.is_file():
-        classifier = EmojiClassifier(len(data.class_names))
-        classifier.load_state_dict(torch.load(clf_path))
-        classifier.eval()
-    else:
-        classifier = train_classifier(data, args.classifier_epochs, args.seed)
-        torch.save(classifier.state_dict(), clf_path)
-    held_pred, _ = classify(classifier, held.images)
-    metrics["classifier_heldout_accuracy"] = float((held_pred == held.labels).mean())
-    _, train_f = classify(classifier, train.images)
-    _, held_f = classify(classifier, held.images)
-    metrics["fid_real_train_vs_heldout"] = frechet(train_f, held_f)
+    metrics: dict[str, Any] = {"classes": len(data.class_names), "images": len(data),
+                               "ear_parameters": pipe.model.num_params(),
+                               "tokenizer_parameters": sum(q.numel() for q in pipe.tokenizer.parameters()),
+                               "tokenizer": tokenizer_metrics(pipe.tokenizer, data),
+                               "ear": ear_metrics(pipe, data, args.seed)}
+    ruler = Ruler(pipe.tokenizer, data, args.fid_dims)
+    metrics["fid_twemoji_vs_noto"] = ruler.real_vs_real()
 
     config = json.loads((asset / "config.json").read_text())
+    updates: dict[str, Any] = {}
     if args.sweep:
-        labels = np.repeat(np.arange(len(data.class_names)), args.sweep_per_class)
-        results = []
-        for cfg, temp, k, top_p in SWEEP:
-            settings = {"cfg_scale": cfg, "temperature": temp, "top_k": k, "top_p": top_p}
-            fake = generate_images(pipe, labels.tolist(), settings, args.seed + 1)
-            m = sample_metrics(classifier, data, fake, labels, args.seed)
-            results.append({"settings": settings, "accuracy": m["accuracy"], "fid": m["fid"]})
-            print(json.dumps(results[-1]), flush=True)
-        metrics["sweep"] = results
-        config["presets"]["default"] = choose_default(results)
-        update_asset(asset, {}, {"presets": config["presets"]})
-    default = dict(config["presets"]["default"])
+        metrics["sweep"] = sweep_settings(pipe, ruler, len(data.class_names), args.sweep_per_class,
+                                          args.seed + 1)
+        updates["presets"] = {**config.get("presets", {}), "default": choose_default(metrics["sweep"])}
+    default = dict((updates.get("presets") or config["presets"])["default"])
     metrics["default_settings"] = default
 
     labels = np.repeat(np.arange(len(data.class_names)), args.samples_per_class)
-    fake = generate_images(pipe, labels.tolist(), default, args.seed + 2)
-    metrics["samples"] = sample_metrics(classifier, data, fake, labels, args.seed)
-    metrics["samples"]["per_class_accuracy"] = {data.class_names[c]: a for c, a in
-                                                metrics["samples"]["per_class_accuracy"].items()}
+    scored = ruler.score(generate_images(pipe, labels.tolist(), default, args.seed + 2), labels)
+    per_class = scored.pop("per_class")
+    metrics["samples"] = scored
+    metrics["per_class_top1"] = {data.class_names[c]: a for c, a in per_class.items()}
     metrics["seconds_per_image_batch1"] = speed(pipe, default)
     if args.media:
         shown = [pipe.class_id(c) for c in args.media_classes if c in data.class_names]
-        write_media(pipe, asset, default, shown or list(range(min(8, len(data.class_names)))), args.seed)
+        shown = shown or list(range(min(16, len(data.class_names))))
+        write_media(pipe, data, asset, default, shown, args.seed)
+        updates["default_class"] = data.class_names[best_drawn(per_class, shown)]
+        metrics["showcase_top1"] = {data.class_names[c]: per_class[c] for c in shown}
+    if updates:
+        update_asset(asset, {}, updates)
     metrics["eval_seconds"] = time.perf_counter() - t0
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in metrics.items() if k not in ("sweep", "samples")}, indent=2))
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("sweep", "per_class_top1")}, indent=2))
     return metrics
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,8 +29,9 @@ from ear.train.common import (
     to_float,
     train_loop,
     update_asset,
+    warm_start,
 )
-from ear.train.data import ImageDataset, attribution_text, load_dataset
+from ear.train.data import CLASS_ALIASES, SHOWCASE, ImageDataset, attribution_text, dataset_from_args
 from ear.train.stage_tokenizer import load_tokenizer, tokenizer_asset_config
 
 DEFAULT_PRESET = {"cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
@@ -69,7 +71,8 @@ def tokenize(tokenizer: ConvVQ, images: torch.Tensor, copies: int, seed: int,
             if c:
                 x = augment(x, gen)
             chunks.append(tokenizer.encode(x).flatten(1).to(torch.int16))
-        out.append(torch.cat(chunks))
+        empty = torch.zeros(0, tokenizer.grid_size**2, dtype=torch.int16)
+        out.append(torch.cat(chunks) if chunks else empty)
     return torch.stack(out)
 
 
@@ -88,18 +91,45 @@ def cached_tokens(run_dir: Path, tokenizer: ConvVQ, images: torch.Tensor, copies
 
 
 @torch.no_grad()
-def heldout_loss(model: EAR, tokens: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> float:
-    """Mean cross-entropy (nats/token) with true labels, eval mode (no label dropout)."""
+def token_loss(model: EAR, tokens: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> float:
+    """Mean cross-entropy (nats/token) with true labels, eval mode (no label dropout); NaN when
+    there is nothing to score (every held-out emoji is a class of its own)."""
+    if not len(labels):
+        return float("nan")
     model.eval()
     total = 0.0
     for i in range(0, len(labels), batch):
         t, y = tokens[i:i + batch].long(), labels[i:i + batch]
         total += float(model.loss(t, y)) * len(y)
-    return total / max(1, len(labels))
+    return total / len(labels)
+
+
+def class_balanced(labels: torch.Tensor) -> torch.Tensor:
+    """Indices into `labels` that repeat each sequence so every class comes up about equally
+    often. Why: an emoji with skin tones has 12 images where most have 2, and would otherwise take
+    a sixfold share of a short training run."""
+    counts = torch.bincount(labels)
+    repeats = (counts.max() / counts[labels]).round().clamp_min(1).long()
+    return torch.repeat_interleave(torch.arange(len(labels)), repeats)
+
+
+def ear_split(data: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
+    """(training, held-out) for the EAR: held-out images whose class has no training image join the
+    training set. With per-emoji classes a held-out emoji is a whole class, and a class-conditional
+    model cannot draw a class it never saw; the tokenizer still holds those emoji out."""
+    seen = np.unique(data.labels[~data.heldout])
+    held = data.heldout & np.isin(data.labels, seen)
+    return data.subset(~held), data.subset(held)
 
 
 def ear_asset_config(model: EAR, class_names: list[str], name: str, sources: set[str]) -> dict:
+    """The model's part of config.json. default_class and class_aliases are always rewritten so a
+    re-export with another class set never leaves a stale name behind (evaluate --media then picks
+    the best-drawn showcase class as the default)."""
+    shown = [c for c in SHOWCASE if c in class_names]
     return {"name": name, "model": model.config.to_dict(), "class_names": class_names,
+            "default_class": shown[0] if shown else class_names[0],
+            "class_aliases": {k: v for k, v in CLASS_ALIASES.items() if v in class_names},
             "presets": {"default": dict(DEFAULT_PRESET)}, "licence": WEIGHTS_LICENCE,
             "attribution": attribution_text(sources)}
 
@@ -107,8 +137,8 @@ def ear_asset_config(model: EAR, class_names: list[str], name: str, sources: set
 def train(args: argparse.Namespace) -> dict[str, float]:
     accelerator = make_accelerator(args.mixed_precision, args.seed)
     run_dir = Path(args.run_dir)
-    data = load_dataset(args.data, args.cache_dir, min_class_size=args.min_class_size)
-    train_set, heldout_set = data.split(heldout=False), data.split(heldout=True)
+    data = dataset_from_args(args)
+    train_set, heldout_set = ear_split(data)
     tokenizer = load_tokenizer(Path(args.tokenizer))
     # every process tokenizes (cheap relative to training, and no file race on shared disks)
     tokens = cached_tokens(run_dir, tokenizer, torch.from_numpy(train_set.images), args.aug_copies,
@@ -116,6 +146,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     copies, n, length = tokens.shape
     tokens = tokens.reshape(copies * n, length)
     labels = torch.from_numpy(train_set.labels).repeat(copies)
+    pool = class_balanced(labels) if args.balance_classes else torch.arange(len(labels))
     held_tokens = tokenize(tokenizer, torch.from_numpy(heldout_set.images), 1, args.seed)[0]
     held_labels = torch.from_numpy(heldout_set.labels)
 
@@ -125,6 +156,9 @@ def train(args: argparse.Namespace) -> dict[str, float]:
                        class_dropout_prob=args.class_dropout, dropout=args.dropout, rope=args.rope,
                        multiple_of=args.multiple_of)
     model = EAR(config)
+    if args.init_from:
+        fresh = warm_start(model, Path(args.init_from) / "ear.safetensors")
+        accelerator.print(f"warm start from {args.init_from}; fresh: {fresh or 'none'}")
     accelerator.print(f"EAR parameters: {model.num_params() / 1e6:.2f} M, training sequences: {len(labels)}")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -141,7 +175,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict[str, str]]:
         nonlocal smooth
-        idx = batch_indices(len(labels), args.batch, step, args.seed, rank, world)
+        idx = pool[batch_indices(len(pool), args.batch, step, args.seed, rank, world)]
         loss = wrapped(tokens[idx].long().to(accelerator.device), labels[idx].to(accelerator.device))
         smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
         return loss, {"loss": f"{smooth:.3f}"}
@@ -151,7 +185,9 @@ def train(args: argparse.Namespace) -> dict[str, float]:
                step_loss=step_loss,
                on_save=lambda: export(run_dir, ema.model, tokenizer, data, args.name))
 
-    stats = {"heldout_loss": heldout_loss(ema.model.cpu(), held_tokens, held_labels),
+    plain = torch.arange(min(n, 512))  # copy 0 (unaugmented) of the first training images
+    stats = {"heldout_loss": token_loss(ema.model.cpu(), held_tokens, held_labels),
+             "train_loss": token_loss(ema.model, tokens[plain], labels[plain]),
              "train_seconds": progress.seconds, "steps": progress.step,
              "parameters": ema.model.num_params()}
     if accelerator.is_main_process:

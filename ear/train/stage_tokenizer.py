@@ -21,8 +21,9 @@ from ear.train.common import (
     to_float,
     train_loop,
     update_asset,
+    warm_start,
 )
-from ear.train.data import ImageDataset, attribution_text, load_dataset
+from ear.train.data import ImageDataset, attribution_text, dataset_from_args
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -33,7 +34,10 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruction_stats(model: ConvVQ, images: torch.Tensor, batch: int = 128) -> dict[str, float]:
-    """Held-out PSNR and codebook usage (fraction of codes used, perplexity of code frequencies)."""
+    """Mean PSNR and codebook usage (fraction of codes used, perplexity of code frequencies); NaN
+    for no images (a tiny data set may hold nothing out)."""
+    if not len(images):
+        return {"psnr": float("nan"), "codebook_used": float("nan"), "perplexity": float("nan")}
     model.eval()
     scores, counts = [], torch.zeros(model.codebook_size)
     for i in range(0, len(images), batch):
@@ -76,12 +80,15 @@ def tokenizer_asset_config(model: ConvVQ, data: ImageDataset) -> dict:
 def train(args: argparse.Namespace) -> dict[str, float]:
     accelerator = make_accelerator(args.mixed_precision, args.seed)
     run_dir = Path(args.run_dir)
-    data = load_dataset(args.data, args.cache_dir, min_class_size=args.min_class_size)
+    data = dataset_from_args(args)
     train_images = torch.from_numpy(data.split(heldout=False).images)
     heldout_images = torch.from_numpy(data.split(heldout=True).images)
     config = ConvVQConfig(codebook_size=args.codebook_size, codebook_dim=args.codebook_dim,
                           channels=tuple(args.channels))
     model = ConvVQ(config)
+    if args.init_from:
+        fresh = warm_start(model, Path(args.init_from) / "tokenizer.safetensors")
+        accelerator.print(f"warm start from {args.init_from}; fresh: {fresh or 'none'}")
     progress = Progress()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=1e-4)
     ema = EMA(model, args.ema)
@@ -93,7 +100,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         idx = batch_indices(len(train_images), args.batch, step, args.seed, rank, world)
         gen = step_generator(args.seed, step, rank)
         x = random_crop(augment(to_float(train_images[idx]), gen), args.crop, gen).to(accelerator.device)
-        out = model(x)
+        out = model(x, frozen_codes=args.decoder_only)
         if step % 10:
             return out["loss"], None
         quality = float(psnr(out["recon"].detach().clamp(-1, 1), x).mean())
@@ -108,7 +115,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
                progress, args, run_dir, desc="tokenizer", step_loss=step_loss, on_save=on_save)
 
     stats = reconstruction_stats(ema.model.cpu(), heldout_images)
-    stats.update(train_seconds=progress.seconds, steps=progress.step)
+    stats.update(train_psnr=reconstruction_stats(ema.model, train_images)["psnr"],
+                 train_seconds=progress.seconds, steps=progress.step)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         asset = tokenizer_asset_config(ema.model, data)
