@@ -10,8 +10,9 @@ scheduler and bulk sampling rely on that.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -124,10 +125,16 @@ class RowSettings:
                                 for s, k, p in zip(sampled, k_eff, p_eff, strict=True)),
                    greedy=not any(sampled))
 
+    TENSORS: ClassVar[tuple[str, ...]] = ("cfg_scale", "temperature", "inv_temperature", "top_k", "top_p",
+                                          "keys")
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> RowSettings:
+        """The same settings with `fn` applied to every per-row tensor (flags unchanged)."""
+        return RowSettings(**{name: fn(getattr(self, name)) for name in self.TENSORS},
+                           guided=self.guided, filtered=self.filtered, greedy=self.greedy)
+
     def to(self, device: torch.device) -> RowSettings:
-        moved = {name: getattr(self, name).to(device) for name in
-                 ("cfg_scale", "temperature", "inv_temperature", "top_k", "top_p", "keys")}
-        return RowSettings(**moved, guided=self.guided, filtered=self.filtered, greedy=self.greedy)
+        return self.map(lambda t: t.to(device))
 
 
 def check_values(cfg_scale: float, temperature: float, top_k: int, top_p: float) -> None:

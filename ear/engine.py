@@ -310,7 +310,7 @@ class DecodeRunner:
         if slot.settings is None:
             slot.settings = settings
         else:  # same tensors (captured graphs read them), new values; the host-side flags follow
-            for name in ("cfg_scale", "temperature", "inv_temperature", "top_k", "top_p", "keys"):
+            for name in RowSettings.TENSORS:
                 getattr(slot.settings, name).copy_(getattr(settings, name))
             slot.settings.guided, slot.settings.filtered = settings.guided, settings.filtered
             slot.settings.greedy = settings.greedy
@@ -457,13 +457,7 @@ def _arrived(k: int, logits: torch.Tensor, ready: torch.cuda.Event, plan: _Plan,
 
 def _padded(rows: RowSettings, pad: int) -> RowSettings:
     """Bucket padding rows repeat row 0's settings, so the host-side flags stay those of real rows."""
-    if not pad:
-        return rows
-    grow = {name: torch.cat([t, t[:1].expand(pad, *t.shape[1:])]) for name, t in
-            (("cfg_scale", rows.cfg_scale), ("temperature", rows.temperature),
-             ("inv_temperature", rows.inv_temperature), ("top_k", rows.top_k), ("top_p", rows.top_p),
-             ("keys", rows.keys))}
-    return RowSettings(**grow, guided=rows.guided, filtered=rows.filtered, greedy=rows.greedy)
+    return rows.map(lambda t: torch.cat([t, t[:1].expand(pad, *t.shape[1:])])) if pad else rows
 
 
 _RUNNERS: weakref.WeakKeyDictionary[EAR, DecodeRunner] = weakref.WeakKeyDictionary()

@@ -9,19 +9,18 @@ iteration at any step leaves nothing behind (the cache lives only inside the gen
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from ear.draw import RowSettings, cell_streams, check_values, draw, guide, row_keys, vocab_codes
-from ear.engine import runner_for
+from ear.engine import Picker, runner_for
 from ear.model import EAR, KVCache
 from ear.order import Schedule
 
 UNKNOWN = -1
-Picker = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 @dataclass

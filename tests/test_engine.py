@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.bench_engine import ops_per_layer_step, teacher_forced_agreement
 from ear.draw import RowSettings, draw, gumbel_noise, row_keys, vocab_codes
 from ear.engine import MAX_IDLE_SLOTS, configure, runner_for
 from ear.order import make_schedule
-from ear.sampler import decode, generate, sample
+from ear.sampler import generate, sample
 from tests.helpers import noisy_model, tiny_ear
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -155,20 +153,6 @@ def test_prepared_weights_follow_the_model() -> None:
     assert generate(half, [1], greedy=True).shape == (1, 8, 8)
 
 
-def _teacher_forced_agreement(model, class_ids: list[int], cfg: float) -> float:
-    """Top-1 agreement with the float32 reference's tokens, every step given the same context
-    (free-running grids diverge after the first differing token)."""
-    target = generate(model, class_ids, greedy=True, cfg_scale=cfg, engine="reference").flatten(1)
-    sched = model.schedule
-    b, target = sched.boundaries, target[:, list(sched.order)]
-    def teacher(k: int, _logits: torch.Tensor) -> torch.Tensor:
-        return target[:, b[k]:b[k + 1]]
-
-    agree = [(logits.argmax(-1) == teacher(k, logits)).flatten()
-             for k, logits, _ in decode(model, torch.tensor(class_ids), teacher, cfg_scale=cfg)]
-    return torch.cat(agree).float().mean().item()
-
-
 @pytest.mark.parametrize("linear", ["plain", "packed", "int8"])
 def test_linear_modes_agree_with_float32(linear: str) -> None:
     if linear == "packed" and not torch.backends.mkl.is_available():
@@ -176,7 +160,7 @@ def test_linear_modes_agree_with_float32(linear: str) -> None:
     model = noisy_model(dim=128)
     configure(model, linear=linear)
     try:
-        agreement = _teacher_forced_agreement(model, list(range(10)), 1.5)
+        agreement = teacher_forced_agreement(model, 1.5, classes=10)
     finally:
         configure(model)
     assert agreement >= (0.8 if linear == "int8" else 1.0), agreement
@@ -187,36 +171,11 @@ def test_bad_linear_mode() -> None:
         configure(noisy_model(), linear="fp4")
 
 
-class _CountOps(TorchDispatchMode):
-    """Compute ops as ../shared/tools/opcount.py counts them (views are free)."""
-
-    VIEWS = frozenset({"view", "_unsafe_view", "transpose", "expand", "slice", "select", "unsqueeze",
-                       "squeeze", "t", "split", "split_with_sizes", "detach", "alias", "permute", "unflatten",
-                       "as_strided", "chunk", "reshape", "flatten", "unbind", "_reshape_alias", "lift_fresh",
-                       "empty", "empty_like", "empty_strided"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in self.VIEWS:
-            self.counts[name] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_ops_per_layer_per_step_for_the_b_depth() -> None:
     """EAR-adaLN-B's 12 layers with small widths: the count per layer per step does not depend
     on the width. The reference path needs about 53; the runner at most 20."""
     model = tiny_ear(512, 16, num_classes=10, dim=64, n_layer=12, n_head=4)
-    steps = model.schedule.num_steps
-    generate(model, [1], cfg_scale=1.5, seed=0)
-    counted = {}
-    for engine in ("runner", "reference"):
-        with _CountOps() as ops:
-            generate(model, [1], cfg_scale=1.5, seed=0, engine=engine)
-        counted[engine] = sum(ops.counts.values()) / steps / 12
+    counted = {engine: ops_per_layer_step(model, 1.5, engine=engine) for engine in ("runner", "reference")}
     assert counted["runner"] <= 20 < counted["reference"], counted
 
 
