@@ -29,6 +29,7 @@ import torch
 from ear import startup
 from ear.app_support import (
     ANIMATION_FORMATS,
+    ANY_STYLE,
     CFG,
     MAX_UPLOAD_BYTES,
     NUM_IMAGES,
@@ -44,6 +45,7 @@ from ear.app_support import (
     Range,
     check_format,
     check_keep,
+    check_style,
     default_keep,
     examples_cache,
     info_markdown,
@@ -159,7 +161,8 @@ def _play(frames: Iterator[Frame], stem: str, fmt: str, first: str = FULL) -> It
 
 @gpu
 def generate(class_name: str, num_images: int, seed: int, cfg_scale: float, temperature: float,
-             top_k: int, top_p: float, model: str, animation_format: str) -> Iterator[list[Any]]:
+             top_k: int, top_p: float, model: str, animation_format: str,
+             style: str = ANY_STYLE) -> Iterator[list[Any]]:
     """Grow `num_images` images of a class: live canvases, then the final images (a gallery) and
     the growth as a GIF/MP4 file."""
     try:
@@ -168,7 +171,7 @@ def generate(class_name: str, num_images: int, seed: int, cfg_scale: float, temp
         batch = [class_id] * NUM_IMAGES.check(num_images)
         kwargs = sampling_kwargs(pipe, seed, cfg_scale, temperature, top_k, top_p)
         fmt = check_format(animation_format)
-        frames = pipe.stream(batch, **kwargs)
+        frames = pipe.stream(batch, style=check_style(pipe, style), **kwargs)
     except ValueError as err:
         yield from _refuse(err, [None, _warning(err), None, _no_download()])
     yield from _play(frames, "ear-generate", fmt, first=SKETCH)
@@ -177,7 +180,7 @@ def generate(class_name: str, num_images: int, seed: int, cfg_scale: float, temp
 @gpu
 def extend(image: Any, keep: int, class_name: str, zoom_rounds: int, seed: int, cfg_scale: float,
            temperature: float, top_k: int, top_p: float, model: str,
-           animation_format: str) -> Iterator[list[Any]]:
+           animation_format: str, style: str = ANY_STYLE) -> Iterator[list[Any]]:
     """Grow a border around an uploaded picture (kept as the central keep x keep tokens); with
     zoom-out rounds > 0, shrink the result into the centre and extend again, as one zoom-out."""
     try:
@@ -187,6 +190,7 @@ def extend(image: Any, keep: int, class_name: str, zoom_rounds: int, seed: int, 
         class_id = resolve_class(pipe, class_name, required=False)
         rounds = ZOOM_ROUNDS.check(zoom_rounds)
         kwargs = sampling_kwargs(pipe, seed, cfg_scale, temperature, top_k, top_p)
+        kwargs["style"] = check_style(pipe, style)
         fmt = check_format(animation_format)
         frames = (pipe.zoom_out(picture, rounds, keep, class_id, **kwargs) if rounds
                   else pipe.extend(picture, keep, class_id, **kwargs))
@@ -393,10 +397,17 @@ def _class_picker(pipe: EARPipeline, **kwargs: Any) -> gr.Dropdown:
                        **kwargs)
 
 
+def _style_picker(pipe: EARPipeline) -> gr.Dropdown:
+    """Shown only for a model with styles (one class embedding per class and image set)."""
+    return gr.Dropdown([ANY_STYLE, *pipe.styles], value=ANY_STYLE, label="Style", filterable=False,
+                       visible=bool(pipe.styles), info="whose drawings to follow; Any alternates them")
+
+
 def _generate_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Component]:
     with gr.Row():
         with gr.Column(scale=1):
             klass = _class_picker(pipe)
+            style = _style_picker(pipe)
             count = gr.Slider(NUM_IMAGES.lo, NUM_IMAGES.hi, value=DEFAULT_IMAGES, step=1,
                               label=NUM_IMAGES.label, info="shown as a grid")
             sampling, refilled = _sampling_controls(pipe, model)
@@ -407,10 +418,10 @@ def _generate_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.C
                                 format="png", height="auto", object_fit="contain", render=False,
                                 elem_id="gen-final")
             outputs = _outputs("gen", finals)
-    event = run.click(_stoppable(generate, "gen"), [klass, count, *sampling, model, fmt], outputs,
+    event = run.click(_stoppable(generate, "gen"), [klass, count, *sampling, model, fmt, style], outputs,
                       api_name="generate", show_progress_on=outputs[0], **HEAVY)
     _finish(event, stop, "gen", after_run, outputs[1::2])
-    return [klass, *refilled]
+    return [klass, style, *refilled]
 
 
 def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Component]:
@@ -425,6 +436,7 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Com
                                info="how much of the final canvas your picture covers")
             klass = gr.Dropdown([UNCONDITIONAL, *pipe.class_names], value=UNCONDITIONAL, label="Class",
                                 info="optional; type to search")
+            style = _style_picker(pipe)
             rounds = gr.Slider(ZOOM_ROUNDS.lo, ZOOM_ROUNDS.hi, value=0, step=1, label=ZOOM_ROUNDS.label,
                                info="0 = extend once; n = zoom out n times")
             sampling, refilled = _sampling_controls(pipe, model)
@@ -437,10 +449,10 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Com
         gr.Examples([[str(p), default_keep(pipe), UNCONDITIONAL] for p in EXAMPLES],
                     inputs=[image, keep, klass], outputs=outputs, fn=extend_example, cache_examples=True,
                     cache_mode="lazy", preprocess=False, label="Examples (results cached, default model)")
-    event = run.click(_stoppable(extend, "ext"), [image, keep, klass, rounds, *sampling, model, fmt], outputs,
-                      api_name="extend", show_progress_on=outputs[0], **HEAVY)
+    event = run.click(_stoppable(extend, "ext"), [image, keep, klass, rounds, *sampling, model, fmt, style],
+                      outputs, api_name="extend", show_progress_on=outputs[0], **HEAVY)
     _finish(event, stop, "ext", after_run, outputs[1::2])
-    return [klass, keep, *refilled]
+    return [klass, style, keep, *refilled]
 
 
 def _compare_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Component]:
@@ -482,8 +494,9 @@ def _model_updates(pipe: EARPipeline, name: str) -> list[Any]:
                gr.Slider(value=preset.cfg_scale), gr.Slider(value=preset.temperature),
                gr.Slider(value=preset.top_k, maximum=pipe.tokenizer.codebook_size),
                gr.Slider(value=preset.top_p)]
-    return [gr.Dropdown(choices=names, value=pipe.default_class), *sliders,
-            gr.Dropdown(choices=[UNCONDITIONAL, *names], value=UNCONDITIONAL),
+    style = gr.Dropdown(choices=[ANY_STYLE, *pipe.styles], value=ANY_STYLE, visible=bool(pipe.styles))
+    return [gr.Dropdown(choices=names, value=pipe.default_class), style, *sliders,
+            gr.Dropdown(choices=[UNCONDITIONAL, *names], value=UNCONDITIONAL), style,
             gr.Dropdown(choices=keep_choices(pipe), value=default_keep(pipe)), *sliders,
             gr.Dropdown(choices=names, value=pipe.default_class), *model_info(name)]
 
@@ -500,7 +513,7 @@ def select_model(name: str, previous: str) -> list[Any]:
 
 
 HEAVY: dict[str, Any] = {"concurrency_id": "ear", "preprocess": False}
-MODEL_DEPENDENT = 16  # outputs of _model_updates: class pickers, presets, sliders, keep sizes, info
+MODEL_DEPENDENT = 18  # outputs of _model_updates: class and style pickers, presets, sliders, keep sizes, info
 
 
 def build_demo() -> gr.Blocks:

@@ -54,6 +54,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, help="sampling temperature (> 0)")
     g.add_argument("--top-k", type=int, dest="top_k", help="keep the k most likely codes (0 = all)")
     g.add_argument("--top-p", type=float, dest="top_p", help="nucleus sampling mass in (0, 1]")
+    g.add_argument("--style", help="for a model with styles (see `models`), e.g. Twemoji or Noto: draw "
+                                   "every image in it (default: images alternate styles)")
 
 
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
@@ -164,7 +166,10 @@ def _sampling(args: argparse.Namespace, pipe: EARPipeline) -> dict:
         preset = pipe.presets[args.preset]
         base = {k: getattr(preset, k) for k in SAMPLING_FLAGS}
     given = {k: getattr(args, k) for k in SAMPLING_FLAGS}
-    return {**base, **{k: v for k, v in given.items() if v is not None}, "seed": args.seed}
+    if args.style is not None:
+        pipe.style_index(args.style)  # a clear message before any work starts
+    return {**base, **{k: v for k, v in given.items() if v is not None},
+            "seed": args.seed, "style": args.style}
 
 
 def _load(args: argparse.Namespace) -> EARPipeline:
@@ -270,9 +275,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
     _check_sample_flags(args)
     state, device = bulk.start(args.device)
     pipe = EARPipeline.from_pretrained(args.model, device=device, dtype=args.dtype, **_overrides(args))
-    settings = pipe.default_settings.merged(**{k: v for k, v in _sampling(args, pipe).items() if k != "seed"})
+    sampling = _sampling(args, pipe)
+    settings = pipe.default_settings.merged(**{k: v for k, v in sampling.items()
+                                               if k not in ("seed", "style")})
     classes = bulk.parse_classes(args.classes, pipe)
-    plan = bulk.Plan.of(pipe, classes, args.per_class, args.seed, settings)
+    plan = bulk.Plan.of(pipe, classes, args.per_class, args.seed, settings, sampling["style"])
     batch = args.batch or bulk.fitting_batch(pipe.model, settings.guided, pipe.device)
     work_dir = args.work_dir or bulk.default_work_dir(args.out, args.png_dir)
     if bulk.run(pipe, plan, bulk.Outputs(args.out, args.png_dir, work_dir), batch, state, args.quiet) \

@@ -35,6 +35,7 @@ T = TypeVar("T")
 LOG = logging.getLogger("ear.app")
 
 UNCONDITIONAL = "(none: unconditional)"
+ANY_STYLE = "Any"  # a model with styles alternates them over a request's images
 ANIMATION_FORMATS = ("gif", "mp4")
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 
@@ -110,6 +111,16 @@ def resolve_class(pipeline: Any, value: Any, *, required: bool) -> int | None:
     if isinstance(value, str) and len(value) > 200:
         raise InputError("That class name is too long to be one of the model's classes.")
     return pipeline.class_id(value)  # its ValueError names the class and suggests close ones
+
+
+def check_style(pipeline: Any, value: Any) -> str | None:
+    """A style name of the model, or None for "Any" (images alternate styles)."""
+    if value is None or (isinstance(value, str) and value.strip() in ("", ANY_STYLE)):
+        return None
+    if not isinstance(value, str) or len(value) > 100:
+        raise InputError("Style must be one of the model's style names.")
+    pipeline.style_index(value)  # its ValueError lists the model's styles
+    return value
 
 
 def check_keep(pipeline: Any, value: Any) -> int:

@@ -63,6 +63,7 @@ class Plan:
     seed: int
     settings: SamplingParams
     image_size: int
+    style: str | None = None  # a model with styles: all images in it, or None: they alternate
 
     @property
     def total(self) -> int:
@@ -79,9 +80,9 @@ class Plan:
 
     @classmethod
     def of(cls, pipe: EARPipeline, classes: tuple[int, ...], per_class: int, seed: int,
-           settings: SamplingParams) -> Plan:
+           settings: SamplingParams, style: str | None = None) -> Plan:
         return cls(pipe.name, str(pipe.dtype).removeprefix("torch."), pipe.model.schedule.name, classes,
-                   per_class, seed, settings, pipe.tokenizer.image_size)
+                   per_class, seed, settings, pipe.tokenizer.image_size, style)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "classes": list(self.classes), "format": PLAN_FORMAT}
@@ -204,12 +205,12 @@ def _decode(pipe: EARPipeline, tokens: torch.Tensor) -> np.ndarray:
 
 def sample_range(pipe: EARPipeline, plan: Plan, a: int, b: int, batch: int) -> np.ndarray:
     """Images a..b-1 of the plan as (b-a, H, W, 3) uint8, in forward batches of at most `batch`."""
-    labels = torch.from_numpy(plan.labels)
     parts = []
     for start in range(a, b, batch):
         stop = min(b, start + batch)
+        labels = pipe.labels(plan.labels[start:stop].tolist(), plan.style, plan.seed, first_row=start)
         with torch.inference_mode():
-            tokens = generate(pipe.model, labels[start:stop], seed=plan.seed,
+            tokens = generate(pipe.model, labels, seed=plan.seed,
                               row_ids=torch.arange(start, stop), **asdict(plan.settings))
             parts.append(_decode(pipe, tokens))
     return np.concatenate(parts)

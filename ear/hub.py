@@ -137,6 +137,9 @@ class LoadedModel:
     # The class the page opens on, and old or familiar names that still find a class ("heart").
     default_class: str = ""
     class_aliases: dict[str, str] = field(default_factory=dict)
+    # Image sets the model draws each class in (one class embedding per class and style), e.g.
+    # ["Twemoji", "Noto"]; empty for a model with one embedding per class.
+    styles: list[str] = field(default_factory=list)
 
 
 # ---- overrides -----------------------------------------------------------------------------------
@@ -331,11 +334,16 @@ def load_own_format(files: dict[str, Path], name: str, source: str,
     model = load_ear(files["model"], ear_config)
     tokenizer = load_tokenizer(tokenizer_factory, files["tokenizer"])
     _check_pair(model, tokenizer, files["config"])
-    n = ear_config.num_classes
-    class_names = list(config.get("class_names") or [f"class {i}" for i in range(n)])
-    if len(class_names) != n:
-        raise ValueError(f"The model config '{files['config']}' names {len(class_names)} classes but the "
-                         f"model has {n}.")
+    styles = config.get("styles") or []
+    if not isinstance(styles, list) or not all(isinstance(s, str) and s for s in styles) \
+            or len(set(styles)) != len(styles):
+        raise ValueError(f"The model config '{files['config']}' has styles {styles!r}: expected a list of "
+                         f"distinct names.")
+    n, per_class = ear_config.num_classes, max(1, len(styles))
+    class_names = list(config.get("class_names") or [f"class {i}" for i in range(n // per_class)])
+    if len(class_names) * per_class != n:
+        raise ValueError(f"The model config '{files['config']}' names {len(class_names)} classes in "
+                         f"{per_class} style(s) but the model has {n} class embeddings.")
     presets = config.get("presets") or {"default": {}}
     default_class = config.get("default_class", class_names[0])
     aliases = dict(config.get("class_aliases") or {})
@@ -347,7 +355,8 @@ def load_own_format(files: dict[str, Path], name: str, source: str,
                        class_names=class_names, presets=presets,
                        default_preset="default" if "default" in presets else next(iter(presets)),
                        licence=config.get("licence", ""), attribution=config.get("attribution", ""),
-                       hub_files=hub_files or [], default_class=default_class, class_aliases=aliases)
+                       hub_files=hub_files or [], default_class=default_class, class_aliases=aliases,
+                       styles=styles)
 
 
 def load_official(entry: ModelEntry, model_ref: HubFile | Path, tokenizer_ref: HubFile | Path) -> LoadedModel:

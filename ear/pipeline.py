@@ -10,6 +10,7 @@ becomes the first steps of the spiral) and the zoom-out built on it. Loading hap
 from __future__ import annotations
 
 import difflib
+import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -76,6 +77,7 @@ class EARPipeline:
         self.class_names = loaded.class_names
         self.default_class = loaded.default_class or loaded.class_names[0]
         self._aliases = {k.strip().lower(): v for k, v in loaded.class_aliases.items()}
+        self.styles = list(loaded.styles)
         self.presets = {k: SamplingParams(**v) for k, v in loaded.presets.items()}
         self.default_settings = self.presets[loaded.default_preset]
         self._loaded = loaded
@@ -108,6 +110,7 @@ class EARPipeline:
             "licence": loaded.licence, "attribution": loaded.attribution,
             "schedule": self.model.schedule.name, "steps": self.model.schedule.num_steps,
             "grid": self.grid, "image_size": self.tokenizer.image_size, "classes": len(self.class_names),
+            "styles": self.styles,
             "presets": {k: asdict(v) for k, v in self.presets.items()},
             "cached": all(hub.cached_path(f) for f in files) if files else None,
         }
@@ -137,6 +140,35 @@ class EARPipeline:
         raise ValueError(f"Unknown class {name_or_id!r} for {self.name}: give an index in [0, {n - 1}] "
                          f"or one of its class names.{hint}")
 
+    def labels(self, class_ids: Sequence[int], style: str | int | None = None, seed: int | None = None,
+               first_row: int = 0) -> list[int]:
+        """The model's class labels for class indices. A model with styles (one class embedding per
+        class and image set) draws every row in `style` or, with None, row r in style
+        (seed + first_row + r) mod #styles, so that a request for several images shows each style.
+        The null class (unconditional) stays itself."""
+        if not self.styles:
+            if style is not None:
+                raise ValueError(f"{self.name} has no styles; leave the style unset.")
+            return list(class_ids)
+        n = len(self.class_names)
+        if style is None:
+            base = random.randrange(len(self.styles)) if seed is None else seed + first_row
+            picked = [(base + r) % len(self.styles) for r in range(len(class_ids))]
+        else:
+            picked = [self.style_index(style)] * len(class_ids)
+        null = self.model.null_class
+        return [c if c == null else s * n + c for c, s in zip(class_ids, picked, strict=True)]
+
+    def style_index(self, style: str | int) -> int:
+        """A style's index from its index or (case-insensitive) name."""
+        lowered = [s.lower() for s in self.styles]
+        if isinstance(style, str) and style.strip().lower() in lowered:
+            return lowered.index(style.strip().lower())
+        if isinstance(style, int | np.integer) and not isinstance(style, bool) and 0 <= style < len(lowered):
+            return int(style)
+        raise ValueError(f"Unknown style {style!r} for {self.name}: choose one of {', '.join(self.styles)}"
+                         f" or leave it unset." if self.styles else f"{self.name} has no styles.")
+
     def keep_sizes(self) -> list[int]:
         """Centre sizes k (k x k tokens) that extension can keep: the spiral must pass through
         exactly that square, and something must be left to generate."""
@@ -152,11 +184,12 @@ class EARPipeline:
 
     def stream(self, class_ids: int | str | Sequence[int | str], *, seed: int | None = None,
                cfg_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
-               top_p: float | None = None, schedule: str | Schedule | None = None, outline: bool = True,
-               display_size: int = 256) -> Iterator[Frame]:
+               top_p: float | None = None, schedule: str | Schedule | None = None,
+               style: str | int | None = None, outline: bool = True, display_size: int = 256
+               ) -> Iterator[Frame]:
         """A Frame after every step. Arguments are checked now, before the first frame."""
         states = self.states(class_ids, seed=seed, cfg_scale=cfg_scale, temperature=temperature,
-                             top_k=top_k, top_p=top_p, schedule=schedule)
+                             top_k=top_k, top_p=top_p, schedule=schedule, style=style)
         return self._frames(states, self.renderer(display_size, outline))
 
     def states(self, class_ids: int | str | Sequence[int | str], **sampling: Any) -> Iterator[StepState]:
@@ -274,8 +307,8 @@ class EARPipeline:
 
     def _states(self, ids: list[int], *, seed: int | None = None, cfg_scale: float | None = None,
                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                schedule: str | Schedule | None = None, prefix: torch.Tensor | None = None
-                ) -> Iterator[StepState]:
+                schedule: str | Schedule | None = None, style: str | int | None = None,
+                prefix: torch.Tensor | None = None) -> Iterator[StepState]:
         """Checked arguments -> the sampler's generator (which itself starts work lazily)."""
         settings = self.default_settings.merged(cfg_scale=cfg_scale, temperature=temperature,
                                                 top_k=top_k, top_p=top_p)
@@ -283,8 +316,8 @@ class EARPipeline:
                                  or not 0 <= seed < 2**63):
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
         seed = None if seed is None else int(seed)  # numpy integers too
-        return self.sampler(self.model, ids, **asdict(settings), seed=seed, prefix=prefix,
-                            schedule=self._schedule(schedule))
+        return self.sampler(self.model, self.labels(ids, style, seed), **asdict(settings), seed=seed,
+                            prefix=prefix, schedule=self._schedule(schedule))
 
     def _frames(self, states: Iterator[StepState], renderer: PreviewRenderer) -> Iterator[Frame]:
         cells = self.grid * self.grid

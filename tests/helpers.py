@@ -50,11 +50,13 @@ def tiny_conv_vq(grid: int = 8, codebook: int = 32, seed: int = 0) -> ConvVQ:
     return ConvVQ(config).eval()
 
 
-def write_tiny_model(folder: Path, grid: int = 8, codebook: int = 32, seed: int = 0) -> Path:
-    """A complete random model folder in our format; returns the folder."""
+def write_tiny_model(folder: Path, grid: int = 8, codebook: int = 32, seed: int = 0,
+                     styles: list[str] | None = None) -> Path:
+    """A complete random model folder in our format; returns the folder. With `styles`, one class
+    embedding per (class, style)."""
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_conv_vq(grid, codebook, seed)
-    model = tiny_ear(codebook, grid, seed=seed)
+    model = tiny_ear(codebook, grid, num_classes=len(CLASS_NAMES) * max(1, len(styles or [])), seed=seed)
     config = {
         "name": "tiny-test", "format": "ear-studio/1", "model": model.config.to_dict(),
         "tokenizer": {"type": "conv_vq", **tokenizer.config.to_dict()}, "class_names": CLASS_NAMES,
@@ -62,6 +64,7 @@ def write_tiny_model(folder: Path, grid: int = 8, codebook: int = 32, seed: int 
                     "greedyish": {"cfg_scale": 1.0, "temperature": 0.5, "top_k": 4, "top_p": 0.9}},
         "licence": "MIT (test)", "attribution": "random weights",
         "default_class": CLASS_NAMES[1], "class_aliases": {"puppy": CLASS_NAMES[1]},
+        **({"styles": styles} if styles else {}),
     }
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     save_file({k: v.half() for k, v in model.state_dict().items()}, folder / "ear.safetensors")

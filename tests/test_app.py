@@ -33,6 +33,7 @@ from ear.app_support import (
     UNCONDITIONAL,
     OutputFiles,
     available_cpus,
+    check_style,
     examples_cache,
     public_source,
     stopped_caption,
@@ -40,6 +41,7 @@ from ear.app_support import (
 )
 from ear.growth import GrowthAnimation, PreviewPacer
 from ear.order import SCHEDULES, make_schedule
+from ear.pipeline import EARPipeline
 from tests.helpers import CLASS_NAMES, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,10 +81,10 @@ def states_of_a_run(app: types.ModuleType) -> list:
 
 
 def generate(app: types.ModuleType, class_name: Any = "cat", num_images: Any = 1, model: Any = None,
-             fmt: Any = "gif", **sampling: Any) -> list[tuple]:
+             fmt: Any = "gif", style: Any = "Any", **sampling: Any) -> list[tuple]:
     args = {**SAMPLING, **sampling}
     return list(app.generate(class_name, num_images, args["seed"], args["cfg_scale"], args["temperature"],
-                             args["top_k"], args["top_p"], model or app.MODELS.default, fmt))
+                             args["top_k"], args["top_p"], model or app.MODELS.default, fmt, style))
 
 
 def extend(app: types.ModuleType, image: Any, keep: Any = 4, class_name: Any = UNCONDITIONAL,
@@ -374,6 +376,17 @@ def test_unknown_class_suggests_close_names(app: types.ModuleType) -> None:
     assert_user_error(lambda: generate(app, class_name="dgo"), "Unknown class 'dgo'", "Did you mean 'dog'")
     assert_user_error(lambda: extend(app, upload(REPO / "assets/examples/heart.png"), class_name="x" * 500),
                       "too long")
+
+
+def test_style_is_checked(app: types.ModuleType, tmp_path: Path) -> None:
+    assert_user_error(lambda: generate(app, style="Noto"), "has no styles")  # the tiny model has none
+    styled = EARPipeline.from_pretrained(str(write_tiny_model(tmp_path / "m", styles=["Flat", "Shaded"])))
+    assert check_style(styled, "Any") is None and check_style(styled, None) is None
+    assert check_style(styled, "shaded") == "shaded"
+    for bad, phrase in (("Noto", "choose one of Flat, Shaded"), (3, "style names"),
+                        ("x" * 500, "style names")):
+        with pytest.raises(ValueError, match=phrase):
+            check_style(styled, bad)
 
 
 def test_unknown_and_unloadable_models(app: types.ModuleType, monkeypatch: pytest.MonkeyPatch,

@@ -97,6 +97,7 @@ def _bad_runs(model_dir: Path, tmp_path: Path) -> list[tuple[list[str], str]]:
         (["generate", *m, "--class-id", "0", "--batch", "0", "--out", out], "--batch"),
         (["generate", *m, "--class-id", "0", "--cfg", "-1", "--out", out], "cfg_scale must be >= 0"),
         (["generate", *m, "--class-id", "0", "--preset", "nope", "--out", out], "Unknown preset"),
+        (["generate", *m, "--class-id", "0", "--style", "Noto", "--out", out], "has no styles"),
         (["generate", *m, "--class-id", "0", "--out", str(tmp_path / "out.txt")], "--out must end"),
         (["generate", *m, "--class-id", "0", "--out", str(tmp_path / "no" / "a.png")], "does not exist"),
         (["generate", *m, "--class-id", "0", "--out", out, "--animation", str(tmp_path / "a.avi")],
@@ -129,3 +130,17 @@ def test_models_lists_the_registry_and_the_cache(offline: Path, capsys) -> None:
     assert main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["name"] for r in rows} >= {"ear-emoji", "EAR-adaLN-B", "EAR-adaLN-L", "EAR-adaLN-XL"}
+
+
+def test_style_flag_draws_every_image_in_that_style(tmp_path: Path, capsys) -> None:
+    """--style picks the class embedding: the same as the library call with that style."""
+    from ear.pipeline import EARPipeline
+
+    folder = write_tiny_model(tmp_path / "styled", styles=["Flat", "Shaded"])
+    out = tmp_path / "cat.png"
+    argv = ["generate", "--model", str(folder), "--class", "cat", "--seed", "2", "--size", "32", "--quiet"]
+    assert main([*argv, "--style", "shaded", "--out", str(out)]) == 0
+    want = EARPipeline.from_pretrained(str(folder)).generate("cat", seed=2, style="Shaded", display_size=32)
+    assert Image.open(out).convert("RGB").tobytes() == want[0].convert("RGB").tobytes()
+    assert main([*argv, "--style", "Noto", "--out", str(out)]) == 2
+    assert "Unknown style 'Noto'" in capsys.readouterr().err

@@ -222,3 +222,47 @@ def test_config_alias_to_a_missing_class_is_refused(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="red heart"):
         EARPipeline.from_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module")
+def styled(tmp_path_factory, torch_single_thread) -> EARPipeline:
+    """Three classes in two styles: class embeddings 0-2 draw style "Flat", 3-5 "Shaded"."""
+    folder = write_tiny_model(tmp_path_factory.mktemp("styled") / "m", styles=["Flat", "Shaded"])
+    return EARPipeline.from_pretrained(str(folder))
+
+
+def test_styles_choose_the_class_embedding(styled: EARPipeline) -> None:
+    assert styled.styles == ["Flat", "Shaded"] and styled.info()["styles"] == ["Flat", "Shaded"]
+    assert styled.labels([0, 1, 2], "shaded") == [3, 4, 5]
+    assert styled.labels([0, 1, 2], 0) == [0, 1, 2]
+    assert styled.labels([0, 0, 0], seed=0) == [0, 3, 0]  # unset: images alternate, from the seed
+    assert styled.labels([0, 0], seed=1) == [3, 0]
+    assert styled.labels([2, 2], seed=0, first_row=1) == [5, 2]  # bulk: row j of a run
+    null = styled.model.null_class
+    assert styled.labels([null], "Shaded") == [null]  # unconditional stays unconditional
+    with pytest.raises(ValueError, match=r"Unknown style 'Noto'.*Flat, Shaded"):
+        styled.labels([0], "Noto")
+
+
+def test_style_decides_the_picture(styled: EARPipeline) -> None:
+    """Greedy, so the per-row noise does not matter: an image of a two-image request without a
+    style is the same picture as one asked for in that image's style."""
+    greedy = {"temperature": 0.0, "cfg_scale": 1.0, "display_size": 32}
+    both = styled.generate(["cat", "cat"], seed=0, **greedy)
+    flat, shaded = (styled.generate("cat", seed=0, style=s, **greedy)[0] for s in ("Flat", "Shaded"))
+    assert np.array_equal(np.asarray(both[0]), np.asarray(flat))
+    assert np.array_equal(np.asarray(both[1]), np.asarray(shaded))
+    assert not np.array_equal(np.asarray(flat), np.asarray(shaded))
+
+
+def test_style_errors(styled: EARPipeline, pipe: EARPipeline, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="Unknown style"):
+        styled.stream("cat", style="Noto")  # checked before the first frame
+    with pytest.raises(ValueError, match="has no styles"):
+        pipe.stream("cat", style="Flat")
+    folder = write_tiny_model(tmp_path / "m", styles=["A", "B"])
+    config = json.loads((folder / "config.json").read_text())
+    for bad, phrase in ((["A", "B", "C"], "3 style"), (["A", "A"], "distinct"), ("AB", "distinct")):
+        (folder / "config.json").write_text(json.dumps({**config, "styles": bad}))
+        with pytest.raises(ValueError, match=phrase):
+            EARPipeline.from_pretrained(str(folder))

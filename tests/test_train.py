@@ -22,8 +22,9 @@ from ear.train.data import (
     is_heldout,
     load_dataset,
     read_name_list,
+    style_labels,
 )
-from ear.train.stage_ear import class_balanced, ear_split
+from ear.train.stage_ear import class_balanced, ear_split, tile_class_table
 
 # (category, subcategory, number of distinct emoji)
 FAKE_SUBCATEGORIES = [("Smileys & Emotion", "face-smiling", 4), ("Smileys & Emotion", "face-hat", 1),
@@ -171,6 +172,30 @@ def test_warm_start_copies_matching_tensors(tmp_path: Path) -> None:
     assert torch.allclose(new.state_dict()[w], old.state_dict()[w].half().float())
 
 
+def test_style_classes_label_each_image_set_and_start_from_the_class_row(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from ear.model import EAR, EARConfig
+
+    data = ImageDataset(np.zeros((4, 4, 4, 3), np.uint8), np.array([0, 1, 1, 2]), ["a", "b", "c"],
+                        np.array(["google", "twitter", "google", "twitter"]), np.array(list("abbc")),
+                        np.zeros(4, bool))
+    labels, styles = style_labels(data)
+    assert styles == ["Twemoji", "Noto"] and labels.tolist() == [3, 1, 4, 2]
+    one_set = data.subset(data.sources == "twitter")
+    assert style_labels(one_set)[1] == [] and style_labels(one_set)[0].tolist() == [1, 2]
+
+    old = EAR(EARConfig(dim=32, n_layer=1, n_head=2, vocab_size=16, num_classes=3, grid_size=4))
+    new = EAR(EARConfig(dim=32, n_layer=1, n_head=2, vocab_size=16, num_classes=6, grid_size=4))
+    save_file({k: v.half() for k, v in old.state_dict().items()}, str(tmp_path / "ear.safetensors"))
+    assert tile_class_table(new, tmp_path / "ear.safetensors", 2)
+    table = new.cls_embedding.embedding_table.weight
+    before = old.cls_embedding.embedding_table.weight.half().float()
+    assert torch.equal(table[:3], before[:3]) and torch.equal(table[3:6], before[:3])
+    assert torch.equal(table[6], before[3])  # the null class row
+    assert not tile_class_table(new, tmp_path / "ear.safetensors", 3)  # 6 + 1 rows are not 3 x 3 + 1
+
+
 def test_fetch_unpacks_an_npm_tarball_without_network(tmp_path: Path) -> None:
     pkg = make_fake_package(tmp_path / "src" / "package")
     cache = tmp_path / "cache"
@@ -213,7 +238,8 @@ def test_augment_fills_white_and_keeps_range() -> None:
 def test_training_smoke_both_stages_with_resume(tmp_path: Path) -> None:
     torch.manual_seed(0)
     data = build_folder_dataset(make_folder(tmp_path / "imgs"), heldout_fraction=0.3)
-    npz = data.save(tmp_path / "tiny.npz")
+    data.sources = np.array(["twitter", "google"] * (len(data) // 2) + ["twitter"] * (len(data) % 2))
+    npz = data.save(tmp_path / "tiny.npz")  # two "artists", for --style-classes
     tok_run, ear_run, asset = tmp_path / "tok", tmp_path / "ear", tmp_path / "asset"
     tok_args = ["tokenizer", "--data", str(npz), "--run-dir", str(tok_run), "--batch", "4",
                 "--save-every", "2", "--codebook-size", "16", "--codebook-dim", "4",
@@ -226,7 +252,7 @@ def test_training_smoke_both_stages_with_resume(tmp_path: Path) -> None:
 
     ear_args = ["ear", "--data", str(npz), "--tokenizer", str(tok_run), "--run-dir", str(ear_run),
                 "--batch", "4", "--save-every", "2", "--dim", "32", "--n-layer", "1", "--n-head", "2",
-                "--aug-copies", "2", "--warmup", "1", "--export", str(asset)]
+                "--aug-copies", "2", "--warmup", "1", "--style-classes", "--export", str(asset)]
     main([*ear_args, "--steps", "2"])
     main([*ear_args, "--steps", "3", "--resume"])
     stats = json.loads((ear_run / "ear_stats.json").read_text())
@@ -235,13 +261,14 @@ def test_training_smoke_both_stages_with_resume(tmp_path: Path) -> None:
     config = json.loads((asset / "config.json").read_text())
     assert config["format"] == "ear-studio/1"
     assert config["tokenizer"]["type"] == "conv_vq" and config["model"]["vocab_size"] == 16
-    assert config["class_names"] == ["class0", "class1"]
+    assert config["class_names"] == ["class0", "class1"] and config["styles"] == ["Twemoji", "Noto"]
+    assert config["model"]["num_classes"] == 4  # one class embedding per (class, style)
     assert set(config["presets"]["default"]) == {"cfg_scale", "temperature", "top_k", "top_p"}
 
     from ear.pipeline import EARPipeline
 
     pipe = EARPipeline.from_pretrained(str(asset))
-    images = pipe.generate([0, 1], seed=0, display_size=64)
+    images = pipe.generate([0, 1], seed=0, display_size=64, style="Noto")
     assert len(images) == 2 and images[0].size == (64, 64)
 
 

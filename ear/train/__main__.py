@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     ear.add_argument("--balance-classes", action="store_true",
                      help="repeat sequences so every class is drawn about equally often (skin-tone emoji "
                           "have 12 images, most emoji 2)")
+    ear.add_argument("--style-classes", action="store_true",
+                     help="one class embedding per (class, image set): samples follow one artist's drawing "
+                          "(the page picks or alternates the style)")
     ear.add_argument("--name", default="ear-emoji")
 
     prep = sub.add_parser("prepare", help="build the data set once (CPU) as one .npz to carry to a GPU")

@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image
 
 ALLOWED_SETS = ("twitter", "google")  # never "apple" / "facebook" (not openly licensed)
+STYLE_NAMES = {"twitter": "Twemoji", "google": "Noto"}  # what the page calls each set's drawings
 NPM_PACKAGES = {s: f"emoji-datasource-{s}" for s in ALLOWED_SETS}
 NAMES_PACKAGE = "emojibase-data"
 FAMILIAR_LIST = Path(__file__).with_name("familiar_emoji.txt")
@@ -128,6 +129,20 @@ class ImageDataset:
         with np.load(path) as z:
             return cls(z["images"], z["labels"].astype(np.int64), [str(c) for c in z["class_names"]],
                        z["sources"], z["keys"], z["heldout"].astype(bool))
+
+
+def style_labels(data: ImageDataset) -> tuple[np.ndarray, list[str]]:
+    """Model labels when every (class, image set) pair gets its own class embedding: label =
+    style * num_classes + class, styles in the order of ALLOWED_SETS. Why: one class drawn by two
+    artists is two pictures, and a model that predicts several tokens per step in parallel mixes
+    them into one blotchy picture; told which artist to follow, each step's tokens agree (see
+    ear.pipeline.EARPipeline.labels). A data set from one image set (a folder) has no styles: its
+    labels come back unchanged with an empty list."""
+    present = [s for s in (*ALLOWED_SETS, "folder") if (data.sources == s).any()]
+    if len(present) < 2:
+        return data.labels, []
+    style = np.array([present.index(s) for s in data.sources.tolist()], dtype=np.int64)
+    return style * len(data.class_names) + data.labels, [STYLE_NAMES.get(s, s) for s in present]
 
 
 def is_heldout(key: str, fraction: float) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,13 @@ import torch.nn.functional as F
 from ear.pipeline import EARPipeline
 from ear.tokenizer.conv_vq import ConvVQ
 from ear.train.common import to_float, update_asset
-from ear.train.data import SHOWCASE, ImageDataset, dataset_from_args
+from ear.train.data import SHOWCASE, ImageDataset, dataset_from_args, style_labels
 from ear.train.stage_ear import ear_split, token_loss, tokenize
 from ear.train.stage_tokenizer import reconstruction_stats
 
 SWEEP = [  # (cfg_scale, temperature, top_k, top_p): per-emoji classes are sharpest at low guidance
-    (1.0, 1.0, 0, 1.0), (1.0, 0.9, 0, 1.0), (1.0, 0.8, 0, 1.0), (1.0, 1.0, 32, 1.0),
-    (1.5, 1.0, 0, 1.0), (2.0, 1.0, 0, 1.0), (3.0, 1.0, 0, 1.0),
+    (1.0, 1.0, 0, 1.0), (1.0, 0.8, 0, 1.0), (1.0, 0.6, 0, 1.0), (1.0, 0.4, 0, 1.0), (1.0, 0.2, 0, 1.0),
+    (1.0, 0.8, 8, 1.0), (1.0, 1.0, 0, 0.8), (1.5, 0.6, 0, 1.0), (2.0, 1.0, 0, 1.0),
 ]
 
 
@@ -154,6 +155,8 @@ def tokenizer_metrics(tokenizer: ConvVQ, data: ImageDataset) -> dict[str, Any]:
 
 def ear_metrics(pipe: EARPipeline, data: ImageDataset, seed: int) -> dict[str, float]:
     """Nats/token on (up to 1,500) training grids and held-out grids, and the unigram baseline."""
+    if pipe.styles:  # scored with the labels it was trained on: one per (emoji, image set)
+        data = replace(data, labels=style_labels(data)[0])
     train, held = ear_split(data)
     rng = np.random.default_rng(seed)
     some = np.sort(rng.choice(len(train), min(len(train), 1500), replace=False))

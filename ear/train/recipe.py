@@ -28,14 +28,15 @@ RECIPES: dict[str, list[tuple[str, str, str]]] = {
                                    "--ema 0.998 --save-every 100"),
         ("decoder", "tokenizer", "--init-from {run}/tokenizer --decoder-only --time-budget 25 --steps 20000 "
                                  "--batch 24 --lr 1e-3 --warmup 20 --ema 0.998 --save-every 100"),
-        ("ear", "ear", "--tokenizer {run}/decoder --time-budget 80 --steps 100000 --batch 12 --lr 2e-3 "
-                       "--warmup 50 --aug-copies 2 --balance-classes --save-every 100"),
+        ("ear", "ear", "--tokenizer {run}/decoder --time-budget 88 --steps 100000 --batch 16 --lr 6e-4 "
+                       "--warmup 200 --aug-copies 1 --style-classes --balance-classes --save-every 500"),
     ],
     "gpu": [
         ("tokenizer", "tokenizer", "--time-budget 2.5 --steps 4000 --batch 256 --lr 2e-3 --warmup 100 "
                                    "--channels 64 128 256 --save-every 500"),
         ("ear", "ear", "--tokenizer {run}/tokenizer --time-budget 6 --steps 20000 --batch 256 --lr 1e-3 "
-                       "--warmup 200 --dim 256 --n-layer 8 --n-head 8 --aug-copies 4 --balance-classes "
+                       "--warmup 200 --dim 256 --n-layer 8 --n-head 8 --aug-copies 1 --style-classes "
+                       "--balance-classes "
                        "--save-every 1000"),
     ],
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,14 @@ from ear.train.common import (
     update_asset,
     warm_start,
 )
-from ear.train.data import CLASS_ALIASES, SHOWCASE, ImageDataset, attribution_text, dataset_from_args
+from ear.train.data import (
+    CLASS_ALIASES,
+    SHOWCASE,
+    ImageDataset,
+    attribution_text,
+    dataset_from_args,
+    style_labels,
+)
 from ear.train.stage_tokenizer import load_tokenizer, tokenizer_asset_config
 
 DEFAULT_PRESET = {"cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
@@ -122,12 +130,28 @@ def ear_split(data: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
     return data.subset(~held), data.subset(held)
 
 
-def ear_asset_config(model: EAR, class_names: list[str], name: str, sources: set[str]) -> dict:
+def tile_class_table(model: EAR, weights: Path, styles: int) -> bool:
+    """Start every style's row of a class from the same class's row in `weights` (a model trained
+    without styles); the null row stays the null row. True if the table was tiled."""
+    from safetensors.torch import load_file
+
+    key = "cls_embedding.embedding_table.weight"
+    old, table = load_file(str(weights)).get(key), model.cls_embedding.embedding_table.weight
+    n = (table.shape[0] - 1) // styles
+    if styles < 2 or old is None or old.shape != (n + 1, table.shape[1]):
+        return False
+    with torch.no_grad():
+        table.copy_(torch.cat([*[old[:n]] * styles, old[n:]]).to(table))
+    return True
+
+
+def ear_asset_config(model: EAR, class_names: list[str], name: str, sources: set[str],
+                     styles: list[str]) -> dict:
     """The model's part of config.json. default_class and class_aliases are always rewritten so a
     re-export with another class set never leaves a stale name behind (evaluate --media then picks
     the best-drawn showcase class as the default)."""
     shown = [c for c in SHOWCASE if c in class_names]
-    return {"name": name, "model": model.config.to_dict(), "class_names": class_names,
+    return {"name": name, "model": model.config.to_dict(), "class_names": class_names, "styles": styles,
             "default_class": shown[0] if shown else class_names[0],
             "class_aliases": {k: v for k, v in CLASS_ALIASES.items() if v in class_names},
             "presets": {"default": dict(DEFAULT_PRESET)}, "licence": WEIGHTS_LICENCE,
@@ -138,6 +162,10 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     accelerator = make_accelerator(args.mixed_precision, args.seed)
     run_dir = Path(args.run_dir)
     data = dataset_from_args(args)
+    styles: list[str] = []
+    if args.style_classes:
+        labels, styles = style_labels(data)
+        data = replace(data, labels=labels)
     train_set, heldout_set = ear_split(data)
     tokenizer = load_tokenizer(Path(args.tokenizer))
     # every process tokenizes (cheap relative to training, and no file race on shared disks)
@@ -151,13 +179,16 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     held_labels = torch.from_numpy(heldout_set.labels)
 
     config = EARConfig(dim=args.dim, n_layer=args.n_layer, n_head=args.n_head,
-                       vocab_size=tokenizer.codebook_size, num_classes=len(data.class_names),
+                       vocab_size=tokenizer.codebook_size,
+                       num_classes=len(data.class_names) * max(1, len(styles)),
                        grid_size=tokenizer.grid_size, schedule=args.schedule, adaln=args.adaln,
                        class_dropout_prob=args.class_dropout, dropout=args.dropout, rope=args.rope,
                        multiple_of=args.multiple_of)
     model = EAR(config)
     if args.init_from:
         fresh = warm_start(model, Path(args.init_from) / "ear.safetensors")
+        if tile_class_table(model, Path(args.init_from) / "ear.safetensors", len(styles)):
+            fresh.remove("cls_embedding.embedding_table.weight")
         accelerator.print(f"warm start from {args.init_from}; fresh: {fresh or 'none'}")
     accelerator.print(f"EAR parameters: {model.num_params() / 1e6:.2f} M, training sequences: {len(labels)}")
     decay, no_decay = [], []
@@ -183,7 +214,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     train_loop(accelerator, wrapped, optimizer, scheduler, ema,
                lambda: accelerator.unwrap_model(wrapped).model, progress, args, run_dir, desc="ear",
                step_loss=step_loss,
-               on_save=lambda: export(run_dir, ema.model, tokenizer, data, args.name))
+               on_save=lambda: export(run_dir, ema.model, tokenizer, data, args.name, styles))
 
     plain = torch.arange(min(n, 512))  # copy 0 (unaugmented) of the first training images
     stats = {"heldout_loss": token_loss(ema.model.cpu(), held_tokens, held_labels),
@@ -193,14 +224,15 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     if accelerator.is_main_process:
         (run_dir / "ear_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         if args.export:
-            export(Path(args.export), ema.model, tokenizer, data, args.name)
+            export(Path(args.export), ema.model, tokenizer, data, args.name, styles)
         accelerator.print(json.dumps(stats))
     return stats
 
 
-def export(folder: Path, model: EAR, tokenizer: ConvVQ, data: ImageDataset, name: str) -> None:
+def export(folder: Path, model: EAR, tokenizer: ConvVQ, data: ImageDataset, name: str,
+           styles: list[str]) -> None:
     """EAR + the exact tokenizer it was trained on, so the asset folder is always consistent."""
     sources = set(data.sources.tolist())
     config = {**tokenizer_asset_config(tokenizer, data),
-              **ear_asset_config(model, data.class_names, name, sources)}
+              **ear_asset_config(model, data.class_names, name, sources, styles)}
     update_asset(folder, {"ear": half_state_dict(model), "tokenizer": half_state_dict(tokenizer)}, config)
