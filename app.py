@@ -147,7 +147,7 @@ def _play(frames: Iterator[Frame], stem: str, fmt: str, first: str = FULL) -> It
                 animation = FILES.animation(growth, stem, fmt)
                 yield [canvas, f"{frame.caption} · done", finals, animation]  # all four: the API's result
                 return
-            kind = pacer.due()
+            kind = pacer.due(sharing=frame.sharing)
             if kind:
                 opening = not any(pacer.shown.values())
                 with pacer.showing(kind):

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -238,6 +239,10 @@ class OutputFiles:
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_age_s, self.linger_s = max_age_s, linger_s
         self._pruned = 0.0  # when prune() last looked (it lists the whole folder)
+        # Animations are encoded one at a time: when a batch of visitors finishes together, their
+        # encodings queue on one core instead of taking every core from the final pictures still
+        # being sent and the streams still generating.
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ear-animation")
 
     def new_path(self, stem: str, suffix: str) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -254,7 +259,7 @@ class OutputFiles:
         """Write `growth` as `fmt` and return the path written (GIF if no MP4 encoder exists).
         Old files are pruned here (see `prune`)."""
         self.prune()
-        return str(growth.save(self.new_path(stem, fmt), fps=fps))
+        return str(self._encoder.submit(growth.save, self.new_path(stem, fmt), fps=fps).result())
 
     def prune(self) -> None:
         """Delete files older than `max_age_s`; at most one look per hundredth of that age."""

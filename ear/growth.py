@@ -78,8 +78,10 @@ class PreviewPacer:
         self._started: float | None = None
         self._last_shown: float | None = None
 
-    def due(self, last: bool = False) -> str | None:
-        """FULL, SKETCH or None (no canvas for this step)."""
+    def due(self, last: bool = False, sharing: int = 1) -> str | None:
+        """FULL, SKETCH or None (no canvas for this step). `sharing` streams served at once share
+        one budget: each gets `share / sharing` of its generation time and waits up to
+        `max_gap * sqrt(sharing)`, so a crowd's canvases do not slow the generation they show."""
         now = self.clock()
         if self._started is None:
             self._started = now
@@ -93,10 +95,10 @@ class PreviewPacer:
         full = self._cost[FULL]
         if full is None:  # not measured yet: the sketch's work plus a decode of a few steps' time
             full = sketch + DECODE_STEPS * generating / self._steps
-        allowed = self.share * generating
+        allowed = self.share * generating / sharing
         if self.spent + full <= allowed:
             return FULL
-        if self.spent + sketch <= allowed or now - self._last_shown >= self.max_gap:
+        if self.spent + sketch <= allowed or now - self._last_shown >= self.max_gap * sharing**0.5:
             return SKETCH
         return None
 

@@ -54,6 +54,12 @@ class Frame:
             self._images = self._renderer.render(self.state)  # within the renderer's decode budget
         return self._images
 
+    @property
+    def sharing(self) -> int:
+        """Requests whose steps the server computes at this moment (1 unless batched by
+        `ear.serving`): what a live view's share of the server's time is divided by."""
+        return max(1, self.state.requests_in_flight) if isinstance(self.state, ServedState) else 1
+
     def sketch(self) -> list[Image.Image]:
         """The step drawn without a tokenizer call: the pixels last decoded in this stream, the
         cells known since then as "pending" tiles (the images themselves once drawn, and the

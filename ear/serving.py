@@ -102,6 +102,7 @@ class ServedState(StepState):
 
     batch_rows: int = 0  # rows in the forward that produced this step
     rows_in_flight: int = 0  # rows in every batch running at that step
+    requests_in_flight: int = 1  # requests those rows belong to (who share the server's time)
 
 
 @dataclass(eq=False)
@@ -185,7 +186,7 @@ class _Batch:
         self.close()
         return _Batch(self.number, [r for r in self.requests if not r.cancelled] + newcomers)
 
-    def advance(self, rows_in_flight: int) -> bool:
+    def advance(self, rows_in_flight: int, requests_in_flight: int) -> bool:
         """One step; False when the batch is finished (done, failed or nobody is listening)."""
         if not self.live_rows:
             self.close()
@@ -205,7 +206,7 @@ class _Batch:
                 r.received += 1
                 r.out.put(ServedState(state.step, state.num_steps, state.tokens[start:stop], state.known,
                                       state.new, state.elapsed + self.started - r.began, rows,
-                                      rows_in_flight))
+                                      rows_in_flight, requests_in_flight))
         return not state.done
 
 
@@ -310,6 +311,9 @@ class Scheduler:
     def _in_flight(self) -> int:
         return sum(b.live_rows for b in self._running)
 
+    def _requests_in_flight(self) -> int:
+        return sum(not r.cancelled for b in self._running for r in b.requests)
+
     def _joinable(self, batch: _Batch) -> bool:
         """Early enough that replaying the steps done so far costs little."""
         done = max([batch.produced, *(r.received for r in batch.requests)])
@@ -373,8 +377,8 @@ class Scheduler:
                     return
             for batch, requests in ready:
                 self._launch(batch, requests)
-            in_flight = self._in_flight()
-            finished = [b for b in list(self._running) if not b.advance(in_flight)]
+            rows, requests = self._in_flight(), self._requests_in_flight()
+            finished = [b for b in list(self._running) if not b.advance(rows, requests)]
             for batch in finished:
                 batch.close()  # its cache goes back to the engine now, not when collected
             with self._cond:

@@ -235,6 +235,27 @@ def test_pacer_skips_expensive_canvases_but_keeps_first_last_and_a_pulse() -> No
     assert pacer.spent <= 0.1 * (clock.now - pacer.spent) + 0.03 + 0.005 * len(shown)
 
 
+def test_pacers_of_a_crowd_share_one_budget() -> None:
+    """Eight streams served at once: each gets an eighth of the canvas time and waits sqrt(8) times
+    longer between canvases, so together they cost about what one stream's canvases cost."""
+    def run(sharing: int) -> tuple[float, list[float]]:
+        clock = FakeClock()
+        pacer = PreviewPacer(share=0.2, max_gap=0.2, first=SKETCH, clock=clock)
+        times = []
+        for step in range(1, 101):
+            clock.now += 0.01
+            kind = pacer.due(last=step == 100, sharing=sharing)
+            if kind:
+                times.append(clock.now)
+                with pacer.showing(kind):
+                    clock.now += 0.01 if kind == FULL else 0.004
+        return pacer.spent, times
+
+    alone, crowd = run(1), run(8)
+    assert crowd[0] * 8 < alone[0] * 2 and len(crowd[1]) < len(alone[1]) / 2
+    assert max(b - a for a, b in itertools.pairwise(crowd[1])) <= 0.2 * 8**0.5 + 0.02
+
+
 def test_pacer_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="share"):
         PreviewPacer(share=-1)

@@ -129,6 +129,7 @@ def test_stop_drops_only_its_own_rows(model, make_scheduler):
         states = [first_kept.result(TIMEOUT_S), *kept]
     assert states[-1].done and all(s.batch_rows == 3 for s in states)
     assert states[-1].rows_in_flight == 1  # the stopped rows are no longer counted
+    assert states[-1].requests_in_flight == 1 and states[0].requests_in_flight == 2
     assert torch.equal(states[-1].tokens, generate(model, [6], seed=9, cfg_scale=1.5))
 
 
@@ -224,6 +225,7 @@ def test_a_pipeline_served_by_a_scheduler_streams_the_same_pictures(tmp_path, ma
     assert torch.equal(served[-1].state.tokens, direct[-1].state.tokens)
     assert served[-1].caption == f"{direct[-1].caption.rsplit(' · ', 1)[0]} · " \
         f"{served[-1].state.elapsed:.2f} s · 2 rows in flight"
+    assert direct[0].sharing == 1 and served[0].sharing == 1  # one request (of two rows) alone
     extended = list(pipe.extend(served[-1].images[0], keep=4, class_id="cat", seed=1))
     assert extended[-1].state.done and extended[0].state.step > 1  # the prefix, then the rest
 
@@ -262,15 +264,16 @@ def test_a_late_request_joins_by_replaying_and_nobody_gets_a_step_twice(model):
     early, late = request(model, [1, 2], 5), request(model, [3], 6)
     batch = serving._Batch(1, [early])
     for _ in range(3):
-        assert batch.advance(rows_in_flight=2)
+        assert batch.advance(rows_in_flight=2, requests_in_flight=1)
     batch = batch.joined_by([late])
-    while batch.advance(rows_in_flight=3):
+    while batch.advance(rows_in_flight=3, requests_in_flight=2):
         pass
     steps = model.schedule.num_steps
     for r, ids, seed, rows in ((early, [1, 2], 5, [2] * 3 + [3] * (steps - 3)), (late, [3], 6, [3] * steps)):
         states = drain(r)
         assert [s.step for s in states] == list(range(1, steps + 1))
         assert [s.batch_rows for s in states] == rows
+        assert [s.requests_in_flight for s in states] == [1 if r == 2 else 2 for r in rows]
         assert torch.equal(states[-1].tokens, generate(model, ids, seed=seed, cfg_scale=1.5))
         assert all(b.elapsed >= a.elapsed for a, b in itertools.pairwise(states))
 
