@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_ROWS = 16
 DEFAULT_JOIN_SHARE = 0.25
 DEFAULT_OVERLAP = 2
+# States reach a request in bundles at most this far apart (its first and last state at once):
+# waking every consumer thread at every step costs a batch of single-image requests a good share
+# of a small model's step time in thread switches, and a live view needs no more than this.
+HANDOVER_S = 0.03
 
 
 def batching_enabled() -> bool:
@@ -118,6 +122,14 @@ class _Request:
     cancelled: bool = False
     received: int = 0  # states handed over so far (a batch that replays skips these)
     began: float | None = None  # when its first batch started
+    bundle: list[ServedState] = field(default_factory=list)  # computed, not yet handed over
+    handed: float = 0.0  # when the last bundle went out
+
+    def hand_over(self, state: ServedState, now: float) -> None:
+        self.bundle.append(state)
+        if state.done or self.received == 1 or now - self.handed >= HANDOVER_S:
+            self.out.put(self.bundle)
+            self.bundle, self.handed = [], now
 
     @property
     def rows(self) -> int:
@@ -199,14 +211,14 @@ class _Batch:
                 r.out.put(_Failed(err))
             return False
         self.produced += 1
-        rows = self.offsets[-1]
+        rows, now = self.offsets[-1], time.perf_counter()
         for r, start, stop in zip(self.requests, self.offsets, self.offsets[1:], strict=False):
             if not r.cancelled and r.received < self.produced:
                 assert r.began is not None
                 r.received += 1
-                r.out.put(ServedState(state.step, state.num_steps, state.tokens[start:stop], state.known,
-                                      state.new, state.elapsed + self.started - r.began, rows,
-                                      rows_in_flight, requests_in_flight))
+                r.hand_over(ServedState(state.step, state.num_steps, state.tokens[start:stop], state.known,
+                                        state.new, state.elapsed + self.started - r.began, rows,
+                                        rows_in_flight, requests_in_flight), now)
         return not state.done
 
 
@@ -268,11 +280,11 @@ class Scheduler:
         self._submit(request)
         try:
             while True:
-                item = request.out.get()
-                if isinstance(item, _Failed):
-                    raise RuntimeError(f"generation failed: {item.error}") from item.error
-                yield item
-                if item.done:
+                bundle = request.out.get()
+                if isinstance(bundle, _Failed):
+                    raise RuntimeError(f"generation failed: {bundle.error}") from bundle.error
+                yield from bundle
+                if bundle[-1].done:
                     return
         finally:  # also on Stop: only this request's rows are dropped
             self._cancel(request)

@@ -233,7 +233,7 @@ def test_a_pipeline_served_by_a_scheduler_streams_the_same_pictures(tmp_path, ma
 def drain(request: serving._Request) -> list[ServedState]:
     states = []
     while not request.out.empty():
-        states.append(request.out.get())
+        states.extend(request.out.get())  # bundles of states (see serving.HANDOVER_S)
     return states
 
 
