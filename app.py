@@ -83,6 +83,8 @@ DEFAULT_IMAGES = 4  # a 2 x 2 grid: enough to see what the class looks like, fas
 # CPU core on a basic Space. Requests handled at once: with the scheduler, enough to fill a batch.
 GENERATIONS_AT_ONCE = 2 if SCHEDULER is None else 1
 CONCURRENCY_LIMIT = GENERATIONS_AT_ONCE if SCHEDULER is None else SCHEDULER.max_rows
+# PyTorch threads per generation; the scheduler's worker leaves one core to Gradio and the drawing
+THREADS = threads_per_request(GENERATIONS_AT_ONCE, spare=0 if SCHEDULER is None else 1)
 QUEUE_SIZE = 24  # beyond this the page says the app is busy and to try again
 RANDOM_SEED_JS = f"() => Math.floor(Math.random() * {SEED.hi + 1})"
 # Canvases fill their box, enlarged as crisp pixels (live canvases of big grids come at half
@@ -548,11 +550,10 @@ demo = build_demo()
 
 def launch(**kwargs: Any) -> Any:
     """Start the server; address and port come from GRADIO_SERVER_NAME/PORT unless passed here."""
-    threads = threads_per_request(GENERATIONS_AT_ONCE)
     if SCHEDULER is not None:
         log_batches()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    if THREADS is not None:
+        torch.set_num_threads(THREADS)
     return demo.launch(css=CSS, max_file_size=MAX_UPLOAD_BYTES, **kwargs)
 
 

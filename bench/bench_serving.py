@@ -203,9 +203,9 @@ def handler_times(args: argparse.Namespace) -> None:
         raise RuntimeError("the handler never showed its final images")
 
     served = pipe.sampler
-    for mode, sampler, at_once in (("baseline", sample, 2), ("batching", served, 1)):
+    for mode, sampler, at_once, spare in (("baseline", sample, 2, 0), ("batching", served, 1, 1)):
         pipe.sampler = sampler
-        torch.set_num_threads(threads_per_request(at_once) or torch.get_num_threads())
+        torch.set_num_threads(threads_per_request(at_once, spare) or torch.get_num_threads())
         gate = threading.Semaphore(at_once if mode == "baseline" else 8)
         final_after(1, 0, gate)  # warm-up
         ones, eights = [], []

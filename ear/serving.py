@@ -127,7 +127,9 @@ class _Request:
 
     def hand_over(self, state: ServedState, now: float) -> None:
         self.bundle.append(state)
-        if state.done or self.received == 1 or now - self.handed >= HANDOVER_S:
+        # the first two at once: a consumer that looks one state ahead (is this the last?) can then
+        # show the first without waiting for a bundle
+        if state.done or self.received <= 2 or now - self.handed >= HANDOVER_S:
             self.out.put(self.bundle)
             self.bundle, self.handed = [], now
 

@@ -65,7 +65,7 @@ def app(tiny: str) -> types.ModuleType:
 def served_threads(app: types.ModuleType) -> Iterator[None]:
     """Run handlers with the thread count the served app uses (see `threads_per_request`)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads_per_request(app.GENERATIONS_AT_ONCE) or before)
+    torch.set_num_threads(app.THREADS or before)
     yield
     torch.set_num_threads(before)
 
@@ -502,6 +502,7 @@ def test_threads_per_request_never_oversubscribe(monkeypatch: pytest.MonkeyPatch
     cores = available_cpus()
     assert 1 <= cores <= (os.cpu_count() or 1)
     assert threads_per_request(2) * 2 <= max(2, cores) and threads_per_request(cores + 5) == 1
+    assert threads_per_request(1, spare=1) == max(1, cores - 1)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads_per_request(2) is None
 
