@@ -399,17 +399,18 @@ def _class_picker(pipe: EARPipeline, **kwargs: Any) -> gr.Dropdown:
                        **kwargs)
 
 
-def _style_picker(pipe: EARPipeline) -> gr.Dropdown:
+def _style_picker(pipe: EARPipeline, prefix: str) -> gr.Dropdown:
     """Shown only for a model with styles (one class embedding per class and image set)."""
     return gr.Dropdown([ANY_STYLE, *pipe.styles], value=ANY_STYLE, label="Style", filterable=False,
-                       visible=bool(pipe.styles), info="whose drawings to follow; Any alternates them")
+                       visible=bool(pipe.styles), info="whose drawings to follow; Any alternates them",
+                       elem_id=f"{prefix}-style")
 
 
 def _generate_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Component]:
     with gr.Row():
         with gr.Column(scale=1):
             klass = _class_picker(pipe)
-            style = _style_picker(pipe)
+            style = _style_picker(pipe, "gen")
             count = gr.Slider(NUM_IMAGES.lo, NUM_IMAGES.hi, value=DEFAULT_IMAGES, step=1,
                               label=NUM_IMAGES.label, info="shown as a grid")
             sampling, refilled = _sampling_controls(pipe, model)
@@ -438,7 +439,7 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Com
                                info="how much of the final canvas your picture covers")
             klass = gr.Dropdown([UNCONDITIONAL, *pipe.class_names], value=UNCONDITIONAL, label="Class",
                                 info="optional; type to search")
-            style = _style_picker(pipe)
+            style = _style_picker(pipe, "ext")
             rounds = gr.Slider(ZOOM_ROUNDS.lo, ZOOM_ROUNDS.hi, value=0, step=1, label=ZOOM_ROUNDS.label,
                                info="0 = extend once; n = zoom out n times")
             sampling, refilled = _sampling_controls(pipe, model)

@@ -126,6 +126,10 @@ def test_page_opens_on_the_models_best_with_nothing_to_download_yet(page: Any,
     pipe = EARPipeline.from_pretrained(server[1])
     assert page.get_by_label("Class").first.input_value() == pipe.default_class
     assert page.get_by_label("Number of images").first.input_value() == "4"
+    style = page.locator("#gen-style")  # shown only for a model with styles (Twemoji, Noto)
+    assert style.is_visible() == bool(pipe.styles)
+    if pipe.styles:
+        assert page.get_by_label("Style").first.input_value() == "Any"
     download = page.locator("#gen-download")
     assert download.is_disabled()  # item 5: nothing to download before a run
     page.screenshot(path=ARTIFACTS / "browser-open.png", full_page=True)

@@ -187,7 +187,8 @@ def sheet(pipe: EARPipeline, data: ImageDataset, classes: list[int], settings: d
         draw.text((x0, y), pipe.class_names[c], fill=(30, 30, 30))
         real = [data.images[(data.labels == c) & (data.sources == s)][:1] for s in ("twitter", "google")]
         real = np.concatenate(real) if sum(map(len, real)) else data.images[data.labels == c][:2]
-        fakes = pipe.generate([c] * per_row, seed=seed + c, display_size=size, **settings)
+        # an even seed: with styles, the samples alternate from the first style, as the real ones
+        fakes = pipe.generate([c] * per_row, seed=2 * (seed + c), display_size=size, **settings)
         tiles = [Image.fromarray(r).resize((size, size), Image.Resampling.LANCZOS) for r in real]
         for i, tile in enumerate([*tiles, *fakes]):
             x = x0 + i * (size + gap) + (bar if i >= len(tiles) else 0)
