@@ -23,7 +23,9 @@ def test_asset_files_and_config() -> None:
     config = json.loads((ASSET / "config.json").read_text())
     assert config["format"] == "ear-studio/1" and config["tokenizer"]["type"] == "conv_vq"
     assert config["model"]["schedule"] == "arms" and config["model"]["adaln"]
-    assert len(config["class_names"]) == config["model"]["num_classes"]
+    # one class embedding per emoji and image set: a sample follows one artist's drawing
+    assert config["styles"] == ["Twemoji", "Noto"]
+    assert len(config["class_names"]) * 2 == config["model"]["num_classes"]
     # one class per emoji, named by its CLDR short name; old and everyday names still find one
     assert {"red heart", "grinning face", "flag: Japan"} <= set(config["class_names"])
     assert config["default_class"] in config["class_names"]
@@ -72,3 +74,16 @@ def test_colour_follows_the_class(pipe: EARPipeline) -> None:
     for seed in range(2):
         red, green, blue = (centre(f"{c} heart", seed) for c in ("red", "green", "blue"))
         assert red[0] > red[1] + 40 and green[1] > green[0] + 20 and blue[2] > blue[0] + 40, seed
+
+
+def test_each_style_is_its_own_drawing(pipe: EARPipeline) -> None:
+    """At the default settings two seeds of one style give (nearly) the same picture, and the two
+    styles give clearly different ones: samples are one artist's drawing, not a mix of both."""
+    def picture(style: str, seed: int) -> np.ndarray:
+        image = pipe.generate("grinning face", seed=seed, style=style, display_size=64)[0]
+        return np.asarray(image.convert("RGB")).astype(np.float32)
+
+    twemoji, noto = [picture("Twemoji", s) for s in (0, 1)], [picture("Noto", s) for s in (0, 1)]
+    within = max(np.abs(twemoji[0] - twemoji[1]).mean(), np.abs(noto[0] - noto[1]).mean())
+    between = np.abs(twemoji[0] - noto[0]).mean()
+    assert between > 5 and between > 4 * within, (between, within)

@@ -104,12 +104,14 @@ class Ruler:
         return frechet(twemoji, noto) if min(len(twemoji), len(noto)) > 1 else float("nan")
 
     def score(self, fake: np.ndarray, fake_labels: np.ndarray) -> dict[str, Any]:
-        """Retrieval over all generated images; FID on the first generated image of each class,
-        against both sets' renderings and (a stricter, one-style reference) each set alone."""
+        """Retrieval over all generated images; FID on one generated image per class (class c's
+        samples are consecutive; its (c mod n)-th of n is taken, so that when a request's images
+        alternate styles, half the classes show each style, as the real renderings do), against
+        both sets' renderings and (a stricter, one-style reference) each set alone."""
         f = features(self.tokenizer, fake)
         metrics = retrieval(f, fake_labels, self.feats, self.labels)
-        _, first = np.unique(fake_labels, return_index=True)
-        ref, gen = self.reduce(self.feats[self.default]), self.reduce(f[first])
+        classes, first, counts = np.unique(fake_labels, return_index=True, return_counts=True)
+        ref, gen = self.reduce(self.feats[self.default]), self.reduce(f[first + classes % counts])
         metrics["fid"] = frechet(ref, gen)
         for name, source in (("fid_vs_twemoji", "twitter"), ("fid_vs_noto", "google")):
             one = ref[self.sources == source]
