@@ -5,9 +5,11 @@
         --data runs/emoji-all.npz --run-dir runs/gpu --export runs/gpu/asset  # one H200, < 10 min
     python -m ear.train recipe cpu --init-from <previous asset> --run-dir runs/cpu --export ...
 
-Why presets: the CPU recipe is what the shipped ear-emoji used (warm starts from the previous
+Why presets: the CPU recipe is how the shipped ear-emoji was made (warm starts from the previous
 release, the 228-emoji "familiar" class set, wall-clock budgets that fit a shared 2-core machine,
-then a decoder-only pass that sharpens pictures without changing a single token); the GPU recipe
+a decoder-only pass that sharpens pictures without changing a single token, then the EAR with one
+class embedding per emoji and image set, on plain token copies; the current release re-ran only
+that last stage on the previous tokenizer, see its model card); the GPU recipe
 trains from scratch on every emoji with wider networks, and its budgets (2.5 + 6 min of training,
 plus tokenizing and export) keep it within 10 minutes of device time, because the data set is
 prepared on the CPU first and carried over as one .npz.
