@@ -399,11 +399,14 @@ def _class_picker(pipe: EARPipeline, **kwargs: Any) -> gr.Dropdown:
                        **kwargs)
 
 
-def _style_picker(pipe: EARPipeline, prefix: str) -> gr.Dropdown:
+def _style_choices(pipe: EARPipeline) -> dict[str, Any]:
     """Shown only for a model with styles (one class embedding per class and image set)."""
-    return gr.Dropdown([ANY_STYLE, *pipe.styles], value=ANY_STYLE, label="Style", filterable=False,
-                       visible=bool(pipe.styles), info="whose drawings to follow; Any alternates them",
-                       elem_id=f"{prefix}-style")
+    return {"choices": [ANY_STYLE, *pipe.styles], "value": ANY_STYLE, "visible": bool(pipe.styles)}
+
+
+def _style_picker(pipe: EARPipeline, prefix: str) -> gr.Dropdown:
+    return gr.Dropdown(**_style_choices(pipe), label="Style", filterable=False, elem_id=f"{prefix}-style",
+                       info="whose drawings to follow; Any alternates them")
 
 
 def _generate_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Component]:
@@ -497,7 +500,7 @@ def _model_updates(pipe: EARPipeline, name: str) -> list[Any]:
                gr.Slider(value=preset.cfg_scale), gr.Slider(value=preset.temperature),
                gr.Slider(value=preset.top_k, maximum=pipe.tokenizer.codebook_size),
                gr.Slider(value=preset.top_p)]
-    style = gr.Dropdown(choices=[ANY_STYLE, *pipe.styles], value=ANY_STYLE, visible=bool(pipe.styles))
+    style = gr.Dropdown(**_style_choices(pipe))
     return [gr.Dropdown(choices=names, value=pipe.default_class), style, *sliders,
             gr.Dropdown(choices=[UNCONDITIONAL, *names], value=UNCONDITIONAL), style,
             gr.Dropdown(choices=keep_choices(pipe), value=default_keep(pipe)), *sliders,
