@@ -76,8 +76,20 @@ MODELS = ModelRegistry([name for _, name in MODEL_CHOICES],
                        lambda name: attach(EARPipeline.from_pretrained(name), SCHEDULER),
                        preloaded={STARTED.name: attach(STARTED.pipeline, SCHEDULER)})
 FILES = OutputFiles()
+
+
+def serve_in_place(folder: Path) -> None:
+    """Gradio serves `folder`'s files where they are, never copying them into its temp folder (see
+    OutputFiles). For every file an update names, Gradio asks each static path in turn whether
+    the file lies under it, resolving both on disk; ours is the one asked about on every canvas,
+    so it is asked first (Gradio registers two icons of its own before it)."""
+    gr.set_static_paths([folder])
+    static = gr.data_classes._StaticFiles.all_paths  # no public way to order them
+    static.sort(key=lambda path: path != folder.resolve())
+
+
 STOPS = Stops()
-gr.set_static_paths([FILES.root])  # served in place, never copied into Gradio's temp folder (see OutputFiles)
+serve_in_place(FILES.root)
 DEFAULT_IMAGES = 4  # a 2 x 2 grid: enough to see what the class looks like, fast on a CPU
 # Generations computing at once: the scheduler runs one batch at a time; without it, one request per
 # CPU core on a basic Space. Requests handled at once: with the scheduler, enough to fill a batch.
@@ -133,6 +145,15 @@ def _with_last(frames: Iterator[Frame]) -> Iterator[tuple[Frame, bool]]:
         yield previous, True
 
 
+def _canvas(frame: Frame, kind: str, canvases: Canvases) -> str:
+    """A live canvas's file; a sketch that depends only on the cells (the opening one of every
+    generation) is drawn once for all requests."""
+    key = frame.sketch_key() if kind == SKETCH else None
+    if key is not None:
+        return FILES.shared_canvas(key, lambda: make_grid(frame.sketch()))
+    return canvases.show(make_grid(frame.images if kind == FULL else frame.sketch()))
+
+
 def _play(frames: Iterator[Frame], stem: str, fmt: str, first: str = FULL) -> Iterator[list[Any]]:
     """Stream a run: canvases as the pacer allows (every step while that costs little; else the
     first, one at least every 0.2 s, and the last, which comes with the finished images), then
@@ -141,21 +162,24 @@ def _play(frames: Iterator[Frame], stem: str, fmt: str, first: str = FULL) -> It
     pacer, growth, canvases = PreviewPacer(first=first), GrowthAnimation(), FILES.canvases(stem)
     try:
         for frame, last in _with_last(frames):
-            growth.add(frame.state, frame.images if frame.state.done else None)
             if last:
-                finals = [FILES.image(image, f"{stem}-final") for image in frame.images]
-                canvas = finals[0] if len(finals) == 1 else canvases.show(make_grid(frame.images))
-                yield [canvas, f"{frame.caption} · writing the animation…", finals, gr.skip()]
+                with FILES.delivering():
+                    growth.add(frame.state, frame.images)
+                    finals = [FILES.image(image, f"{stem}-final") for image in frame.images]
+                    canvas = finals[0] if len(finals) == 1 else canvases.show(make_grid(frame.images))
+                    yield [canvas, f"{frame.caption} · writing the animation…", finals, None]
                 animation = FILES.animation(growth, stem, fmt)
                 yield [canvas, f"{frame.caption} · done", finals, animation]  # all four: the API's result
                 return
+            growth.add(frame.state, frame.images if frame.state.done else None)
             kind = pacer.due(sharing=frame.sharing)
             if kind:
                 opening = not any(pacer.shown.values())
                 with pacer.showing(kind):
-                    images = frame.images if kind == FULL else frame.sketch()
-                    yield [canvases.show(make_grid(images)), frame.caption,
-                           *([None, _no_download()] if opening else [gr.skip(), gr.skip()])]
+                    canvas = _canvas(frame, kind, canvases)
+                    # after the opening update, None leaves the gallery and the download button
+                    # as that update left them (empty), and costs Gradio less than gr.skip()
+                    yield [canvas, frame.caption, None, _no_download() if opening else None]
         raise gr.Error("The model produced no frames.")
     finally:
         canvases.close()

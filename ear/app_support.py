@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,7 @@ LOG = logging.getLogger("ear.app")
 UNCONDITIONAL = "(none: unconditional)"
 ANY_STYLE = "Any"  # a model with styles alternates them over a request's images
 ANIMATION_FORMATS = ("gif", "mp4")
+SHARED_CANVASES = 64  # canvases many requests show alike (opening sketches), kept at once
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 
 
@@ -234,19 +235,26 @@ class OutputFiles:
     and everything older than `max_age_s` is pruned after finished requests. Unique
     names also mean no file is ever rewritten while a browser may be reading it."""
 
-    def __init__(self, root: Path | None = None, max_age_s: float = 3600.0, linger_s: float = 10.0) -> None:
+    def __init__(self, root: Path | None = None, max_age_s: float = 3600.0, linger_s: float = 10.0,
+                 max_defer_s: float = 1.0) -> None:
         self.root = root or Path(tempfile.gettempdir()) / "ear-studio"
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_age_s, self.linger_s = max_age_s, linger_s
         self._pruned = 0.0  # when prune() last looked (it lists the whole folder)
-        # Animations are encoded one at a time: when a batch of visitors finishes together, their
-        # encodings queue on one core instead of taking every core from the final pictures still
-        # being sent and the streams still generating.
+        # Animations are encoded one at a time, and only once no final pictures are on their way:
+        # when a batch of visitors finishes together, the first one's encoding would otherwise take
+        # the cores from the others' pictures, which are what everyone is waiting for.
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ear-animation")
+        self._quiet = threading.Condition()
+        self._delivering = 0  # requests whose final pictures are being drawn or sent
+        self.max_defer_s = max_defer_s
+        self._shared: OrderedDict[Hashable, Path] = OrderedDict()
+        self._shared_lock = threading.Lock()
 
     def new_path(self, stem: str, suffix: str) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
-        return self.root / f"{stem}-{uuid.uuid4().hex[:12]}.{suffix}"
+        path = self.root / f"{stem}-{uuid.uuid4().hex[:12]}.{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def image(self, image: Image.Image, stem: str) -> str:
         """A finished picture: lossless PNG (fast to write, somewhat larger)."""
@@ -255,11 +263,44 @@ class OutputFiles:
     def canvases(self, stem: str) -> Canvases:
         return Canvases(self, stem, self.linger_s)
 
+    def shared_canvas(self, key: Hashable, draw: Callable[[], Image.Image]) -> str:
+        """A canvas that is the same for many requests, drawn and written once: a generation's
+        opening sketch shows only which cells come first, and a crowd arriving together would
+        otherwise draw that one picture once each, on the cores its generation is using. The
+        latest `SHARED_CANVASES` are kept (in a folder of their own, which `prune` leaves alone)."""
+        with self._shared_lock:
+            path = self._shared.pop(key, None)
+            if path is None:
+                path = _canvas_png(draw(), self.new_path("shared/canvas", "png"))
+            self._shared[key] = path  # the most recently used last
+            while len(self._shared) > SHARED_CANVASES:
+                self._shared.popitem(last=False)[1].unlink(missing_ok=True)
+        return str(path)
+
+    @contextlib.contextmanager
+    def delivering(self) -> Iterator[None]:
+        """Around drawing and sending a request's final pictures: animations wait meanwhile."""
+        with self._quiet:
+            self._delivering += 1
+        try:
+            yield
+        finally:
+            with self._quiet:
+                self._delivering -= 1
+                self._quiet.notify_all()
+
     def animation(self, growth: GrowthAnimation, stem: str, fmt: str, fps: float = 8) -> str:
-        """Write `growth` as `fmt` and return the path written (GIF if no MP4 encoder exists).
-        Old files are pruned here (see `prune`)."""
+        """Write `growth` as `fmt` and return the path written (GIF if no MP4 encoder exists), once
+        no final pictures are being delivered (or `max_defer_s` has passed: under a steady stream
+        of finishing requests, animations still come). Old files are pruned here (see `prune`)."""
         self.prune()
-        return str(self._encoder.submit(growth.save, self.new_path(stem, fmt), fps=fps).result())
+        written = self._encoder.submit(self._when_quiet, growth.save, self.new_path(stem, fmt), fps)
+        return str(written.result())
+
+    def _when_quiet(self, save: Callable[..., Path], path: Path, fps: float) -> Path:
+        with self._quiet:
+            self._quiet.wait_for(lambda: self._delivering == 0, timeout=self.max_defer_s)
+        return save(path, fps=fps)
 
     def prune(self) -> None:
         """Delete files older than `max_age_s`; at most one look per hundredth of that age."""
@@ -269,7 +310,7 @@ class OutputFiles:
         self._pruned, cutoff = now, now - self.max_age_s
         for path in self.root.iterdir():
             try:
-                if path.stat().st_mtime < cutoff:
+                if path.is_file() and path.stat().st_mtime < cutoff:
                     path.unlink()
             except FileNotFoundError:  # a concurrent request pruned it first
                 pass
@@ -290,8 +331,7 @@ class Canvases:
 
     def show(self, image: Image.Image) -> str:
         """Write a canvas, shrunk as `preview_factor` says, and drop those long out of sight."""
-        factor = preview_factor(*image.size)
-        path = _fast_png(image.reduce(factor) if factor > 1 else image, self.files.new_path(self.stem, "png"))
+        path = _canvas_png(image, self.files.new_path(self.stem, "png"))
         self._written.append((time.monotonic(), path))
         self._drop(keep=2, older_than=time.monotonic() - self.linger_s)
         return str(path)
@@ -310,6 +350,12 @@ class Canvases:
             else:
                 kept.insert(0, (written, path))
         self._written = sorted(kept)
+
+
+def _canvas_png(image: Image.Image, path: Path) -> Path:
+    """A live canvas: shrunk as `preview_factor` says, written as a fast PNG."""
+    factor = preview_factor(*image.size)
+    return _fast_png(image.reduce(factor) if factor > 1 else image, path)
 
 
 def _fast_png(image: Image.Image, path: Path) -> Path:

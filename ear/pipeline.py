@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -67,6 +67,13 @@ class Frame:
         if self._images is not None or self._renderer is None or self.state.done:
             return self.images
         return self._renderer.render(self.state, decode=False)
+
+    def sketch_key(self) -> Hashable | None:
+        """What `sketch()` depends on when that is only the cells, size and rows (nothing of the
+        stream decoded yet; see `PreviewRenderer.sketch_key`), else None."""
+        if self._images is not None or self._renderer is None:
+            return None
+        return self._renderer.sketch_key(self.state)
 
     def with_caption(self, caption: str) -> Frame:
         """The same step (its images still undrawn if they were) under another caption."""

@@ -15,12 +15,13 @@ models never exceed), a frame reuses the last decoded pixels and shows the cells
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +71,7 @@ class PreviewRenderer:
         self.decode_share, self.decode_slack = decode_share, decode_slack
         self.fill_token = neutral_token(tokenizer) if fill_token is None else fill_token
         d, s = display_size, tokenizer.image_size
-        self.cells = CellGrid(tokenizer.grid_size, d)
-        self.canvas = np.asarray(CANVAS_RGB, dtype=np.uint8)[self.cells.checker]
-        self.pending = np.asarray(PENDING_RGB, dtype=np.uint8)[self.cells.checker]
+        self.cells, self.canvas, self.pending = _backdrop(tokenizer.grid_size, d)
         # Small tokenizers (e.g. 64 px) look right as crisp pixel art; others get a smooth resize.
         self._resample = (Image.Resampling.NEAREST if d > s and d % s == 0
                           else Image.Resampling.LANCZOS)
@@ -111,7 +110,8 @@ class PreviewRenderer:
         self._last_step = state.step
         if state.done:  # whatever comes next is a new stream
             self._pixels, self._last_step = None, 0
-            return self.final(state.tokens)
+            pixels = state.decoded(self.decode, (self.tokenizer, self.display_size))
+            return [Image.fromarray(p) for p in pixels]
         if decode is None:
             decode = self._pixels is None or self._affordable()
         if decode:
@@ -125,6 +125,16 @@ class PreviewRenderer:
         if self.outline:
             frames[:, self.cells.outline(state.new)] = OUTLINE_RGB
         return [Image.fromarray(f) for f in frames]
+
+    def sketch_key(self, state: StepState) -> Hashable | None:
+        """While nothing of this stream has been decoded, `render(state, decode=False)` depends
+        only on the cells, the size and the rows (the opening canvas of every generation alike):
+        a key saying so, for drawing it once for many requests. None once pixels exist."""
+        fresh = self._pixels is None or state.step <= self._last_step
+        if state.done or not fresh:
+            return None
+        return (self.display_size, self.outline, state.tokens.shape, state.known.numpy().tobytes(),
+                state.new.numpy().tobytes())
 
     def _affordable(self) -> bool:
         """Whether decoding this frame keeps previews within the decode budget."""
@@ -161,6 +171,16 @@ class PreviewRenderer:
             frame.paste(image.resize((w, w), Image.Resampling.LANCZOS), corner)
             frames.append(frame)
         return frames
+
+
+@functools.lru_cache(maxsize=8)
+def _backdrop(grid: int, display: int) -> tuple[CellGrid, np.ndarray, np.ndarray]:
+    """The cell geometry and the dim and "pending" checkerboards of a grid at a display size, made
+    once: every stream needs them, and making them costs about what a small model's step does."""
+    cells = CellGrid(grid, display)
+    canvas, pending = (np.asarray(rgb, dtype=np.uint8)[cells.checker] for rgb in (CANVAS_RGB, PENDING_RGB))
+    canvas.flags.writeable = pending.flags.writeable = False  # shared by every renderer
+    return cells, canvas, pending
 
 
 class CellGrid:

@@ -9,9 +9,9 @@ iteration at any step leaves nothing behind (the cache lives only inside the gen
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -21,6 +21,7 @@ from ear.model import EAR, KVCache
 from ear.order import Schedule
 
 UNKNOWN = -1
+Decoded = TypeVar("Decoded", bound=Sequence)
 
 
 @dataclass
@@ -39,6 +40,11 @@ class StepState:
     @property
     def num_known(self) -> int:
         return int(self.known.sum())
+
+    def decoded(self, decode: Callable[[torch.Tensor], Decoded], key: Hashable) -> Decoded:
+        """`decode(self.tokens)`: one item per row. `key` names the decode (tokenizer, size), so
+        that a state whose rows are part of a larger batch (`ear.serving`) can share one call."""
+        return decode(self.tokens)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,7 @@ import torch
 
 from ear.model import EAR
 from ear.order import Schedule
-from ear.sampler import SamplingParams, StepState, _as_class_ids, _as_prefix, sample
+from ear.sampler import Decoded, SamplingParams, StepState, _as_class_ids, _as_prefix, sample
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,24 @@ def log_batches() -> None:
         log.propagate = False
 
 
+class SharedDecode:
+    """A finished batch's tokens, decoded once for all its requests: the first request to ask
+    decodes every row in one call and the others take their rows. A decode per request costs more
+    (a tokenizer call of one row is far from a row's share of a call of n), and n requests decoding
+    at once in their own threads crowd the cores just when each of them is sending its pictures."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        self.tokens = tokens
+        self._lock = threading.Lock()
+        self._decoded: dict[Hashable, Any] = {}
+
+    def rows(self, decode: Callable[[torch.Tensor], Decoded], key: Hashable, rows: slice) -> Decoded:
+        with self._lock:
+            if key not in self._decoded:
+                self._decoded[key] = decode(self.tokens)
+            return self._decoded[key][rows]
+
+
 @dataclass
 class ServedState(StepState):
     """A request's own StepState (its rows only), with what it shared the step with."""
@@ -107,6 +125,13 @@ class ServedState(StepState):
     batch_rows: int = 0  # rows in the forward that produced this step
     rows_in_flight: int = 0  # rows in every batch running at that step
     requests_in_flight: int = 1  # requests those rows belong to (who share the server's time)
+    shared: SharedDecode | None = None  # the finished step of the whole batch (done states only)
+    rows: slice | None = None  # this request's rows in it
+
+    def decoded(self, decode: Callable[[torch.Tensor], Decoded], key: Hashable) -> Decoded:
+        if self.shared is None or self.rows is None:
+            return decode(self.tokens)
+        return self.shared.rows(decode, key, self.rows)
 
 
 @dataclass(eq=False)
@@ -214,13 +239,14 @@ class _Batch:
             return False
         self.produced += 1
         rows, now = self.offsets[-1], time.perf_counter()
+        shared = SharedDecode(state.tokens) if state.done else None
         for r, start, stop in zip(self.requests, self.offsets, self.offsets[1:], strict=False):
             if not r.cancelled and r.received < self.produced:
                 assert r.began is not None
                 r.received += 1
                 r.hand_over(ServedState(state.step, state.num_steps, state.tokens[start:stop], state.known,
                                         state.new, state.elapsed + self.started - r.began, rows,
-                                        rows_in_flight, requests_in_flight), now)
+                                        rows_in_flight, requests_in_flight, shared, slice(start, stop)), now)
         return not state.done
 
 
