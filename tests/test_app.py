@@ -171,7 +171,7 @@ def test_generate_streams_every_step_then_images_and_gif(app: types.ModuleType, 
     captions = [o[1] for o in outs]
     assert captions[0].startswith(f"step 1 / {steps} · ")
     assert f"step {steps} / {steps}" in captions[-1] and captions[-1].endswith("done")
-    assert outs[0][2] is None and outs[0][3]["interactive"] is False  # the first update clears the last run
+    assert outs[0][2] is None and outs[0][3] is None  # the first update clears the last run
     # later updates leave both as the first left them: None (cheaper for Gradio than gr.skip())
     assert all(o[2] is None and o[3] is None for o in outs[1:-2])
     assert "writing the animation" in captions[-2] and outs[-2][3] is None  # results before the GIF
@@ -413,10 +413,18 @@ def test_a_refusal_after_a_run_clears_it_and_is_said_once(app: types.ModuleType)
         updates.extend(app.generate("cat", 1, 0, 1.5, 1.0, 0, 7.0, app.MODELS.default, "gif"))
     assert len(updates) == 1
     canvas, caption, finals, download = updates[0]
-    assert canvas is None and finals is None and download == {"__type__": "update", "value": None,
-                                                               "interactive": False}  # the last run goes
+    assert canvas is None and finals is None and download is None  # the last run goes
     assert caption == f"⚠️ {info.value.message}" and "Top-p must be between" in caption
     assert info.value.visible is False  # API clients get the error; the page shows no second copy
+
+
+def test_pressing_run_greys_out_the_download_outside_the_queue(app: types.ModuleType) -> None:
+    """Not in the run's first update: a property change costs Gradio's queue a component rebuild
+    per request, which a crowd arriving together would pay while its generation runs."""
+    greying = {app.demo.blocks[fn.targets[0][0]].elem_id: ([o.elem_id for o in fn.outputs], fn.queue)
+               for fn in app.demo.fns.values() if fn.fn is app._no_download}
+    assert greying == {"gen-run": (["gen-download"], False), "ext-run": (["ext-download"], False)}
+    assert app._no_download() == {"__type__": "update", "value": None, "interactive": False}
 
 
 def test_a_stopped_run_says_where_it_stopped() -> None:
