@@ -174,11 +174,12 @@ def _play(frames: Iterator[Frame], stem: str, fmt: str, first: str = FULL) -> It
             growth.add(frame.state, frame.images if frame.state.done else None)
             kind = pacer.due(sharing=frame.sharing)
             if kind:
-                opening = not any(pacer.shown.values())
                 with pacer.showing(kind):
                     canvas = _canvas(frame, kind, canvases)
-                    # None clears the gallery and the download (which pressing Run greyed out,
-                    # see `_finish`); later it leaves them so, and costs Gradio less than gr.skip()
+                    # None clears the last run's gallery and animation, then leaves them so. Not
+                    # gr.skip() nor a greyed-out button: Gradio rebuilds a component for any change
+                    # of its properties, per request, while a crowd's generation runs (the button
+                    # is greyed out by `after_run` when a run ends without an animation).
                     yield [canvas, frame.caption, None, None]
         raise gr.Error("The model produced no frames.")
     finally:
@@ -199,7 +200,7 @@ def generate(class_name: str, num_images: int, seed: int, cfg_scale: float, temp
         fmt = check_format(animation_format)
         frames = pipe.stream(batch, style=check_style(pipe, style), **kwargs)
     except ValueError as err:
-        yield from _refuse(err, [None, _warning(err), None, None])
+        yield from _refuse(err, [None, _warning(err), None, _no_download()])
     yield from _play(frames, "ear-generate", fmt, first=SKETCH)
 
 
@@ -221,7 +222,7 @@ def extend(image: Any, keep: int, class_name: str, zoom_rounds: int, seed: int, 
         frames = (pipe.zoom_out(picture, rounds, keep, class_id, **kwargs) if rounds
                   else pipe.extend(picture, keep, class_id, **kwargs))
     except ValueError as err:
-        yield from _refuse(err, [None, _warning(err), None, None])
+        yield from _refuse(err, [None, _warning(err), None, _no_download()])
     for canvas, caption, finals, download in _play(frames, "ear-extend", fmt):
         yield [canvas, caption, finals[0] if isinstance(finals, list) else finals, download]
 
@@ -401,17 +402,11 @@ def _stoppable(run: Callable[..., Iterator[list[Any]]], tab: str) -> Callable[..
     return served
 
 
-def _finish(run: gr.Button, event: Any, stop: gr.Button, tab: str, ended: Callable[..., list[Any]],
+def _finish(event: Any, stop: gr.Button, tab: str, ended: Callable[..., list[Any]],
             components: list[gr.components.Component]) -> None:
     """Stop ends the tab's run at its next update, as a normal end (`ear.stops` says why), then
     cancels what is left: a run still queued, or one busy past the wait. `ended` then updates
-    `components`. With a download button last among them, pressing `run` greys it out at once, in
-    an update of its own outside the queue: in the run's first update it would cost the queue a
-    component rebuild per request (Gradio rebuilds a component for any change of its properties),
-    just when a crowd's requests arrive together."""
-    if isinstance(components[-1], gr.DownloadButton):
-        run.click(_no_download, None, components[-1], queue=False, show_progress="hidden",
-                  api_visibility="private")
+    `components`."""
     def stop_run(request: gr.Request) -> None:
         key = _run_key(request, tab)
         if key is not None:
@@ -456,7 +451,7 @@ def _generate_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.C
             outputs = _outputs("gen", finals)
     event = run.click(_stoppable(generate, "gen"), [klass, count, *sampling, model, fmt, style], outputs,
                       api_name="generate", show_progress_on=outputs[0], **HEAVY)
-    _finish(run, event, stop, "gen", after_run, outputs[1::2])
+    _finish(event, stop, "gen", after_run, outputs[1::2])
     return [klass, style, *refilled]
 
 
@@ -487,7 +482,7 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Com
                     cache_mode="lazy", preprocess=False, label="Examples (results cached, default model)")
     event = run.click(_stoppable(extend, "ext"), [image, keep, klass, rounds, *sampling, model, fmt, style],
                       outputs, api_name="extend", show_progress_on=outputs[0], **HEAVY)
-    _finish(run, event, stop, "ext", after_run, outputs[1::2])
+    _finish(event, stop, "ext", after_run, outputs[1::2])
     return [klass, style, keep, *refilled]
 
 
@@ -509,7 +504,7 @@ def _compare_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Co
                                            elem_id=f"cmp-{name}-caption"))
     event = run.click(_stoppable(compare, "cmp"), [klass, seed, model], outputs, api_name="compare",
                       show_progress_on=outputs[0::2], **HEAVY)
-    _finish(run, event, stop, "cmp", after_compare, outputs[1::2])
+    _finish(event, stop, "cmp", after_compare, outputs[1::2])
     return [klass]
 
 

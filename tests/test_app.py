@@ -13,9 +13,10 @@ import io
 import os
 import re
 import sys
+import threading
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 import yaml
 from PIL import Image
 
+from ear import app_support
 from ear.app_support import (
     UNCONDITIONAL,
     OutputFiles,
@@ -413,18 +415,10 @@ def test_a_refusal_after_a_run_clears_it_and_is_said_once(app: types.ModuleType)
         updates.extend(app.generate("cat", 1, 0, 1.5, 1.0, 0, 7.0, app.MODELS.default, "gif"))
     assert len(updates) == 1
     canvas, caption, finals, download = updates[0]
-    assert canvas is None and finals is None and download is None  # the last run goes
+    assert canvas is None and finals is None and download == {"__type__": "update", "value": None,
+                                                               "interactive": False}  # the last run goes
     assert caption == f"⚠️ {info.value.message}" and "Top-p must be between" in caption
     assert info.value.visible is False  # API clients get the error; the page shows no second copy
-
-
-def test_pressing_run_greys_out_the_download_outside_the_queue(app: types.ModuleType) -> None:
-    """Not in the run's first update: a property change costs Gradio's queue a component rebuild
-    per request, which a crowd arriving together would pay while its generation runs."""
-    greying = {app.demo.blocks[fn.targets[0][0]].elem_id: ([o.elem_id for o in fn.outputs], fn.queue)
-               for fn in app.demo.fns.values() if fn.fn is app._no_download}
-    assert greying == {"gen-run": (["gen-download"], False), "ext-run": (["ext-download"], False)}
-    assert app._no_download() == {"__type__": "update", "value": None, "interactive": False}
 
 
 def test_a_stopped_run_says_where_it_stopped() -> None:
@@ -539,6 +533,45 @@ def test_output_files_are_unique_bounded_and_pruned(tmp_path: Path, states_of_a_
         growth.add(state, [image] if state.done else None)
     animation = files.animation(growth, "anim", "gif")
     assert not Path(first).exists() and Path(second).exists() and Path(animation).is_file()
+
+
+def test_canvases_many_requests_show_alike_are_written_once(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(app_support, "SHARED_CANVASES", 2)
+    files = OutputFiles(tmp_path / "out", max_age_s=60)
+    drawn = []
+
+    def draw(colour: str) -> Callable[[], Image.Image]:
+        return lambda: drawn.append(colour) or Image.new("RGB", (8, 8), colour)
+
+    red = files.shared_canvas("red", draw("red"))
+    assert files.shared_canvas("red", draw("red")) == red and drawn == ["red"]  # drawn once
+    assert pixels(red)[0, 0].tolist() == [255, 0, 0] and Path(red).parent == files.root / "shared"
+    blue, green = files.shared_canvas("blue", draw("blue")), files.shared_canvas("green", draw("green"))
+    assert not Path(red).exists() and Path(blue).exists() and Path(green).exists()  # the latest 2 kept
+    os.utime(blue, (0, 0))
+    files._pruned = 0.0
+    files.prune()  # the folder of shared canvases is not pruned (they are in use as long as kept)
+    assert Path(blue).exists()
+
+
+def test_animations_wait_while_final_pictures_are_delivered(tmp_path: Path, states_of_a_run: list) -> None:
+    files = OutputFiles(tmp_path / "out", max_defer_s=5.0)
+    growth = GrowthAnimation()
+    for state in states_of_a_run:
+        growth.add(state, [Image.new("RGB", (8, 8), "red")] if state.done else None)
+    written: list[float] = []
+    with files.delivering():
+        writer = threading.Thread(target=lambda: written.append(
+            (files.animation(growth, "anim", "gif"), time.perf_counter())[1]))
+        writer.start()
+        time.sleep(0.3)
+        assert not written  # still delivering someone's pictures
+        ended = time.perf_counter()
+    writer.join(10)
+    assert written and written[0] >= ended
+    files.max_defer_s = 0.05  # a steady stream of finishing requests still gets its animations
+    with files.delivering():
+        assert Path(files.animation(growth, "anim", "gif")).is_file()
 
 
 def test_example_cache_follows_the_model_files(app: types.ModuleType, tiny: str) -> None:

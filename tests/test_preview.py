@@ -197,6 +197,19 @@ def test_a_sketch_never_decodes(states) -> None:
     assert set(map(tuple, later[since].reshape(-1, 3))) <= set(PENDING_RGB)
 
 
+def test_a_sketch_of_nothing_decoded_has_a_key_for_sharing_it(states) -> None:
+    tokenizer, all_states = states
+    one, other = (PreviewRenderer(tokenizer, display_size=64) for _ in range(2))
+    key = one.sketch_key(all_states[0])
+    assert key is not None and key == other.sketch_key(all_states[0])  # any stream's opening alike
+    assert one.sketch_key(all_states[1]) != key  # other cells, another picture
+    assert np.array_equal(np.asarray(one.render(all_states[0], decode=False)[0]),
+                          np.asarray(other.render(all_states[0], decode=False)[0]))
+    one.render(all_states[2], decode=True)
+    assert one.sketch_key(all_states[3]) is None  # its sketches now show its own pixels
+    assert one.sketch_key(all_states[-1]) is None  # nor is a finished step a sketch
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 0.0

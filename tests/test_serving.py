@@ -230,6 +230,26 @@ def test_a_pipeline_served_by_a_scheduler_streams_the_same_pictures(tmp_path, ma
     assert extended[-1].state.done and extended[0].state.step > 1  # the prefix, then the rest
 
 
+def test_a_finished_batch_is_decoded_once_for_all_its_requests(tmp_path, make_scheduler, monkeypatch):
+    pipe = EARPipeline.from_pretrained(str(write_tiny_model(tmp_path / "model")))
+    alone = [pipe.generate("cat", seed=s)[0] for s in (1, 2)]
+    serving.attach(pipe, make_scheduler(max_rows=2, gather_s=TIMEOUT_S))  # one batch once both are in
+    calls = []
+    decode = type(pipe.tokenizer).decode
+    monkeypatch.setattr(type(pipe.tokenizer), "decode",
+                        lambda self, tokens: calls.append(tokens.shape[0]) or decode(self, tokens))
+
+    def finals(seed: int) -> list:
+        *_, last = pipe.stream(["cat"], seed=seed)
+        return last.images
+
+    with ThreadPoolExecutor(2) as pool:
+        pictures = list(pool.map(finals, (1, 2), timeout=TIMEOUT_S))
+    assert calls == [2]  # one decode of both rows, not one per request
+    for (served,), own in zip(pictures, alone, strict=True):
+        assert np.array_equal(np.asarray(served), np.asarray(own))
+
+
 def drain(request: serving._Request) -> list[ServedState]:
     states = []
     while not request.out.empty():
