@@ -63,7 +63,7 @@ from ear.growth import FULL, SKETCH, GrowthAnimation, PreviewPacer
 from ear.order import SCHEDULES
 from ear.pipeline import EARPipeline, Frame
 from ear.preview import make_grid
-from ear.serving import attach, from_environment, log_batches
+from ear.serving import ProcessScheduler, attach, from_environment, log_batches
 from ear.stops import Stops
 
 gpu = startup.zero_gpu(spaces)  # spaces.GPU with a duration that follows each request's work
@@ -583,6 +583,8 @@ def launch(**kwargs: Any) -> Any:
         log_batches()
     if THREADS is not None:
         torch.set_num_threads(THREADS)
+    if isinstance(SCHEDULER, ProcessScheduler):
+        SCHEDULER.start()  # its worker takes these threads, and a second to start
     return demo.launch(css=CSS, max_file_size=MAX_UPLOAD_BYTES, **kwargs)
 
 

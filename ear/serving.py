@@ -31,22 +31,28 @@ the rows of one batch (memory).
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import logging
 import operator
 import os
 import queue
 import secrets
+import subprocess
+import sys
 import threading
 import time
-from collections import deque
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
 
-from ear.model import EAR
+from ear.model import EAR, EARConfig
 from ear.order import Schedule
 from ear.sampler import Decoded, SamplingParams, StepState, _as_class_ids, _as_prefix, sample
 
@@ -59,6 +65,7 @@ DEFAULT_OVERLAP = 2
 # waking every consumer thread at every step costs a batch of single-image requests a good share
 # of a small model's step time in thread switches, and a live view needs no more than this.
 HANDOVER_S = 0.03
+SHARED_BATCHES = 64  # finished batches a `ProcessScheduler` keeps for their requests' shared decode
 
 
 def batching_enabled() -> bool:
@@ -78,12 +85,17 @@ def max_rows_setting() -> int:
     return int(raw)
 
 
-def from_environment() -> Scheduler | None:
-    """The app's scheduler (EAR_MAX_BATCH rows), or None when batching is off."""
-    return Scheduler(max_rows_setting()) if batching_enabled() else None
+def from_environment() -> Scheduler | ProcessScheduler | None:
+    """The app's scheduler (EAR_MAX_BATCH rows), or None when batching is off. Models on the CPU
+    are served from a worker process (`ProcessScheduler`) unless EAR_SERVING_PROCESS=0."""
+    if not batching_enabled():
+        return None
+    if os.environ.get("EAR_SERVING_PROCESS", "1").strip() == "0":
+        return Scheduler(max_rows_setting())
+    return ProcessScheduler(max_rows_setting())
 
 
-def attach(pipeline: Any, scheduler: Scheduler | None) -> Any:
+def attach(pipeline: Any, scheduler: Scheduler | ProcessScheduler | None) -> Any:
     """`pipeline` (an `EARPipeline`) with every generation sampled through `scheduler` (if any)."""
     if scheduler is not None:
         pipeline.sampler = scheduler.sample
@@ -166,6 +178,17 @@ class _Request:
     def key(self) -> tuple:
         """What must match for rows to share a forward."""
         return (self.model, self.schedule.name, self.prefix.shape[1], self.params.guided)
+
+
+def _new_request(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, params: SamplingParams,
+                 seed: int | None, prefix: torch.Tensor | None, schedule: Schedule | None) -> _Request:
+    """A request with every argument checked (before anything is queued)."""
+    if model.training:
+        raise ValueError("the model is in training mode (dropout, label drop): call model.eval() first")
+    ids = _as_class_ids(model, class_ids)
+    seed = secrets.randbits(63) if seed is None else _whole(seed)
+    sched = model.layout(schedule).schedule
+    return _Request(model, ids, params, seed, _as_prefix(model, prefix, ids.shape[0], sched), sched)
 
 
 def _whole(seed: object) -> int:
@@ -295,14 +318,8 @@ class Scheduler:
         """`ear.sampler.sample` for one request, served in a shared batch: the same states, the
         same tokens (row i drawn from (seed, i)). Arguments are checked now; the request joins the
         queue when the first state is asked for, and leaves it when the iterator is closed."""
-        if model.training:
-            raise ValueError("the model is in training mode (dropout, label drop): call model.eval() first")
-        ids = _as_class_ids(model, class_ids)
         params = SamplingParams(cfg_scale, temperature, top_k, top_p, greedy)
-        seed = secrets.randbits(63) if seed is None else _whole(seed)
-        sched = model.layout(schedule).schedule
-        known = _as_prefix(model, prefix, ids.shape[0], sched)
-        return self._follow(_Request(model, ids, params, seed, known, sched))
+        return self._follow(_new_request(model, class_ids, params, seed, prefix, schedule))
 
     def _follow(self, request: _Request) -> Iterator[ServedState]:
         self._submit(request)
@@ -461,3 +478,227 @@ class Scheduler:
         for batch in self._running:
             batch.close()
         self._running.clear()
+
+
+# ---- the scheduler in a process of its own -----------------------------------------------------
+
+
+class ProcessScheduler:
+    """`Scheduler` run in a worker process of its own, for models on the CPU (others are served by
+    an in-process `Scheduler`): on a CPU every small operation of a forward pass takes Python's
+    GIL back, which the web server's threads hold while they handle requests, so a crowd's
+    requests arriving together used to stall the very forward passes they wait for. The worker
+    gets its own copy of each model (sent once, as weights); requests and states cross as plain
+    arrays, each request's states in the same bundles as from `Scheduler`. Same interface, same
+    tokens (row i of seed s drawn from (s, i) there as here). A worker that dies fails the requests
+    it was serving, and the next request starts a new one. `close()` stops it."""
+
+    def __init__(self, max_rows: int = DEFAULT_MAX_ROWS, join_share: float = DEFAULT_JOIN_SHARE,
+                 overlap: int = DEFAULT_OVERLAP) -> None:
+        self._local = Scheduler(max_rows, join_share, overlap)  # checks the settings, serves GPU models
+        self.max_rows, self.join_share, self.overlap = max_rows, join_share, overlap
+        self._lock = threading.Lock()
+        self._worker: _Worker | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        """Start the worker now (it takes a second or two to import torch), not on the first request."""
+        self._running()
+
+    def sample(self, model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_scale: float = 1.0,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+               seed: int | None = None, prefix: torch.Tensor | None = None,
+               schedule: Schedule | None = None) -> Iterator[ServedState]:
+        """As `Scheduler.sample`."""
+        params = SamplingParams(cfg_scale, temperature, top_k, top_p, greedy)
+        if model.output.weight.device.type != "cpu":
+            return self._local._follow(_new_request(model, class_ids, params, seed, prefix, schedule))
+        return self._follow(_new_request(model, class_ids, params, seed, prefix, schedule))
+
+    def _follow(self, request: _Request) -> Iterator[ServedState]:
+        worker = self._running()
+        number = worker.submit(request)
+        try:
+            while True:
+                bundle = request.out.get()
+                if isinstance(bundle, _Failed):
+                    raise RuntimeError(f"generation failed: {bundle.error}") from bundle.error
+                yield from bundle
+                if bundle[-1].done:
+                    return
+        finally:  # also on Stop: only this request's rows are dropped
+            worker.finished(number)
+
+    def _running(self) -> _Worker:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the scheduler has been closed")
+            if self._worker is None or not self._worker.alive:
+                self._worker = _Worker(self.max_rows, self.join_share, self.overlap)
+            return self._worker
+
+    def close(self) -> None:
+        """Stop the worker; requests it is serving fail."""
+        with self._lock:
+            self._closed = True
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.stop()
+        self._local.close()
+
+
+class _Worker:
+    """The parent's end of one worker process: sends requests, hands each its states."""
+
+    def __init__(self, max_rows: int, join_share: float, overlap: int) -> None:
+        from_parent, to_worker = os.pipe()  # (read end, write end)
+        from_worker, to_parent = os.pipe()
+        settings = {"max_rows": max_rows, "join_share": join_share, "overlap": overlap,
+                    "threads": torch.get_num_threads(), "log": bool(log.handlers)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ear.serving", str(from_parent), str(to_parent), json.dumps(settings)],
+            pass_fds=(from_parent, to_parent), env=env)
+        os.close(from_parent)
+        os.close(to_parent)
+        self._out = Connection(to_worker, readable=False)
+        self._in = Connection(from_worker, writable=False)
+        self._send_lock = threading.Lock()
+        self._models: weakref.WeakKeyDictionary[EAR, int] = weakref.WeakKeyDictionary()
+        self._requests: dict[int, _Request] = {}
+        self._numbers = itertools.count()
+        self._batches: OrderedDict[int, SharedDecode] = OrderedDict()  # finished batches, by worker id
+        self._dropped: list[int] = []  # models collected here: dropped there on the next submit
+        self.alive = True
+        threading.Thread(target=self._receive, name="ear-serving-receiver", daemon=True).start()
+
+    def submit(self, request: _Request) -> int:
+        number = next(self._numbers)
+        self._requests[number] = request
+        with self._send_lock:
+            while self._dropped:  # models the parent no longer has
+                self._send(("drop", self._dropped.pop()))
+            model = self._models.get(request.model)
+            if model is None:
+                model = self._models[request.model] = next(self._numbers)
+                weakref.finalize(request.model, self._dropped.append, model)
+                weights = io.BytesIO()
+                torch.save(request.model.state_dict(), weights)
+                self._send(("model", model, asdict(request.model.config), weights.getvalue()))
+            self._send(("sample", number, model, request.class_ids.numpy(), request.params, request.seed,
+                        request.prefix.numpy(), request.schedule))
+        return number
+
+    def finished(self, number: int) -> None:
+        """The request ended (done, failed or stopped): its rows leave the worker's batches."""
+        if self._requests.pop(number, None) is not None:
+            with self._send_lock:
+                self._send(("cancel", number))
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self._out.send(message)
+        except OSError:  # the worker is gone; `_receive` fails its requests
+            self.alive = False
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                kind, number, payload = self._in.recv()
+                request = self._requests.get(number)
+                if request is None:
+                    continue
+                if kind == "failed":
+                    request.out.put(_Failed(RuntimeError(payload)))
+                else:
+                    request.out.put([self._state(*packed) for packed in payload])
+        except (EOFError, OSError):
+            self.alive = False
+            for request in list(self._requests.values()):
+                request.out.put(_Failed(RuntimeError("the serving process stopped")))
+
+    def _state(self, fields: tuple, batch: tuple | None) -> ServedState:
+        state = ServedState(*fields[:2], *(torch.from_numpy(a) for a in fields[2:5]), *fields[5:])
+        if batch is not None:  # the finished step: one decode for the whole batch, as in-process
+            key, tokens, start, stop = batch
+            if key not in self._batches:
+                self._batches[key] = SharedDecode(torch.from_numpy(tokens))
+                while len(self._batches) > SHARED_BATCHES:
+                    self._batches.popitem(last=False)
+            state.shared, state.rows = self._batches[key], slice(start, stop)
+        return state
+
+    def stop(self) -> None:
+        self._out.close()  # the worker ends when its input does
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class _Outbox:
+    """In the worker, a request's queue of states: each bundle goes straight to the parent."""
+
+    def __init__(self, number: int, send: Callable[[tuple], None]) -> None:
+        self.number, self.send = number, send
+
+    def put(self, bundle: list[ServedState] | _Failed) -> None:
+        if isinstance(bundle, _Failed):
+            self.send(("failed", self.number, str(bundle.error)))
+            return
+        self.send(("states", self.number, [_packed(state) for state in bundle]))
+
+
+def _packed(state: ServedState) -> tuple[tuple, tuple | None]:
+    fields = (state.step, state.num_steps, state.tokens.numpy(), state.known.numpy(), state.new.numpy(),
+              state.elapsed, state.batch_rows, state.rows_in_flight, state.requests_in_flight)
+    batch = None
+    if state.shared is not None and state.rows is not None:
+        batch = (id(state.shared), state.shared.tokens.numpy(), state.rows.start, state.rows.stop)
+    return fields, batch
+
+
+def _worker_main(read_fd: int, write_fd: int, settings: dict[str, Any]) -> None:
+    """The worker process: a `Scheduler` fed by the parent's messages until its pipe closes."""
+    torch.set_num_threads(settings["threads"])
+    if settings["log"]:
+        log_batches()
+    incoming, outgoing = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    send_lock = threading.Lock()
+
+    def send(message: tuple) -> None:
+        with send_lock:
+            outgoing.send(message)
+
+    scheduler = Scheduler(settings["max_rows"], settings["join_share"], settings["overlap"])
+    models: dict[int, EAR] = {}
+    requests: dict[int, _Request] = {}
+    while True:
+        try:
+            message = incoming.recv()
+        except EOFError:
+            break
+        kind, number, *rest = message
+        if kind == "model":
+            config, weights = rest
+            state = torch.load(io.BytesIO(weights), weights_only=True)
+            model = EAR(EARConfig(**config))
+            model.load_weights(state)
+            models[number] = model.to(next(iter(state.values())).dtype).eval()
+        elif kind == "sample":
+            model_number, class_ids, params, seed, prefix, schedule = rest
+            request = _Request(models[model_number], torch.from_numpy(class_ids), params, seed,
+                               torch.from_numpy(prefix), schedule)
+            request.out = _Outbox(number, send)
+            requests[number] = request
+            scheduler._submit(request)
+        elif kind == "cancel" and number in requests:
+            scheduler._cancel(requests.pop(number))
+        elif kind == "drop":
+            models.pop(number, None)
+    scheduler.close()
+
+
+if __name__ == "__main__":
+    _worker_main(int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]))
