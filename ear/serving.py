@@ -494,9 +494,11 @@ class ProcessScheduler:
     it was serving, and the next request starts a new one. `close()` stops it."""
 
     def __init__(self, max_rows: int = DEFAULT_MAX_ROWS, join_share: float = DEFAULT_JOIN_SHARE,
-                 overlap: int = DEFAULT_OVERLAP) -> None:
-        self._local = Scheduler(max_rows, join_share, overlap)  # checks the settings, serves GPU models
-        self.max_rows, self.join_share, self.overlap = max_rows, join_share, overlap
+                 overlap: int = DEFAULT_OVERLAP, gather_s: float = 0.0) -> None:
+        # checks the settings, and serves models on a GPU
+        self._local = Scheduler(max_rows, join_share, overlap, gather_s)
+        self.max_rows, self._settings = max_rows, {"max_rows": max_rows, "join_share": join_share,
+                                                   "overlap": overlap, "gather_s": gather_s}
         self._lock = threading.Lock()
         self._worker: _Worker | None = None
         self._closed = False
@@ -511,7 +513,7 @@ class ProcessScheduler:
                schedule: Schedule | None = None) -> Iterator[ServedState]:
         """As `Scheduler.sample`."""
         params = SamplingParams(cfg_scale, temperature, top_k, top_p, greedy)
-        if model.output.weight.device.type != "cpu":
+        if not _on_cpu(model):
             return self._local._follow(_new_request(model, class_ids, params, seed, prefix, schedule))
         return self._follow(_new_request(model, class_ids, params, seed, prefix, schedule))
 
@@ -534,7 +536,7 @@ class ProcessScheduler:
             if self._closed:
                 raise RuntimeError("the scheduler has been closed")
             if self._worker is None or not self._worker.alive:
-                self._worker = _Worker(self.max_rows, self.join_share, self.overlap)
+                self._worker = _Worker(self._settings)
             return self._worker
 
     def close(self) -> None:
@@ -547,14 +549,17 @@ class ProcessScheduler:
         self._local.close()
 
 
+def _on_cpu(model: EAR) -> bool:
+    return model.output.weight.device.type == "cpu"
+
+
 class _Worker:
     """The parent's end of one worker process: sends requests, hands each its states."""
 
-    def __init__(self, max_rows: int, join_share: float, overlap: int) -> None:
+    def __init__(self, scheduler: dict[str, Any]) -> None:
         from_parent, to_worker = os.pipe()  # (read end, write end)
         from_worker, to_parent = os.pipe()
-        settings = {"max_rows": max_rows, "join_share": join_share, "overlap": overlap,
-                    "threads": torch.get_num_threads(), "log": bool(log.handlers)}
+        settings = {"scheduler": scheduler, "threads": torch.get_num_threads(), "log": bool(log.handlers)}
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ear.serving", str(from_parent), str(to_parent), json.dumps(settings)],
@@ -604,18 +609,20 @@ class _Worker:
     def _receive(self) -> None:
         try:
             while True:
-                kind, number, payload = self._in.recv()
-                request = self._requests.get(number)
-                if request is None:
-                    continue
-                if kind == "failed":
-                    request.out.put(_Failed(RuntimeError(payload)))
-                else:
-                    request.out.put([self._state(*packed) for packed in payload])
+                self._deliver(*self._in.recv())  # (a method: no request stays referenced here)
         except (EOFError, OSError):
             self.alive = False
             for request in list(self._requests.values()):
                 request.out.put(_Failed(RuntimeError("the serving process stopped")))
+
+    def _deliver(self, kind: str, number: int, payload: Any) -> None:
+        request = self._requests.get(number)
+        if request is None:  # stopped meanwhile
+            return
+        if kind == "failed":
+            request.out.put(_Failed(RuntimeError(payload)))
+        else:
+            request.out.put([self._state(*packed) for packed in payload])
 
     def _state(self, fields: tuple, batch: tuple | None) -> ServedState:
         state = ServedState(*fields[:2], *(torch.from_numpy(a) for a in fields[2:5]), *fields[5:])
@@ -671,7 +678,7 @@ def _worker_main(read_fd: int, write_fd: int, settings: dict[str, Any]) -> None:
         with send_lock:
             outgoing.send(message)
 
-    scheduler = Scheduler(settings["max_rows"], settings["join_share"], settings["overlap"])
+    scheduler = Scheduler(**settings["scheduler"])
     models: dict[int, EAR] = {}
     requests: dict[int, _Request] = {}
     while True:

@@ -3,6 +3,7 @@ cannot share a forward get batches of their own, Stop and slow consumers affect 
 
 from __future__ import annotations
 
+import gc
 import itertools
 import threading
 import time
@@ -209,7 +210,12 @@ def test_settings_from_the_environment(monkeypatch):
     monkeypatch.delenv("SPACES_ZERO_GPU")
     monkeypatch.setenv("EAR_MAX_BATCH", "24")
     scheduler = serving.from_environment()
-    assert scheduler is not None and scheduler.max_rows == 24
+    assert isinstance(scheduler, serving.ProcessScheduler) and scheduler.max_rows == 24
+    scheduler.close()
+    monkeypatch.setenv("EAR_SERVING_PROCESS", "0")  # the scheduler's thread in the server's process
+    scheduler = serving.from_environment()
+    assert isinstance(scheduler, Scheduler) and scheduler.max_rows == 24
+    scheduler.close()
     monkeypatch.setenv("EAR_MAX_BATCH", "lots")
     with pytest.raises(ValueError, match="EAR_MAX_BATCH"):
         serving.max_rows_setting()
@@ -248,6 +254,70 @@ def test_a_finished_batch_is_decoded_once_for_all_its_requests(tmp_path, make_sc
     assert calls == [2]  # one decode of both rows, not one per request
     for (served,), own in zip(pictures, alone, strict=True):
         assert np.array_equal(np.asarray(served), np.asarray(own))
+
+
+@pytest.fixture
+def make_process_scheduler() -> Iterator[Callable[..., serving.ProcessScheduler]]:
+    made: list[serving.ProcessScheduler] = []
+
+    def make(**kwargs: Any) -> serving.ProcessScheduler:
+        made.append(serving.ProcessScheduler(**kwargs))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def test_a_worker_process_serves_a_crowd_the_tokens_each_gets_alone(model, make_process_scheduler):
+    rows = sum(len(r["class_ids"]) for r in REQUESTS)
+    scheduler = make_process_scheduler(max_rows=rows, gather_s=TIMEOUT_S)  # one batch once all are in
+    results = crowd(scheduler, model, REQUESTS)
+    for request, states in zip(REQUESTS, results, strict=True):
+        assert [s.step for s in states] == list(range(1, model.schedule.num_steps + 1))
+        assert all(s.batch_rows == rows and s.requests_in_flight == len(REQUESTS) for s in states)
+        assert torch.equal(states[-1].tokens, alone(model, request)), request
+        assert states[-1].shared is not None and states[-1].shared is results[0][-1].shared  # one decode
+
+
+def test_stop_in_a_worker_process_drops_only_its_own_rows(model, make_process_scheduler):
+    scheduler = make_process_scheduler(max_rows=3, gather_s=TIMEOUT_S)
+    stopped = scheduler.sample(model, [2, 2], seed=5, cfg_scale=1.5)
+    kept = scheduler.sample(model, [6], seed=9, cfg_scale=1.5)
+    with ThreadPoolExecutor(1) as pool:
+        first_kept = pool.submit(next, kept)
+        assert next(stopped).batch_rows == 3  # both in one batch
+        stopped.close()  # Stop
+        states = [first_kept.result(TIMEOUT_S), *kept]
+    assert states[-1].done and states[-1].rows_in_flight == 1  # the stopped rows are gone
+    assert torch.equal(states[-1].tokens, generate(model, [6], seed=9, cfg_scale=1.5))
+    with pytest.raises(ValueError, match="class"):  # checked here, before anything is sent
+        scheduler.sample(model, [99])
+
+
+def test_a_dead_worker_fails_its_requests_and_the_next_request_starts_another(model, make_process_scheduler):
+    scheduler = make_process_scheduler()
+    running = scheduler.sample(model, [1], seed=3)
+    next(running)
+    scheduler._worker.process.kill()
+    with pytest.raises(RuntimeError, match="the serving process stopped"):
+        list(running)
+    assert torch.equal(list(scheduler.sample(model, [1], seed=3))[-1].tokens, generate(model, [1], seed=3))
+    gone = noisy_model(seed=1)
+    list(scheduler.sample(gone, [2], seed=3))
+    del gone  # the worker forgets a model the server has let go, on the next request
+    gc.collect()
+    assert scheduler._worker._dropped
+    list(scheduler.sample(model, [1], seed=4))
+    assert not scheduler._worker._dropped
+
+
+def test_models_off_the_cpu_are_served_in_this_process(model, make_process_scheduler, monkeypatch):
+    scheduler = make_process_scheduler()
+    monkeypatch.setattr(scheduler._local, "_follow", lambda request: ("in this process", request.seed))
+    monkeypatch.setattr(serving, "_on_cpu", lambda model: False)  # as for a model on a GPU
+    assert scheduler.sample(model, [1], seed=3) == ("in this process", 3)
+    assert scheduler._worker is None  # no worker started for it
 
 
 def drain(request: serving._Request) -> list[ServedState]:
