@@ -25,8 +25,13 @@ takes one request (its classes, seed and sampling settings) with the signature o
   cancels its own rows: their results are dropped (and the rows leave the batch if it grows), and a
   batch whose requests all stopped ends at the next step boundary.
 
+* A batch's finished step is decoded once for all its requests (`SharedDecode`).
+* `ProcessScheduler` runs the same scheduler in a worker process for models on the CPU, where the
+  web server's threads would otherwise hold the GIL that every small operation of a forward pass
+  needs back.
+
 `EAR_BATCHING=0` turns batching off in the app (the benchmark's baseline); `EAR_MAX_BATCH` bounds
-the rows of one batch (memory).
+the rows of one batch (memory); `EAR_SERVING_PROCESS=0` keeps the scheduler in the server's process.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ DEFAULT_OVERLAP = 2
 # waking every consumer thread at every step costs a batch of single-image requests a good share
 # of a small model's step time in thread switches, and a live view needs no more than this.
 HANDOVER_S = 0.03
+_BATCH_NUMBERS = itertools.count()
 SHARED_BATCHES = 64  # finished batches a `ProcessScheduler` keeps for their requests' shared decode
 
 
@@ -120,6 +126,7 @@ class SharedDecode:
 
     def __init__(self, tokens: torch.Tensor) -> None:
         self.tokens = tokens
+        self.number = next(_BATCH_NUMBERS)  # unique, unlike id(): how a worker process names it
         self._lock = threading.Lock()
         self._decoded: dict[Hashable, Any] = {}
 
@@ -572,7 +579,7 @@ class _Worker:
         self._models: weakref.WeakKeyDictionary[EAR, int] = weakref.WeakKeyDictionary()
         self._requests: dict[int, _Request] = {}
         self._numbers = itertools.count()
-        self._batches: OrderedDict[int, SharedDecode] = OrderedDict()  # finished batches, by worker id
+        self._batches: OrderedDict[int, SharedDecode] = OrderedDict()  # finished batches, by number
         self._dropped: list[int] = []  # models collected here: dropped there on the next submit
         self.alive = True
         threading.Thread(target=self._receive, name="ear-serving-receiver", daemon=True).start()
@@ -662,7 +669,7 @@ def _packed(state: ServedState) -> tuple[tuple, tuple | None]:
               state.elapsed, state.batch_rows, state.rows_in_flight, state.requests_in_flight)
     batch = None
     if state.shared is not None and state.rows is not None:
-        batch = (id(state.shared), state.shared.tokens.numpy(), state.rows.start, state.rows.stop)
+        batch = (state.shared.number, state.shared.tokens.numpy(), state.rows.start, state.rows.stop)
     return fields, batch
 
 

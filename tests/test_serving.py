@@ -303,6 +303,9 @@ def test_a_dead_worker_fails_its_requests_and_the_next_request_starts_another(mo
     with pytest.raises(RuntimeError, match="the serving process stopped"):
         list(running)
     assert torch.equal(list(scheduler.sample(model, [1], seed=3))[-1].tokens, generate(model, [1], seed=3))
+    for seed in range(8):  # batch after batch, each finished step shares its own batch's tokens
+        last = list(scheduler.sample(model, [1, 2], seed=seed))[-1]
+        assert torch.equal(last.shared.tokens[last.rows], last.tokens)
     gone = noisy_model(seed=1)
     list(scheduler.sample(gone, [2], seed=3))
     del gone  # the worker forgets a model the server has let go, on the next request
