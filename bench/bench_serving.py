@@ -4,7 +4,9 @@ baseline: two requests at a time, each with its own forwards) and on, in the sam
 
 For 1, 4, 8 and 16 clients sending one single-image request each at the same moment (`--repeats`
 rounds each, latencies pooled): p50/p95 seconds from the request to its first canvas and to its
-final images, and images per second.
+final images (when the update reached the client, see `_StampedMessages`), and images per second.
+The app serves as it does by default (for this CPU model: the scheduler in a worker process; run
+with EAR_SERVING_PROCESS=0 to measure it in the server's process).
 Then one 8-image request against 8 single-image requests (the target: the 8 singles all done
 within 1.3x), and 30 clients at once against the queue's maximum: every accepted request must get
 its own images (pixel for pixel the picture its seed gives served alone), the rest the app's
