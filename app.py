@@ -583,7 +583,7 @@ def launch(**kwargs: Any) -> Any:
         log_batches()
     if THREADS is not None:
         torch.set_num_threads(THREADS)
-    if isinstance(SCHEDULER, ProcessScheduler):
+    if isinstance(SCHEDULER, ProcessScheduler) and STARTED.pipeline.device.type == "cpu":
         SCHEDULER.start()  # its worker takes these threads, and a second to start
     return demo.launch(css=CSS, max_file_size=MAX_UPLOAD_BYTES, **kwargs)
 
