@@ -61,7 +61,7 @@ from ear.model import EAR, EARConfig
 from ear.order import Schedule
 from ear.sampler import Decoded, SamplingParams, StepState, _as_class_ids, _as_prefix, sample
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ear.serving")  # also in the worker process, where this runs as __main__
 
 DEFAULT_MAX_ROWS = 16
 DEFAULT_JOIN_SHARE = 0.25
