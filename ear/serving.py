@@ -599,6 +599,8 @@ class _Worker:
                 self._send(("model", model, asdict(request.model.config), weights.getvalue()))
             self._send(("sample", number, model, request.class_ids.numpy(), request.params, request.seed,
                         request.prefix.numpy(), request.schedule))
+        if not self.alive:  # died before this request was counted among those to fail
+            request.out.put(_Failed(RuntimeError("the serving process stopped")))
         return number
 
     def finished(self, number: int) -> None:
@@ -702,11 +704,16 @@ def _worker_main(read_fd: int, write_fd: int, settings: dict[str, Any]) -> None:
             models[number] = model.to(next(iter(state.values())).dtype).eval()
         elif kind == "sample":
             model_number, class_ids, params, seed, prefix, schedule = rest
-            request = _Request(models[model_number], torch.from_numpy(class_ids), params, seed,
-                               torch.from_numpy(prefix), schedule)
-            request.out = _Outbox(number, send)
+            try:
+                request = _Request(models[model_number], torch.from_numpy(class_ids), params, seed,
+                                   torch.from_numpy(prefix), schedule)
+                request.out = _Outbox(number, send)
+                scheduler._submit(request)
+            except Exception as err:  # a bug, not the input (checked in the parent): this request fails
+                log.exception("request %d could not be queued", number)
+                send(("failed", number, f"{type(err).__name__}: {err}"))
+                continue
             requests[number] = request
-            scheduler._submit(request)
         elif kind == "cancel" and number in requests:
             scheduler._cancel(requests.pop(number))
         elif kind == "drop":
