@@ -535,6 +535,14 @@ def test_output_files_are_unique_bounded_and_pruned(tmp_path: Path, states_of_a_
     assert not Path(first).exists() and Path(second).exists() and Path(animation).is_file()
 
 
+def test_our_files_are_served_in_place_and_asked_about_first(app: types.ModuleType, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    static = gr.data_classes._StaticFiles
+    monkeypatch.setattr(static, "all_paths", [Path("/gradio/icon.svg")])  # Gradio's own come first
+    app.serve_in_place(tmp_path)
+    assert static.all_paths == [tmp_path.resolve(), Path("/gradio/icon.svg")]
+
+
 def test_canvases_many_requests_show_alike_are_written_once(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(app_support, "SHARED_CANVASES", 2)
     files = OutputFiles(tmp_path / "out", max_age_s=60)
