@@ -145,10 +145,10 @@ def _with_last(frames: Iterator[Frame]) -> Iterator[tuple[Frame, bool]]:
         yield previous, True
 
 
-def _canvas(frame: Frame, kind: str, canvases: Canvases) -> str:
-    """A live canvas's file; a sketch that depends only on the cells (the opening one of every
+def _canvas(frame: Frame, kind: str, canvases: Canvases, opening: bool) -> str:
+    """A live canvas's file; an opening sketch that depends only on the cells (that of every
     generation) is drawn once for all requests."""
-    key = frame.sketch_key() if kind == SKETCH else None
+    key = frame.sketch_key() if opening and kind == SKETCH else None
     if key is not None:
         return FILES.shared_canvas(key, lambda: make_grid(frame.sketch()))
     return canvases.show(make_grid(frame.images if kind == FULL else frame.sketch()))
@@ -174,8 +174,9 @@ def _play(frames: Iterator[Frame], stem: str, fmt: str, first: str = FULL) -> It
             growth.add(frame.state, frame.images if frame.state.done else None)
             kind = pacer.due(sharing=frame.sharing)
             if kind:
+                opening = not any(pacer.shown.values())
                 with pacer.showing(kind):
-                    canvas = _canvas(frame, kind, canvases)
+                    canvas = _canvas(frame, kind, canvases, opening)
                     # None clears the last run's gallery and animation, then leaves them so. Not
                     # gr.skip() nor a greyed-out button: Gradio rebuilds a component for any change
                     # of its properties, per request, while a crowd's generation runs (the button

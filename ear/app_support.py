@@ -267,14 +267,14 @@ class OutputFiles:
         """A canvas that is the same for many requests, drawn and written once: a generation's
         opening sketch shows only which cells come first, and a crowd arriving together would
         otherwise draw that one picture once each, on the cores its generation is using. The
-        latest `SHARED_CANVASES` are kept (in a folder of their own, which `prune` leaves alone)."""
+        latest `SHARED_CANVASES` are kept (`prune` leaves them alone; those of earlier runs go)."""
         with self._shared_lock:
             path = self._shared.pop(key, None)
-            if path is None:
+            if path is None or not path.exists():
                 path = _canvas_png(draw(), self.new_path("shared/canvas", "png"))
             self._shared[key] = path  # the most recently used last
-            while len(self._shared) > SHARED_CANVASES:
-                self._shared.popitem(last=False)[1].unlink(missing_ok=True)
+            while len(self._shared) > SHARED_CANVASES:  # deleted later: a browser may still ask
+                _delete_later(self._shared.popitem(last=False)[1], self.linger_s)
         return str(path)
 
     @contextlib.contextmanager
@@ -294,12 +294,13 @@ class OutputFiles:
         no final pictures are being delivered (or `max_defer_s` has passed: under a steady stream
         of finishing requests, animations still come). Old files are pruned here (see `prune`)."""
         self.prune()
-        written = self._encoder.submit(self._when_quiet, growth.save, self.new_path(stem, fmt), fps)
+        deadline = time.monotonic() + self.max_defer_s  # from now, not from its turn in the queue
+        written = self._encoder.submit(self._when_quiet, deadline, growth.save, self.new_path(stem, fmt), fps)
         return str(written.result())
 
-    def _when_quiet(self, save: Callable[..., Path], path: Path, fps: float) -> Path:
+    def _when_quiet(self, deadline: float, save: Callable[..., Path], path: Path, fps: float) -> Path:
         with self._quiet:
-            self._quiet.wait_for(lambda: self._delivering == 0, timeout=self.max_defer_s)
+            self._quiet.wait_for(lambda: self._delivering == 0, timeout=max(0.0, deadline - time.monotonic()))
         return save(path, fps=fps)
 
     def prune(self) -> None:
@@ -308,9 +309,12 @@ class OutputFiles:
         if now - self._pruned < self.max_age_s / 100:
             return
         self._pruned, cutoff = now, now - self.max_age_s
-        for path in self.root.iterdir():
+        with self._shared_lock:
+            in_use = set(self._shared.values())  # shared canvases stay while kept, however old
+        shared = self.root / "shared"
+        for path in [*self.root.iterdir(), *(shared.iterdir() if shared.is_dir() else ())]:
             try:
-                if path.is_file() and path.stat().st_mtime < cutoff:
+                if path.is_file() and path not in in_use and path.stat().st_mtime < cutoff:
                     path.unlink()
             except FileNotFoundError:  # a concurrent request pruned it first
                 pass
@@ -350,6 +354,12 @@ class Canvases:
             else:
                 kept.insert(0, (written, path))
         self._written = sorted(kept)
+
+
+def _delete_later(path: Path, seconds: float) -> None:
+    timer = threading.Timer(seconds, path.unlink, kwargs={"missing_ok": True})
+    timer.daemon = True
+    timer.start()
 
 
 def _canvas_png(image: Image.Image, path: Path) -> Path:

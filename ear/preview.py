@@ -105,11 +105,11 @@ class PreviewRenderer:
         within the decode budget; False never decodes (the pixels last decoded in this stream,
         newer cells as pending tiles: a sketch costing no tokenizer call); True always does.
         The last step is always decoded."""
-        if state.step <= self._last_step:
-            self._pixels = None  # a new stream (the next zoom-out round, a restart): stale pixels
+        if state.step <= self._last_step:  # a new stream (the next zoom-out round, a restart)
+            self._pixels, self._drawn = None, None
         self._last_step = state.step
         if state.done:  # whatever comes next is a new stream
-            self._pixels, self._last_step = None, 0
+            self._pixels, self._drawn, self._last_step = None, None, 0
             pixels = state.decoded(self.decode, (self.tokenizer, self.display_size))
             return [Image.fromarray(p) for p in pixels]
         if decode is None:

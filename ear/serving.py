@@ -44,12 +44,13 @@ import operator
 import os
 import queue
 import secrets
+import signal
 import subprocess
 import sys
 import threading
 import time
 import weakref
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
@@ -71,7 +72,6 @@ DEFAULT_OVERLAP = 2
 # of a small model's step time in thread switches, and a live view needs no more than this.
 HANDOVER_S = 0.03
 _BATCH_NUMBERS = itertools.count()
-SHARED_BATCHES = 64  # finished batches a `ProcessScheduler` keeps for their requests' shared decode
 
 
 def batching_enabled() -> bool:
@@ -544,6 +544,8 @@ class ProcessScheduler:
                 raise RuntimeError("the scheduler has been closed")
             if self._worker is None or not self._worker.alive:
                 self._worker = _Worker(self._settings)
+                # its receiver thread keeps it alive: stop it with the scheduler (or at exit)
+                weakref.finalize(self, self._worker.stop)
             return self._worker
 
     def close(self) -> None:
@@ -579,26 +581,32 @@ class _Worker:
         self._models: weakref.WeakKeyDictionary[EAR, int] = weakref.WeakKeyDictionary()
         self._requests: dict[int, _Request] = {}
         self._numbers = itertools.count()
-        self._batches: OrderedDict[int, SharedDecode] = OrderedDict()  # finished batches, by number
-        self._dropped: list[int] = []  # models collected here: dropped there on the next submit
+        # finished batches while a request still holds one of their states (their decoded pixels)
+        self._batches: weakref.WeakValueDictionary[int, SharedDecode] = weakref.WeakValueDictionary()
+        # cancels and model drops, sent by whoever holds the send lock next: they come from
+        # generator and weakref finalizers, which may run in a thread that holds it already
+        self._notices: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self.alive = True
         threading.Thread(target=self._receive, name="ear-serving-receiver", daemon=True).start()
 
     def submit(self, request: _Request) -> int:
         number = next(self._numbers)
         self._requests[number] = request
-        with self._send_lock:
-            while self._dropped:  # models the parent no longer has
-                self._send(("drop", self._dropped.pop()))
-            model = self._models.get(request.model)
-            if model is None:
-                model = self._models[request.model] = next(self._numbers)
-                weakref.finalize(request.model, self._dropped.append, model)
-                weights = io.BytesIO()
-                torch.save(request.model.state_dict(), weights)
-                self._send(("model", model, asdict(request.model.config), weights.getvalue()))
-            self._send(("sample", number, model, request.class_ids.numpy(), request.params, request.seed,
-                        request.prefix.numpy(), request.schedule))
+        try:
+            with self._send_lock:
+                self._flush()
+                model = self._models.get(request.model)
+                if model is None:
+                    model = self._models[request.model] = next(self._numbers)
+                    weakref.finalize(request.model, self._notices.put, ("drop", model))
+                    weights = io.BytesIO()
+                    torch.save(request.model.state_dict(), weights)
+                    self._send(("model", model, asdict(request.model.config), weights.getvalue()))
+                self._send(("sample", number, model, request.class_ids.numpy(), request.params,
+                            request.seed, request.prefix.numpy(), request.schedule))
+        except BaseException:
+            self._requests.pop(number, None)
+            raise
         if not self.alive:  # died before this request was counted among those to fail
             request.out.put(_Failed(RuntimeError("the serving process stopped")))
         return number
@@ -606,23 +614,35 @@ class _Worker:
     def finished(self, number: int) -> None:
         """The request ended (done, failed or stopped): its rows leave the worker's batches."""
         if self._requests.pop(number, None) is not None:
-            with self._send_lock:
-                self._send(("cancel", number))
+            self._notices.put(("cancel", number))
+            if self._send_lock.acquire(blocking=False):  # else the holder sends it
+                try:
+                    self._flush()
+                finally:
+                    self._send_lock.release()
+
+    def _flush(self) -> None:
+        """Send the waiting cancels and drops (with the send lock held)."""
+        while not self._notices.empty():
+            self._send(self._notices.get())
 
     def _send(self, message: tuple) -> None:
         try:
             self._out.send(message)
-        except OSError:  # the worker is gone; `_receive` fails its requests
+        except OSError:  # the worker is gone (or stopped); `_receive` fails its requests
             self.alive = False
 
     def _receive(self) -> None:
         try:
             while True:
                 self._deliver(*self._in.recv())  # (a method: no request stays referenced here)
-        except (EOFError, OSError):
+        except BaseException as err:  # the worker ended (EOF), or this thread failed: fail them all
+            if not isinstance(err, EOFError | OSError):
+                log.exception("the serving process's states could not be read")
             self.alive = False
             for request in list(self._requests.values()):
                 request.out.put(_Failed(RuntimeError("the serving process stopped")))
+            self.stop()
 
     def _deliver(self, kind: str, number: int, payload: Any) -> None:
         request = self._requests.get(number)
@@ -637,15 +657,17 @@ class _Worker:
         state = ServedState(*fields[:2], *(torch.from_numpy(a) for a in fields[2:5]), *fields[5:])
         if batch is not None:  # the finished step: one decode for the whole batch, as in-process
             key, tokens, start, stop = batch
-            if key not in self._batches:
-                self._batches[key] = SharedDecode(torch.from_numpy(tokens))
-                while len(self._batches) > SHARED_BATCHES:
-                    self._batches.popitem(last=False)
-            state.shared, state.rows = self._batches[key], slice(start, stop)
+            shared = self._batches.get(key)
+            if shared is None:
+                shared = self._batches[key] = SharedDecode(torch.from_numpy(tokens))
+            state.shared, state.rows = shared, slice(start, stop)
         return state
 
     def stop(self) -> None:
-        self._out.close()  # the worker ends when its input does
+        """Close the pipes (the worker ends when its input does) and reap the process."""
+        self.alive = False
+        with self._send_lock:
+            self._out.close()
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -677,6 +699,7 @@ def _packed(state: ServedState) -> tuple[tuple, tuple | None]:
 
 def _worker_main(read_fd: int, write_fd: int, settings: dict[str, Any]) -> None:
     """The worker process: a `Scheduler` fed by the parent's messages until its pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's: this ends with its pipe
     torch.set_num_threads(settings["threads"])
     if settings["log"]:
         log_batches()

@@ -545,7 +545,7 @@ def test_our_files_are_served_in_place_and_asked_about_first(app: types.ModuleTy
 
 def test_canvases_many_requests_show_alike_are_written_once(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(app_support, "SHARED_CANVASES", 2)
-    files = OutputFiles(tmp_path / "out", max_age_s=60)
+    files = OutputFiles(tmp_path / "out", max_age_s=60, linger_s=0.0)
     drawn = []
 
     def draw(colour: str) -> Callable[[], Image.Image]:
@@ -555,11 +555,18 @@ def test_canvases_many_requests_show_alike_are_written_once(tmp_path: Path, monk
     assert files.shared_canvas("red", draw("red")) == red and drawn == ["red"]  # drawn once
     assert pixels(red)[0, 0].tolist() == [255, 0, 0] and Path(red).parent == files.root / "shared"
     blue, green = files.shared_canvas("blue", draw("blue")), files.shared_canvas("green", draw("green"))
-    assert not Path(red).exists() and Path(blue).exists() and Path(green).exists()  # the latest 2 kept
-    os.utime(blue, (0, 0))
+    assert Path(blue).exists() and Path(green).exists()  # the latest 2 kept
+    time.sleep(0.1)
+    assert not Path(red).exists()  # deleted a moment after it left (here linger_s = 0)
+    leftover = files.root / "shared" / "canvas-of-an-earlier-run.png"
+    leftover.write_bytes(b"")
+    for path in (blue, leftover):
+        os.utime(path, (0, 0))
     files._pruned = 0.0
-    files.prune()  # the folder of shared canvases is not pruned (they are in use as long as kept)
-    assert Path(blue).exists()
+    files.prune()  # kept shared canvases stay, however old; an earlier run's go
+    assert Path(blue).exists() and not leftover.exists()
+    os.remove(green)  # gone from disk meanwhile: drawn again
+    assert files.shared_canvas("green", draw("green")) != green and drawn[-1] == "green"
 
 
 def test_animations_wait_while_final_pictures_are_delivered(tmp_path: Path, states_of_a_run: list) -> None:

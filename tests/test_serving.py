@@ -310,9 +310,16 @@ def test_a_dead_worker_fails_its_requests_and_the_next_request_starts_another(mo
     list(scheduler.sample(gone, [2], seed=3))
     del gone  # the worker forgets a model the server has let go, on the next request
     gc.collect()
-    assert scheduler._worker._dropped
-    list(scheduler.sample(model, [1], seed=4))
-    assert not scheduler._worker._dropped
+    assert scheduler._worker._notices.get_nowait()[0] == "drop"
+
+
+def test_a_scheduler_let_go_of_stops_its_worker(model):
+    scheduler = serving.ProcessScheduler()
+    list(scheduler.sample(model, [1], seed=3))
+    process = scheduler._worker.process
+    del scheduler
+    gc.collect()
+    assert process.wait(timeout=TIMEOUT_S) is not None
 
 
 def test_models_off_the_cpu_are_served_in_this_process(model, make_process_scheduler, monkeypatch):
