@@ -208,6 +208,17 @@ def _whole(seed: object) -> int:
     return value
 
 
+def _handed_over(request: _Request) -> Iterator[ServedState]:
+    """The states put in the request's queue, in order, to its last (a failed batch raises)."""
+    while True:
+        bundle = request.out.get()
+        if isinstance(bundle, _Failed):
+            raise RuntimeError(f"generation failed: {bundle.error}") from bundle.error
+        yield from bundle
+        if bundle[-1].done:
+            return
+
+
 class _Failed:
     """Put into a request's queue when its batch failed: the consumer raises."""
 
@@ -331,13 +342,7 @@ class Scheduler:
     def _follow(self, request: _Request) -> Iterator[ServedState]:
         self._submit(request)
         try:
-            while True:
-                bundle = request.out.get()
-                if isinstance(bundle, _Failed):
-                    raise RuntimeError(f"generation failed: {bundle.error}") from bundle.error
-                yield from bundle
-                if bundle[-1].done:
-                    return
+            yield from _handed_over(request)
         finally:  # also on Stop: only this request's rows are dropped
             self._cancel(request)
 
@@ -520,21 +525,14 @@ class ProcessScheduler:
                schedule: Schedule | None = None) -> Iterator[ServedState]:
         """As `Scheduler.sample`."""
         params = SamplingParams(cfg_scale, temperature, top_k, top_p, greedy)
-        if not _on_cpu(model):
-            return self._local._follow(_new_request(model, class_ids, params, seed, prefix, schedule))
-        return self._follow(_new_request(model, class_ids, params, seed, prefix, schedule))
+        request = _new_request(model, class_ids, params, seed, prefix, schedule)
+        return self._follow(request) if _on_cpu(model) else self._local._follow(request)
 
     def _follow(self, request: _Request) -> Iterator[ServedState]:
         worker = self._running()
         number = worker.submit(request)
         try:
-            while True:
-                bundle = request.out.get()
-                if isinstance(bundle, _Failed):
-                    raise RuntimeError(f"generation failed: {bundle.error}") from bundle.error
-                yield from bundle
-                if bundle[-1].done:
-                    return
+            yield from _handed_over(request)
         finally:  # also on Stop: only this request's rows are dropped
             worker.finished(number)
 

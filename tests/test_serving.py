@@ -44,6 +44,19 @@ def make_scheduler() -> Iterator[Callable[..., Scheduler]]:
         s.close()
 
 
+@pytest.fixture
+def make_process_scheduler() -> Iterator[Callable[..., serving.ProcessScheduler]]:
+    made: list[serving.ProcessScheduler] = []
+
+    def make(**kwargs: Any) -> serving.ProcessScheduler:
+        made.append(serving.ProcessScheduler(**kwargs))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
 def crowd(scheduler: Scheduler, model, requests: list[dict[str, Any]]) -> list[list[ServedState]]:
     """Every request consumed to the end in its own thread, as the app's handlers do."""
     def run(request: dict[str, Any]) -> list[ServedState]:
@@ -119,8 +132,10 @@ def wait_until(condition: Callable[[], bool]) -> None:
         time.sleep(0.01)
 
 
-def test_stop_drops_only_its_own_rows(model, make_scheduler):
-    scheduler = make_scheduler(max_rows=3, gather_s=TIMEOUT_S)
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_stop_drops_only_its_own_rows(model, make_scheduler, make_process_scheduler, where):
+    make = make_scheduler if where == "thread" else make_process_scheduler
+    scheduler = make(max_rows=3, gather_s=TIMEOUT_S)
     stopped = scheduler.sample(model, [2, 2], seed=5, cfg_scale=1.5)
     kept = scheduler.sample(model, [6], seed=9, cfg_scale=1.5)
     with ThreadPoolExecutor(1) as pool:
@@ -132,6 +147,8 @@ def test_stop_drops_only_its_own_rows(model, make_scheduler):
     assert states[-1].rows_in_flight == 1  # the stopped rows are no longer counted
     assert states[-1].requests_in_flight == 1 and states[0].requests_in_flight == 2
     assert torch.equal(states[-1].tokens, generate(model, [6], seed=9, cfg_scale=1.5))
+    with pytest.raises(ValueError, match="class"):  # checked here, before anything is queued
+        scheduler.sample(model, [99])
 
 
 def test_idle_caches_of_many_batch_sizes_are_not_all_kept(model, make_scheduler):
@@ -256,19 +273,6 @@ def test_a_finished_batch_is_decoded_once_for_all_its_requests(tmp_path, make_sc
         assert np.array_equal(np.asarray(served), np.asarray(own))
 
 
-@pytest.fixture
-def make_process_scheduler() -> Iterator[Callable[..., serving.ProcessScheduler]]:
-    made: list[serving.ProcessScheduler] = []
-
-    def make(**kwargs: Any) -> serving.ProcessScheduler:
-        made.append(serving.ProcessScheduler(**kwargs))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.close()
-
-
 def test_a_worker_process_serves_a_crowd_the_tokens_each_gets_alone(model, make_process_scheduler):
     rows = sum(len(r["class_ids"]) for r in REQUESTS)
     scheduler = make_process_scheduler(max_rows=rows, gather_s=TIMEOUT_S)  # one batch once all are in
@@ -278,21 +282,6 @@ def test_a_worker_process_serves_a_crowd_the_tokens_each_gets_alone(model, make_
         assert all(s.batch_rows == rows and s.requests_in_flight == len(REQUESTS) for s in states)
         assert torch.equal(states[-1].tokens, alone(model, request)), request
         assert states[-1].shared is not None and states[-1].shared is results[0][-1].shared  # one decode
-
-
-def test_stop_in_a_worker_process_drops_only_its_own_rows(model, make_process_scheduler):
-    scheduler = make_process_scheduler(max_rows=3, gather_s=TIMEOUT_S)
-    stopped = scheduler.sample(model, [2, 2], seed=5, cfg_scale=1.5)
-    kept = scheduler.sample(model, [6], seed=9, cfg_scale=1.5)
-    with ThreadPoolExecutor(1) as pool:
-        first_kept = pool.submit(next, kept)
-        assert next(stopped).batch_rows == 3  # both in one batch
-        stopped.close()  # Stop
-        states = [first_kept.result(TIMEOUT_S), *kept]
-    assert states[-1].done and states[-1].rows_in_flight == 1  # the stopped rows are gone
-    assert torch.equal(states[-1].tokens, generate(model, [6], seed=9, cfg_scale=1.5))
-    with pytest.raises(ValueError, match="class"):  # checked here, before anything is sent
-        scheduler.sample(model, [99])
 
 
 def test_a_dead_worker_fails_its_requests_and_the_next_request_starts_another(model, make_process_scheduler):
