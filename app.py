@@ -68,15 +68,6 @@ from ear.stops import Stops
 
 gpu = startup.zero_gpu(spaces)  # spaces.GPU with a duration that follows each request's work
 
-EXAMPLES = sorted((Path(__file__).parent / "assets" / "examples").glob("*.png"))
-STARTED = startup.start()  # ready (downloaded, loaded, warmed up) before the page exists
-SCHEDULER = from_environment()  # concurrent requests share batched forwards (EAR_BATCHING=0: off)
-MODEL_CHOICES = model_choices(STARTED.name)
-MODELS = ModelRegistry([name for _, name in MODEL_CHOICES],
-                       lambda name: attach(EARPipeline.from_pretrained(name), SCHEDULER),
-                       preloaded={STARTED.name: attach(STARTED.pipeline, SCHEDULER)})
-FILES = OutputFiles()
-
 
 def serve_in_place(folder: Path) -> None:
     """Gradio serves `folder`'s files where they are, never copying them into its temp folder (see
@@ -88,6 +79,14 @@ def serve_in_place(folder: Path) -> None:
     static.sort(key=lambda path: path != folder.resolve())
 
 
+EXAMPLES = sorted((Path(__file__).parent / "assets" / "examples").glob("*.png"))
+STARTED = startup.start()  # ready (downloaded, loaded, warmed up) before the page exists
+SCHEDULER = from_environment()  # concurrent requests share batched forwards (EAR_BATCHING=0: off)
+MODEL_CHOICES = model_choices(STARTED.name)
+MODELS = ModelRegistry([name for _, name in MODEL_CHOICES],
+                       lambda name: attach(EARPipeline.from_pretrained(name), SCHEDULER),
+                       preloaded={STARTED.name: attach(STARTED.pipeline, SCHEDULER)})
+FILES = OutputFiles()
 STOPS = Stops()
 serve_in_place(FILES.root)
 DEFAULT_IMAGES = 4  # a 2 x 2 grid: enough to see what the class looks like, fast on a CPU

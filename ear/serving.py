@@ -36,6 +36,7 @@ the rows of one batch (memory); `EAR_SERVING_PROCESS=0` keeps the scheduler in t
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -613,7 +614,7 @@ class _Worker:
         """The request ended (done, failed or stopped): its rows leave the worker's batches."""
         if self._requests.pop(number, None) is not None:
             self._notices.put(("cancel", number))
-            if self._send_lock.acquire(blocking=False):  # else the holder sends it
+            if self._send_lock.acquire(blocking=False):  # else the next to take the lock sends it
                 try:
                     self._flush()
                 finally:
@@ -705,7 +706,8 @@ def _worker_main(read_fd: int, write_fd: int, settings: dict[str, Any]) -> None:
     send_lock = threading.Lock()
 
     def send(message: tuple) -> None:
-        with send_lock:
+        # the server gone: nobody to tell, and this process ends with its pipe
+        with send_lock, contextlib.suppress(OSError):
             outgoing.send(message)
 
     scheduler = Scheduler(**settings["scheduler"])
