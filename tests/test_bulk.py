@@ -17,6 +17,7 @@ import pytest
 from ear import bulk, fid
 from ear.__main__ import main
 from ear.npz import npz_array, write_npz
+from tests.helpers import same_picture
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--classes", "0,1,2", "--per-class", "2", "--batch", "2", "--seed", "3", "--quiet"]
@@ -107,7 +108,7 @@ def test_another_batch_gives_the_same_images(reference: Path, tmp_path: Path) ->
     out = tmp_path / "one-batch.npz"
     assert main(["sample", *SMALL, "--batch", "6", "--out", str(out)]) == 0
     with np.load(out) as a, np.load(reference) as b:
-        assert np.array_equal(a["arr_0"], b["arr_0"])
+        assert same_picture(a["arr_0"], b["arr_0"])  # decoded 6 at once vs 2 at a time
 
 
 def test_interrupted_run_resumes_to_the_same_file(reference: Path, tmp_path: Path, monkeypatch, capsys
