@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from ear.images import atomic_output
 from ear.preview import (
@@ -44,12 +44,15 @@ DECODE_STEPS = 3  # until measured, a decode is taken to cost this many sampling
 FULL, SKETCH = "full", "sketch"  # a decoded canvas, or one drawn without a tokenizer call
 GAP = 4  # pixels between the images of a batch, as in make_grid
 CANVAS = np.asarray(CANVAS_RGB, np.uint8)
+PLAYBACK_STEP_S = 0.07  # the page's playback: 31 steps in about 2.2 s, a pace a person can follow
+PLAYBACK_HOLD_S = 1.0  # the last frame's own time (it stays on screen afterwards anyway)
+STRIP_RGB, TEXT_RGB = (17, 19, 24), (236, 238, 242)  # the playback's step counter under the pictures
 # GIF palette: the finished pictures' colours, then one slot meaning "as in the previous frame"
 # (GIF transparency: unchanged pixels cost almost nothing to encode), then the canvas colours.
-RESERVED = (*CANVAS_RGB, GRID_RGB, OUTLINE_RGB)
+RESERVED = (*CANVAS_RGB, GRID_RGB, OUTLINE_RGB, STRIP_RGB, TEXT_RGB)
 UNCHANGED_SLOT = 255 - len(RESERVED)
 SLOTS = np.asarray([UNCHANGED_SLOT + 1, UNCHANGED_SLOT + 2], np.uint8)  # the checkerboard's colours
-GRID_SLOT, OUTLINE_SLOT = UNCHANGED_SLOT + 3, UNCHANGED_SLOT + 4
+GRID_SLOT, OUTLINE_SLOT, STRIP_SLOT, TEXT_SLOT = (UNCHANGED_SLOT + i for i in (3, 4, 5, 6))
 
 
 class PreviewPacer:
@@ -116,11 +119,22 @@ class PreviewPacer:
 
 
 @dataclass
+class _Step:
+    """One unfinished step, kept as the cells known and the cells it added, and its counter."""
+
+    known: np.ndarray
+    new: np.ndarray
+    label: str
+
+
+@dataclass
 class _Segment:
-    """One stream's finished pictures and the masks of its unfinished steps, in order."""
+    """One stream's finished pictures and its unfinished steps, in order; `label` counts the
+    finished frame ("step 31 / 31", "zooming out 2 / 8", "stopped at step 9 / 31")."""
 
     pictures: list[Image.Image]
-    steps: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (known, new) cells
+    steps: list[_Step] = field(default_factory=list)
+    label: str = ""
 
 
 class GrowthAnimation:
@@ -130,20 +144,31 @@ class GrowthAnimation:
     its stream's finished step arrives with its pictures, each such step becomes those pictures
     shown up to that step, the other cells the dim checkerboard and the step's own cells
     outlined, as the live canvas draws them. Finished frames (the last step, zoom-out bridges)
-    are kept as they are."""
+    are kept as they are. Two files come of it: `save` (the download: loops, 8 fps) and
+    `playback` (the page: plays once at a human pace, a step counter under the pictures)."""
 
     def __init__(self) -> None:
         self._segments: list[_Segment] = []
-        self._open: list[tuple[np.ndarray, np.ndarray]] = []
+        self._open: list[_Step] = []
 
-    def add(self, state: StepState, pictures: Sequence[Image.Image] | None = None) -> None:
-        """Record one frame; `pictures` are required (only) for finished steps."""
+    def add(self, state: StepState, pictures: Sequence[Image.Image] | None = None, label: str = "") -> None:
+        """Record one frame; `pictures` are required (only) for finished steps. `label` is the
+        frame's counter in the playback (by default "step k / n")."""
+        label = label or f"step {state.step} / {state.num_steps}"
         if not state.done:
-            self._open.append((state.known.numpy().copy(), state.new.numpy().copy()))
+            self._open.append(_Step(state.known.numpy().copy(), state.new.numpy().copy(), label))
             return
         if not pictures:
             raise ValueError("a finished step needs its pictures")
-        self._segments.append(_Segment(list(pictures), self._open))
+        self._segments.append(_Segment(list(pictures), self._open, label))
+        self._open = []
+
+    def stop(self, pictures: Sequence[Image.Image], label: str) -> None:
+        """A stopped stream: its latest step, drawn as `pictures` (cells not made yet dim), ends
+        the open segment in place of the finished pictures it will never have."""
+        if not self._open:
+            raise ValueError("there is no unfinished step to stop at")
+        self._segments.append(_Segment(list(pictures), self._open[:-1], label))
         self._open = []
 
     @property
@@ -153,50 +178,109 @@ class GrowthAnimation:
 
     def save(self, path: str | Path, fps: float = 8, hold_last: float = 1.5) -> Path:
         """Write a .gif or .mp4 (a .gif next to it, with a warning, if there is no MP4 encoder) at
-        the live canvas's size (`preview_factor`); atomic, returns the path written."""
-        if not self._segments:
-            raise ValueError("There are no finished frames to save.")
+        the live canvas's size (`preview_factor`); atomic, returns the path written. It loops."""
         path = animation_target(path, fps, hold_last)
-        first = self._segments[0].pictures
-        factor = preview_factor(*grid_layout(len(first), first[0].size, GAP)[0])
-        gap = max(1, round(GAP / factor))
-        segments = [_Segment([p.reduce(factor) for p in s.pictures] if factor > 1 else s.pictures, s.steps)
-                    for s in self._segments]
+        segments, gap = self._shown()
         if path.suffix.lower() == ".mp4":
             frames = [f for s in segments for f in _reveal(s, _grid(s.pictures, gap), CANVAS, GRID_RGB,
                                                            OUTLINE_RGB, gap)]
             return write_mp4(same_size(frames), path, fps, hold_last)
-        images = []
-        for segment in segments:
-            previous = None  # a new palette: indices of the last segment mean other colours
-            for frame, palette in _palette_frames(segment, gap):
-                shown = frame if previous is None or previous.shape != frame.shape else \
-                    np.where(frame == previous, UNCHANGED_SLOT, frame).astype(np.uint8)
-                image = Image.fromarray(shown, "P")
-                image.putpalette(palette)
-                images.append(image)
-                previous = frame
-        durations = [1000.0 / fps] * len(images)
+        frames = [(frame, palette) for s in segments for frame, palette, _ in _palette_frames(s, gap)]
+        durations = [1000.0 / fps] * len(frames)
         durations[-1] += 1000.0 * hold_last
-        with atomic_output(path) as tmp:
-            images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations,
-                           loop=0, optimize=False, transparency=UNCHANGED_SLOT, disposal=1)
-        return path
+        return _write_gif(frames, durations, path, loop=True)
+
+    def playback(self, path: str | Path, step_s: float = PLAYBACK_STEP_S, fast_after: int | None = None,
+                 speedup: int = 1) -> Path:
+        """Write the play-once GIF the page shows: every frame `step_s` seconds, a counter strip
+        under the pictures; past frame `fast_after`, only every `speedup`-th frame is kept (the
+        counter says "x8"), so a long order keeps up with short ones. The last frame stays."""
+        if not step_s > 0 or speedup < 1:
+            raise ValueError(f"step_s must be > 0 and speedup >= 1, got {step_s} and {speedup}")
+        segments, gap = self._shown()
+        frames = [(f, p, label) for s in segments for f, p, label in _palette_frames(s, gap)]
+        kept = frames if fast_after is None or speedup == 1 else _sped_up(frames, fast_after, speedup)
+        strips = _CounterStrips(kept[0][0].shape[1])
+        frames = [(np.concatenate([f, strips.draw(label)]), p) for f, p, label in kept]
+        durations = [1000.0 * step_s] * len(frames)
+        durations[-1] += 1000.0 * PLAYBACK_HOLD_S
+        return _write_gif(frames, durations, Path(path), loop=False)
+
+    def _shown(self) -> tuple[list[_Segment], int]:
+        """The segments at the size they are shown (`preview_factor`) and the gap between images."""
+        if not self._segments:
+            raise ValueError("There are no finished frames to save.")
+        first = self._segments[0].pictures
+        factor = preview_factor(*grid_layout(len(first), first[0].size, GAP)[0])
+        if factor == 1:
+            return self._segments, GAP
+        return [_Segment([p.reduce(factor) for p in s.pictures], s.steps, s.label)
+                for s in self._segments], max(1, round(GAP / factor))
+
+
+def _sped_up(frames: list[tuple[np.ndarray, list[int], str]], after: int, speedup: int
+             ) -> list[tuple[np.ndarray, list[int], str]]:
+    """The first `after` frames, then every `speedup`-th one (labelled "x<speedup>"), and the last."""
+    last = len(frames) - 1
+    return [(f, p, label if i < after or i == last else f"{label} · x{speedup}")
+            for i, (f, p, label) in enumerate(frames) if i < after or (i - after) % speedup == 0 or i == last]
+
+
+def _write_gif(frames: Sequence[tuple[np.ndarray, list[int]]], durations: Sequence[float], path: Path,
+               loop: bool) -> Path:
+    """Palette frames as a GIF; a pixel equal to the previous frame's (same palette) becomes the
+    transparent "unchanged" slot, which costs almost nothing to encode. Without a loop count the
+    GIF has no NETSCAPE block, so browsers play it once and keep its last frame. Atomic."""
+    images = []
+    previous, previous_palette = None, None
+    for frame, palette in frames:
+        same = previous is not None and previous.shape == frame.shape and palette is previous_palette
+        shown = np.where(frame == previous, UNCHANGED_SLOT, frame).astype(np.uint8) if same else frame
+        image = Image.fromarray(shown, "P")
+        image.putpalette(palette)
+        images.append(image)
+        previous, previous_palette = frame, palette
+    loop_count = {"loop": 0} if loop else {}
+    with atomic_output(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=list(durations),
+                       optimize=False, transparency=UNCHANGED_SLOT, disposal=1, **loop_count)
+    return path
+
+
+class _CounterStrips:
+    """The playback's counter strip (light text on a dark band) as palette indices, per label."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.height = max(12, round(width * 0.075))
+        self.font = ImageFont.load_default(size=round(self.height * 0.72))
+        self._drawn: dict[str, np.ndarray] = {}
+
+    def draw(self, label: str) -> np.ndarray:
+        if label not in self._drawn:
+            text = Image.new("L", (self.width, self.height), 0)
+            ImageDraw.Draw(text).text((self.width // 2, self.height // 2), label, fill=255, font=self.font,
+                                      anchor="mm")
+            self._drawn[label] = np.where(np.asarray(text) > 127, TEXT_SLOT, STRIP_SLOT).astype(np.uint8)
+        return self._drawn[label]
 
 
 def _grid(pictures: Sequence[Image.Image], gap: int) -> np.ndarray:
     return tile([np.asarray(p.convert("RGB")) for p in pictures], gap, GRID_RGB)
 
 
-def _palette_frames(segment: _Segment, gap: int) -> Iterator[tuple[np.ndarray, list[int]]]:
-    """GIF frames of one segment as palette indices, and their palette: the finished pictures
-    quantised once (the unfinished steps show a subset of their pixels), then reserved slots."""
+def _palette_frames(segment: _Segment, gap: int) -> Iterator[tuple[np.ndarray, list[int], str]]:
+    """GIF frames of one segment as palette indices, their palette and their counter label: the
+    finished pictures quantised once (the unfinished steps show a subset of their pixels), then
+    the reserved slots."""
     quantized = Image.fromarray(_grid(segment.pictures, gap)).quantize(
         UNCHANGED_SLOT, Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
     colours = (quantized.getpalette() or [])[:3 * UNCHANGED_SLOT]
     palette = colours + [0] * (3 * (UNCHANGED_SLOT + 1) - len(colours)) + [c for rgb in RESERVED for c in rgb]
-    for frame in _reveal(segment, np.asarray(quantized), SLOTS, GRID_SLOT, OUTLINE_SLOT, gap):
-        yield frame, palette
+    labels = [step.label for step in segment.steps] + [segment.label]
+    frames = _reveal(segment, np.asarray(quantized), SLOTS, GRID_SLOT, OUTLINE_SLOT, gap)
+    for frame, label in zip(frames, labels, strict=True):
+        yield frame, palette, label
 
 
 def _reveal(segment: _Segment, finished: np.ndarray, canvas: np.ndarray, gap_fill: object,
@@ -206,12 +290,12 @@ def _reveal(segment: _Segment, finished: np.ndarray, canvas: np.ndarray, gap_fil
     outlined; then the finished grid itself."""
     if segment.steps:
         n, size = len(segment.pictures), segment.pictures[0].size[0]
-        cells = CellGrid(segment.steps[0][0].shape[0], size)
+        cells = CellGrid(segment.steps[0].known.shape[0], size)
         background = tile([canvas[cells.checker]] * n, gap, gap_fill)
         extra = (1,) * (finished.ndim - 2)  # broadcast (H, W) masks over RGB channels
-        for known, new in segment.steps:
-            shown = tile([cells.mask(known)] * n, gap, False)
+        for step in segment.steps:
+            shown = tile([cells.mask(step.known)] * n, gap, False)
             frame = np.where(shown.reshape(shown.shape + extra), finished, background)
-            frame[tile([cells.outline(new)] * n, gap, False)] = outline
+            frame[tile([cells.outline(step.new)] * n, gap, False)] = outline
             yield frame
     yield finished

@@ -21,6 +21,11 @@ T = TypeVar("T")
 STOP_WAIT_S = 5.0  # a run notices a Stop at its next update: one sampling step, or writing the animation
 
 
+class RunStopped(Exception):
+    """Thrown into a run at the update where Stop found it: the run may catch it and yield its
+    last updates (what it got to), then end."""
+
+
 class _Run:
     def __init__(self) -> None:
         self.stop, self.ended = threading.Event(), threading.Event()
@@ -34,8 +39,9 @@ class Stops:
         self._runs: dict[Hashable, _Run] = {}
 
     def follow(self, key: Hashable | None, updates: Iterator[T]) -> Iterator[T]:
-        """`updates` until `stop(key)` is called: nothing is asked of `updates` after that (the
-        update being computed then is dropped) and it is closed. A None key cannot be stopped."""
+        """`updates` until `stop(key)` is called: then the update being computed is dropped,
+        `RunStopped` is thrown into `updates` (a generator) at that point, and whatever it yields
+        while winding up follows; then it is closed. A None key cannot be stopped."""
         run = _Run()
         if key is not None:
             with self._lock:
@@ -43,10 +49,13 @@ class Stops:
         try:
             for update in updates:
                 if run.stop.is_set():
-                    return
+                    break
                 yield update
                 if run.stop.is_set():
-                    return
+                    break
+            else:
+                return
+            yield from _wound_up(updates)
         finally:
             close = getattr(updates, "close", None)
             if close is not None:
@@ -65,3 +74,16 @@ class Stops:
             return True
         run.stop.set()
         return run.ended.wait(wait_s)
+
+
+def _wound_up(updates: Iterator[T]) -> Iterator[T]:
+    """What a stopped run yields once told (nothing if it is not a generator or lets the stop end it)."""
+    throw = getattr(updates, "throw", None)
+    if throw is None:
+        return
+    try:
+        update = throw(RunStopped())
+    except (RunStopped, StopIteration):
+        return
+    yield update
+    yield from updates

@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from ear.stops import Stops
+from ear.stops import RunStopped, Stops
 
 
 def _updates(log: list[str], ready: threading.Event, release: threading.Event) -> Iterator[int]:
@@ -61,3 +61,22 @@ def test_stop_touches_only_its_own_key_and_reports_a_run_busy_past_the_wait() ->
 def test_a_run_without_a_session_runs_to_the_end() -> None:
     stops = Stops()
     assert list(stops.follow(None, iter([1, 2, 3]))) == [1, 2, 3]
+
+
+def test_a_run_that_catches_the_stop_winds_up_with_what_it_got_to() -> None:
+    """The stop is thrown into the run where it was found; its wind-up updates still arrive."""
+    def run() -> Iterator[str]:
+        got = 0
+        try:
+            for got in range(1, 10):
+                yield f"step {got}"
+        except RunStopped:
+            yield f"stopped at step {got}"
+            yield "animation written"
+
+    stops = Stops()
+    updates = stops.follow(("session", "gen"), run())
+    assert next(updates) == "step 1" and next(updates) == "step 2"
+    threading.Thread(target=stops.stop, args=(("session", "gen"),)).start()
+    time.sleep(0.05)
+    assert list(updates) == ["stopped at step 2", "animation written"]  # "step 3" was dropped
