@@ -342,6 +342,15 @@ def test_a_run_watched_live_is_not_replayed(app: types.ModuleType, every_step: N
     assert outs[-1][0] == outs[-1][2][0]  # every step was on screen: the canvas keeps the picture
 
 
+def test_a_zoom_out_plays_back_as_one_continuous_growth(app: types.ModuleType, few_canvases: None) -> None:
+    outs = extend(app, upload(REPO / "assets" / "examples" / "smiley.png"), keep=4, rounds=3, pace="watch")
+    canvas, caption, _final, animation, _key = outs[-1]
+    assert caption.startswith("zoom 3 / 3") and caption.endswith("done")
+    frames, durations, loops = gif_timing(canvas)
+    assert frames == gif_timing(animation)[0] and not loops  # every round and bridge, once
+    assert sum(durations[:-1]) <= 1000 * app.MAX_PLAYBACK_S
+
+
 def test_replay_without_a_run_is_one_sentence(app: types.ModuleType) -> None:
     for key in (None, "no-such-run", 3):
         assert_user_error(lambda key=key: app.replay(key), "no recent run to replay")
