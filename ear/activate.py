@@ -96,21 +96,33 @@ class ActivatedFFN(nn.Module):
         self.dense, self.router, self.tau = dense, router, tau
         self.register_buffer("owner", _owners(groups), persistent=False)  # hidden neuron -> expert
         self.active_share: list[float] = []  # per call: the share of expert evaluations run
+        # Distillation (stage 2): the hard choice forward, a sigmoid of the margin backward
+        # (straight-through), its mean kept for the budget.
+        self.softness: float | None = None
+        self.soft_share: torch.Tensor | None = None
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         return F.silu(self.dense.w1(x)) * self.dense.w3(x)
 
-    def chosen(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., experts) bool: dynamic-k over the router's predicted norms."""
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., experts), 1 for each expert that runs, 0 else: dynamic-k over the router's
+        predicted norms (in distillation, with the straight-through gradient)."""
         norms = torch.expm1(self.router(x)).clamp(min=0)  # the router predicts log(1 + norm)
         if self.tau >= 1:
-            return torch.ones_like(norms, dtype=torch.bool)
-        return norms >= (1 - self.tau) * norms.max(-1, keepdim=True).values
+            return torch.ones_like(norms)
+        top = norms.max(-1, keepdim=True).values
+        margin = norms - (1 - self.tau) * top
+        hard = (margin >= 0).to(x.dtype)
+        if self.softness is None:
+            return hard
+        soft = torch.sigmoid(margin / (self.softness * top + 1e-6))
+        self.soft_share = soft.mean()
+        return hard + soft - soft.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chosen = self.chosen(x)
-        self.active_share.append(float(chosen.float().mean()))
-        mask = chosen.gather(-1, self.owner.expand(*chosen.shape[:-1], -1))
+        gates = self.gates(x)
+        self.active_share.append(float((gates.detach() > 0.5).float().mean()))
+        mask = gates.gather(-1, self.owner.expand(*gates.shape[:-1], -1))
         return self.dense.dropout(self.dense.w2(self.hidden(x) * mask))
 
 
@@ -226,3 +238,35 @@ def train_routers(activation: Activation, model: EAR, tokens: torch.Tensor, clas
             optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def distill(activation: Activation, model: EAR, tokens: torch.Tensor, class_ids: torch.Tensor,
+            budget: float, steps: int = 200, lr: float = 1e-3, weight: float = 1.0, softness: float = 0.1,
+            batch: int = 16, seed: int = 0) -> dict[str, float]:
+    """Stage 2: the routers learn, by the dense model's logits (KL on every mask query) and a
+    penalty on the share of experts run above `budget`, which experts a token can do without;
+    the backbone stays frozen. Returns the last step's KL and soft share."""
+    with torch.no_grad():
+        teacher = F.log_softmax(model(tokens, class_ids).float(), -1)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(activation.routers.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        with activation.applied(model) as ffns:
+            for ffn in ffns:
+                ffn.softness = softness
+            for _ in range(steps):
+                rows = torch.randint(0, tokens.shape[0], (min(batch, tokens.shape[0]),), generator=generator)
+                student = F.log_softmax(model(tokens[rows], class_ids[rows]).float(), -1)
+                kl = F.kl_div(student, teacher[rows], log_target=True, reduction="none").sum(-1).mean()
+                share = torch.stack([ffn.soft_share for ffn in ffns]).mean()
+                loss = kl + weight * F.relu(share - budget)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return {"kl": kl.item(), "soft_share": share.item()}

@@ -12,6 +12,7 @@ from ear.activate import (
     Activation,
     ActivationConfig,
     balanced_groups,
+    distill,
     ffn_inputs,
     train_routers,
 )
@@ -84,6 +85,23 @@ def test_routers_learn_the_expert_norms_and_fewer_experts_run(model, samples) ->
     share = sum(s for ffn in ffns for s in ffn.active_share) / len(ffns)
     assert share < 1.0  # fewer experts than all of them ran
     assert (dense == activated).float().mean() > 0.5
+
+
+def test_distillation_keeps_the_share_near_its_budget(model, samples) -> None:
+    tokens, classes = samples
+    activation = Activation(model, ActivationConfig(experts=4, router_hidden=16, tau=0.9))
+    train_routers(activation, model, tokens, classes, steps=50)
+
+    def share() -> float:
+        with torch.no_grad(), activation.applied(model) as ffns:
+            model(tokens, classes)
+        return sum(s for ffn in ffns for s in ffn.active_share) / len(ffns)
+
+    before = share()
+    result = distill(activation, model, tokens, classes, budget=0.5, steps=60, lr=3e-3, weight=5.0)
+    assert torch.isfinite(torch.tensor(result["kl"])) and share() < before  # fewer experts run
+    assert all(p.requires_grad for p in model.parameters())  # the backbone is unfrozen again
+    assert all(type(block.feed_forward) is FeedForward for block in model.layers)
 
 
 def test_the_activation_file_loads_strictly(model, tmp_path) -> None:
