@@ -32,6 +32,7 @@ from ear.engine import configure
 from ear.model import EAR, EARConfig
 from ear.order import make_schedule
 from ear.sampler import decode, generate, sample
+from tests.helpers import noisy_weights
 
 VIEWS = frozenset({"view", "_unsafe_view", "transpose", "expand", "slice", "select", "unsqueeze", "squeeze",
                    "t", "split", "split_with_sizes", "detach", "alias", "permute", "unflatten", "as_strided",
@@ -51,16 +52,13 @@ class _Ops(TorchDispatchMode):
 
 def build(name: str, device: torch.device, dtype: torch.dtype) -> tuple[EAR, float]:
     """The bundled model as shipped, or a released shape with loud random weights (std 0.02
-    everywhere, so the logits are not all equal), and its default CFG scale."""
+    everywhere, seeded, so the logits are not all equal), and its default CFG scale."""
     if name == "emoji":
         loaded = hub.load("ear-emoji")
         return loaded.model.to(device=device, dtype=dtype).eval(), loaded.presets["default"]["cfg_scale"]
     with torch.device(device):  # built where it runs: XL is 4.4 GB in float32
         model = EAR(EARConfig.official(name))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    return model.to(device=device, dtype=dtype).eval(), 1.5
+    return noisy_weights(model, 0.02).to(device=device, dtype=dtype).eval(), 1.5
 
 
 def _sync(device: torch.device) -> None:
