@@ -160,9 +160,15 @@ class _Slot:
     streams: torch.Tensor  # (bucket, n) noise stream per row and generation-order cell
     cond: torch.Tensor  # (rows, 1, dim) class embeddings
     mods: list[torch.Tensor]  # per layer (6, rows, 1, dim): gamma1, gamma2, scale1, scale2, shift1, shift2
+    weights: _Weights  # what its steps (and graphs) read, kept even if the runner rebuilds
+    codes: torch.Tensor
     settings: RowSettings | None = None
     host: torch.Tensor | None = None  # pinned copy of `tokens` (CUDA)
-    graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = field(default_factory=dict)
+    # graphed steps: per key the graph and the plan whose tensors it reads (kept alive with it)
+    graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, _Plan]] = field(default_factory=dict)
+    # where graphs leave their logits: outside the graph pool, two so that step k's logits stay
+    # valid while step k+1 already runs (tokens arrive one step behind)
+    logits: list[torch.Tensor] = field(default_factory=list)
     mask_ids: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
@@ -222,6 +228,7 @@ class DecodeRunner:
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a model on a CUDA device")
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._capture_stream = torch.cuda.Stream(self.device) if self.use_graphs else None
         self._free.clear()
         self._idle_order.clear()
         self._plans: dict[tuple[str, int, int], _Plan] = {}
@@ -253,6 +260,7 @@ class DecodeRunner:
         complex_views = ([torch.view_as_complex(t.unflatten(-1, (-1, 2))) for t in caches]
                          if complex_cache else None)
         slot = _Slot(epoch=self._epoch, rows=rows, bucket=bucket, caches=caches, complex_caches=complex_views,
+                     weights=self.weights, codes=self.codes,
                      tokens=torch.zeros(bucket, n, dtype=torch.long, device=dev),
                      streams=torch.zeros(bucket, n, dtype=torch.long, device=dev),
                      cond=torch.zeros(rows, 1, c.dim, dtype=self.dtype, device=dev),
@@ -260,6 +268,9 @@ class DecodeRunner:
                            for _ in range(c.n_layer)] if c.adaln else [])
         if dev.type == "cuda":
             slot.host = torch.zeros(bucket, n, dtype=torch.long, pin_memory=True)
+        if self.use_graphs:
+            widest = max(schedule.sizes)
+            slot.logits = [torch.empty(bucket, widest, c.vocab_size, device=dev) for _ in range(2)]
         return slot
 
     def _acquire(self, key: tuple, schedule: Schedule, bucket: int, guided: bool) -> _Slot:
@@ -294,7 +305,7 @@ class DecodeRunner:
     def _start(self, slot: _Slot, class_ids: torch.Tensor, rows: RowSettings, prefix: torch.Tensor,
                order: torch.Tensor) -> None:
         """Write this generation's classes, modulation, settings, prefix and noise streams."""
-        w, batch = self.weights, class_ids.shape[0]
+        w, batch = slot.weights, class_ids.shape[0]
         pad = slot.bucket - batch
         ids = torch.cat([class_ids, class_ids[:1].expand(pad)]) if pad else class_ids
         if slot.rows != slot.bucket:
@@ -326,7 +337,7 @@ class DecodeRunner:
         if m not in slot.mask_ids:
             mask_id = self.model.config.vocab_size  # the row appended to the token table
             slot.mask_ids[m] = torch.full((slot.rows, m), mask_id, device=self.device)
-        x = F.embedding(torch.cat([fed, slot.mask_ids[m]], dim=1), self.weights.embed)
+        x = F.embedding(torch.cat([fed, slot.mask_ids[m]], dim=1), slot.weights.embed)
         return torch.cat([slot.cond, x], dim=1) if plan.with_class else x
 
     def _attend(self, layer: _LayerWeights, h: torch.Tensor, i: int, slot: _Slot,
@@ -352,7 +363,7 @@ class DecodeRunner:
 
     def _forward(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
         """Guided float32 logits (bucket, m, V) of this step's queries."""
-        w = self.weights
+        w = slot.weights
         x = self._inputs(slot, plan)
         shape = (w.dim,)
         for i, layer in enumerate(w.layers):
@@ -372,36 +383,45 @@ class DecodeRunner:
 
     def _step(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
         logits = self._forward(slot, plan)
-        slot.tokens[:, plan.out] = draw(logits, slot.settings, slot.streams[:, plan.out], self.codes)
+        slot.tokens[:, plan.out] = draw(logits, slot.settings, slot.streams[:, plan.out], slot.codes)
         return logits
 
+    def _graphed_step(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
+        out = slot.logits[plan.k % 2][:, : plan.num_queries]
+        out.copy_(self._step(slot, plan))
+        return out
+
     def _replay(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
+        """Step `plan` as a CUDA graph, captured on first use (see docs/cuda-graphs.md for the
+        rules this follows). Returns the logits, in the slot's own buffer for this step's parity."""
         s = slot.settings
         key = (plan.k, plan.start, s.filtered, s.greedy)
         if key not in slot.graphs:
-            started = time.perf_counter()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture (the step is idempotent)
-                self._step(slot, plan)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._step(slot, plan)
-            slot.graphs[key] = (graph, logits)
-            torch.cuda.synchronize()
-            self.capture_seconds += time.perf_counter() - started
-        graph, logits = slot.graphs[key]
-        graph.replay()
-        return logits
+            with _CAPTURE_LOCK:  # one capture at a time in a process
+                started = time.perf_counter()
+                stream = self._capture_stream
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):  # warm-up on the capture's stream (lazy handles,
+                    self._graphed_step(slot, plan)  # workspaces); the step is idempotent
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: a consumer thread's device work (a preview decode) may go on
+                with torch.cuda.graph(graph, pool=self._pool, stream=stream,
+                                      capture_error_mode="thread_local"):
+                    self._graphed_step(slot, plan)
+                slot.graphs[key] = (graph, plan)
+                torch.cuda.synchronize()
+                self.capture_seconds += time.perf_counter() - started
+        slot.graphs[key][0].replay()
+        return slot.logits[plan.k % 2][:, : plan.num_queries]
 
     def decode(self, class_ids: torch.Tensor, rows: RowSettings, *, prefix: torch.Tensor,
                schedule: Schedule | None = None, pick: Picker | None = None
                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Yield (step k, guided logits (B, m, V), tokens (B, m)) for every step after the prefix.
-        Logits stay valid until the next step. `pick(k, logits)` replaces the draw (teacher
-        forcing); otherwise tokens are drawn on the device and, on CUDA, arrive through pinned
-        memory one step behind the device."""
+        Logits stay valid until the next step is asked for; tokens are the consumer's to keep.
+        `pick(k, logits)` replaces the draw (teacher forcing); otherwise tokens are drawn on the
+        device and, on CUDA, arrive through pinned memory one step behind the device."""
         self._refresh()
         layout = self.model.layout(schedule)
         sched, batch = layout.schedule, class_ids.shape[0]
@@ -451,8 +471,8 @@ class DecodeRunner:
 
 def _arrived(k: int, logits: torch.Tensor, ready: torch.cuda.Event, plan: _Plan, slot: _Slot,
              batch: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-    ready.synchronize()
-    return k, logits[:batch], slot.host[:batch, plan.out]
+    ready.synchronize()  # a copy: the pinned buffer is written again when the slot is reused
+    return k, logits[:batch], slot.host[:batch, plan.out].clone()
 
 
 def _padded(rows: RowSettings, pad: int) -> RowSettings:
@@ -462,6 +482,7 @@ def _padded(rows: RowSettings, pad: int) -> RowSettings:
 
 _RUNNERS: weakref.WeakKeyDictionary[EAR, DecodeRunner] = weakref.WeakKeyDictionary()
 _RUNNERS_LOCK = threading.Lock()
+_CAPTURE_LOCK = threading.Lock()
 
 
 def runner_for(model: EAR) -> DecodeRunner:
