@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ear.draw import RowSettings, cell_streams, draw, guide, vocab_codes
-from ear.model import EAR, _Layout
+from ear.model import EAR, EARConfig, _Layout
 from ear.order import Schedule
 
 Picker = Callable[[int, torch.Tensor], torch.Tensor]
@@ -172,6 +172,18 @@ class _Slot:
     mask_ids: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+def _cache_planes(dtype: torch.dtype) -> int:
+    """float32 keeps the rotated queries beside keys and values (one complex write does all three)."""
+    return 3 if dtype == torch.float32 else 2
+
+
+def kv_cache_bytes_per_row(config: EARConfig, dtype: torch.dtype) -> int:
+    """Bytes of decode cache one model row holds (a guided image is two rows): every layer's
+    grid² + 1 slots of keys and values, in float32 with the queries beside them. Start-up's GPU
+    budget and bulk sampling's batch size both count with this."""
+    return config.n_layer * (config.grid_size ** 2 + 1) * _cache_planes(dtype) * config.dim * dtype.itemsize
+
+
 def _bucket(batch: int, device: torch.device) -> int:
     """CUDA graphs are captured per batch size, so CUDA rounds up to a power of two; a CPU computes
     exactly the rows asked for."""
@@ -254,7 +266,7 @@ class DecodeRunner:
         c, dev = self.model.config, self.device
         rows, n = bucket * (2 if guided else 1), schedule.num_tokens
         complex_cache = self.dtype == torch.float32
-        planes = 3 if complex_cache else 2  # float32 keeps q beside k and v: one write does all three
+        planes = _cache_planes(self.dtype)
         caches = [torch.zeros(rows, n + 1, planes, c.n_head, c.head_dim, dtype=self.dtype, device=dev)
                   for _ in range(c.n_layer)]
         complex_views = ([torch.view_as_complex(t.unflatten(-1, (-1, 2))) for t in caches]

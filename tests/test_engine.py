@@ -8,7 +8,7 @@ import torch
 
 from bench.bench_engine import ops_per_layer_step, teacher_forced_agreement
 from ear.draw import RowSettings, draw, gumbel_noise, row_keys, vocab_codes
-from ear.engine import MAX_IDLE_SLOTS, configure, runner_for
+from ear.engine import MAX_IDLE_SLOTS, configure, kv_cache_bytes_per_row, runner_for
 from ear.order import make_schedule
 from ear.sampler import generate, sample
 from tests.helpers import noisy_model, tiny_ear
@@ -191,3 +191,39 @@ def test_cuda_graphs_match_eager_and_bfloat16_tracks_float32() -> None:
     greedy = generate(model, list(range(10)), greedy=True, cfg_scale=1.5)
     half = generate(model.to(torch.bfloat16), list(range(10)), greedy=True, cfg_scale=1.5)
     assert (half == greedy).float().mean().item() >= 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_bytes_per_row_is_what_a_slot_holds(dtype: torch.dtype) -> None:
+    model = noisy_model().to(dtype)
+    runner = runner_for(model)
+    runner.release()
+    generate(model, [1, 2, 3], seed=0, cfg_scale=1.5)  # guided: 6 model rows
+    (slot,) = [s for slots in runner._free.values() for s in slots]
+    held = sum(c.numel() * c.element_size() for c in slot.caches)
+    assert slot.rows == 6 and held == slot.rows * kv_cache_bytes_per_row(model.config, dtype)
+
+
+def test_start_up_and_bulk_budget_the_kv_cache_with_the_engines_count(monkeypatch) -> None:
+    """One per-row computation: start-up's GPU budget and bulk's default batch both call it."""
+    from ear import bulk, startup
+
+    callers: list[str] = []
+
+    def counted(name: str):
+        def kv(config, dtype):
+            callers.append(name)
+            return kv_cache_bytes_per_row(config, dtype)
+        return kv
+
+    monkeypatch.setattr(startup, "kv_cache_bytes_per_row", counted("startup"))
+    monkeypatch.setattr(bulk, "kv_cache_bytes_per_row", counted("bulk"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _device=None: (2**30, 2**31))
+    startup.gpu_bytes_needed("B")
+    model = noisy_model().to(torch.bfloat16)
+    batch = bulk.fitting_batch(model, True, torch.device("cuda"))
+    assert callers == ["startup", "bulk"]
+    widest = max(model.schedule.sizes) * model.config.vocab_size * 4
+    per_image = 2 * (kv_cache_bytes_per_row(model.config, torch.bfloat16) + 4 * widest) + 2 * widest
+    fits = int(0.8 * 2**30) // per_image
+    assert batch == min(bulk.MAX_BATCH, 1 << (fits.bit_length() - 1))
