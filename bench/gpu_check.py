@@ -32,12 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_engine import build, timed
+from bench.bench_engine import build, teacher_forced, timed
 from ear import bulk, hub, startup
 from ear.draw import RowSettings, row_keys
 from ear.engine import configure, runner_for
 from ear.model import EAR, EARConfig
-from ear.sampler import decode, generate
+from ear.sampler import generate
 from ear.serving import Scheduler
 from tests.helpers import noisy_model, noisy_weights
 
@@ -142,32 +142,11 @@ def check_graphs(ctx: Context, name: str) -> str:
            f"capture {graphed.capture_seconds:.2f} s"
 
 
-def _teacher_forced(reference: EAR, other: EAR, cfg: float, ids: list[int]) -> tuple[float, float, float]:
-    """Top-1 agreement of `other` with `reference`'s greedy tokens given the same context, and the
-    largest absolute and relative logits error."""
-    target = generate(reference, ids, greedy=True, cfg_scale=cfg).flatten(1)
-    sched = reference.schedule
-    b, target = sched.boundaries, target[:, list(sched.order)].to(reference.output.weight.device)
-
-    def teacher(k: int, _logits: torch.Tensor) -> torch.Tensor:
-        return target[:, b[k]:b[k + 1]]
-
-    agree, err, scale = [], 0.0, 0.0
-    class_ids = torch.tensor(ids)
-    steps = zip(decode(reference, class_ids, teacher, cfg_scale=cfg),
-                decode(other, class_ids, teacher, cfg_scale=cfg), strict=True)
-    for (_, ref_logits, _), (_, logits, _) in steps:
-        ref, got = ref_logits.float(), logits.float()
-        agree.append(got.argmax(-1) == ref.argmax(-1))
-        err, scale = max(err, (got - ref).abs().max().item()), max(scale, ref.abs().max().item())
-    return torch.cat([a.flatten() for a in agree]).float().mean().item(), err, err / max(scale, 1e-12)
-
-
 def check_bf16(ctx: Context, name: str) -> str:
     full, cfg = ctx.model(name, torch.float32, keep=False)
     # on CUDA the cached bfloat16 model holds the same seeded weights, rounded
     half = ctx.model(name)[0] if ctx.cuda else copy.deepcopy(full).to(torch.bfloat16)
-    agreement, err, rel = _teacher_forced(full, half, cfg, _ids(full))
+    agreement, err, rel = teacher_forced(half, cfg, _ids(full), reference=full)
     del full
     if ctx.cuda:
         torch.cuda.empty_cache()

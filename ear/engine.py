@@ -5,7 +5,8 @@ per step:
 
 * weights prepared once per set of weights (rebuilt when they change): RMSNorm gains folded into
   the next linear where there is no adaLN, the two FFN inputs fused, the mask token appended to
-  the token table; on a CPU the float32 linears are pre-packed for MKL, or quantised to int8;
+  the token table; on a CPU each float32 linear uses the kernel (plain, MKL-packed, oneDNN) that a
+  short timing found fastest for its shape on this machine, or is quantised to int8;
 * adaLN modulation computed once per generation (the class never changes), with the norm gain
   folded into the scale;
 * per schedule step, precomputed: fed and written positions, the block-causal mask, the rotary
@@ -35,8 +36,11 @@ from ear.model import EAR, EARConfig, _Layout
 from ear.order import Schedule
 
 Picker = Callable[[int, torch.Tensor], torch.Tensor]
-LINEAR_MODES = ("auto", "plain", "packed", "int8")
+LINEAR_MODES = ("auto", "plain", "packed", "onednn", "int8")
 MAX_IDLE_SLOTS = 4  # caches kept for reuse once their stream ended
+TIMING_ROWS = 32  # rows of a batch-1 guided step (about 2 x (8 fed + 8 queried)): what "auto" times
+TIMING_ROUNDS = 5
+KERNEL_MARGIN = 0.9  # a pre-packed kernel is chosen over plain only when at least 10 % faster
 
 
 def _has_vnni() -> bool:
@@ -52,12 +56,15 @@ _REDUCE_RANGE = not _has_vnni()
 
 
 class _Linear:
-    """y = x W^T in the fastest form this device and dtype allow."""
+    """y = x W^T in one of the forms this device and dtype allow: "plain" (F.linear), "packed"
+    (MKL's pre-packed sgemm), "onednn" (oneDNN's pre-packed float32 linear), "int8" (dynamic)."""
 
     def __init__(self, weight: torch.Tensor, mode: str) -> None:
         self.weight, self.mode = weight, mode
         if mode == "packed":
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 64)
+        elif mode == "onednn":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, TIMING_ROWS)
         elif mode == "int8":
             scales = (weight.abs().amax(1).clamp_min(1e-8) / 127).double()
             zeros = torch.zeros(weight.shape[0], dtype=torch.long)
@@ -69,21 +76,78 @@ class _Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "packed":
             return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, 64)
+        if self.mode == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         if self.mode == "int8":
             return torch.ops.quantized.linear_dynamic(x, self.packed, _REDUCE_RANGE)
         return F.linear(x, self.weight)
 
 
+def float32_kernels() -> tuple[str, ...]:
+    """The exact float32 linear kernels this torch build has on a CPU."""
+    mkl = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return ("plain", *(("packed",) if mkl else ()), *(("onednn",) if onednn else ()))
+
+
+KernelTimer = Callable[[_Linear, torch.Tensor], float]  # seconds of one call on that input
+
+
+def _time_call(linear: _Linear, x: torch.Tensor) -> float:
+    began = time.perf_counter()
+    linear(x)
+    return time.perf_counter() - began
+
+
+_CHOSEN: dict[tuple, str] = {}  # (weight shape, threads) -> kernel, for the process
+
+
+def float32_kernel(weight: torch.Tensor, timer: KernelTimer | None = None) -> str:
+    """The fastest float32 kernel for this weight's shape on this machine and thread count, timed
+    on first use and kept for the process: which one wins depends on the CPU (MKL's packed sgemm
+    is the fastest on some Intel parts and slower than plain on AMD) and on the shape. Each kernel
+    runs once untimed, then TIMING_ROUNDS interleaved rounds on TIMING_ROWS rows; the best call
+    of each counts. A pre-packed kernel must beat plain by KERNEL_MARGIN (packing holds a second
+    copy of the weight, and a few percent is within a busy machine's noise)."""
+    key = (tuple(weight.shape), torch.get_num_threads())
+    if key not in _CHOSEN:
+        timer = timer or _time_call
+        x = torch.randn(TIMING_ROWS, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        linears = {k: _Linear(weight, k) for k in float32_kernels()}
+        for linear in linears.values():
+            linear(x)
+        best = dict.fromkeys(linears, float("inf"))
+        for _ in range(TIMING_ROUNDS):
+            for kernel, linear in linears.items():
+                best[kernel] = min(best[kernel], timer(linear, x))
+        best["plain"] *= KERNEL_MARGIN
+        _CHOSEN[key] = min(linears, key=best.__getitem__)  # ties: the earlier, plain first
+    return _CHOSEN[key]
+
+
+def chosen_kernels() -> dict[tuple, str]:
+    """What `float32_kernel` chose so far in this process: (weight shape, threads) -> kernel."""
+    return dict(_CHOSEN)
+
+
 def _linear_mode(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The mode the prepared weights are built with; "timed" picks a float32 kernel per shape."""
     if requested not in LINEAR_MODES:
         raise ValueError(f"linear mode must be one of {LINEAR_MODES}, got {requested!r}")
     cpu_f32 = device.type == "cpu" and dtype == torch.float32
-    if requested in ("packed", "int8") and not cpu_f32:
+    if requested in ("packed", "onednn", "int8") and not cpu_f32:
         raise ValueError(f"{requested!r} linears need a float32 model on the CPU")
+    if requested == "packed" and "packed" not in float32_kernels():
+        raise ValueError("'packed' linears need MKL, which this torch build lacks")
+    if requested == "onednn" and "onednn" not in float32_kernels():
+        raise ValueError("'onednn' linears need oneDNN, which this torch build lacks")
     if requested == "auto":
-        packable = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
-        return "packed" if cpu_f32 and packable else "plain"
+        return "timed" if cpu_f32 else "plain"
     return requested
+
+
+def _prepared(weight: torch.Tensor, mode: str) -> _Linear:
+    return _Linear(weight, float32_kernel(weight) if mode == "timed" else mode)
 
 
 @dataclass
@@ -108,11 +172,11 @@ class _Weights:
             wqkv = a.wqkv.weight.detach() if adaln else a.wqkv.weight.detach() * g1
             w13 = torch.cat([f.w1.weight, f.w3.weight]).detach()
             self.layers.append(_LayerWeights(
-                wqkv=_Linear(wqkv.contiguous(), mode), wo=_Linear(a.wo.weight.detach(), mode),
-                w13=_Linear(w13 if adaln else w13 * g2, mode), w2=_Linear(f.w2.weight.detach(), mode),
+                wqkv=_prepared(wqkv.contiguous(), mode), wo=_prepared(a.wo.weight.detach(), mode),
+                w13=_prepared(w13 if adaln else w13 * g2, mode), w2=_prepared(f.w2.weight.detach(), mode),
                 ada=(block.ada_lin[1].weight.detach(), block.ada_lin[1].bias.detach()) if adaln else None,
                 gains=(g1, g2)))
-        self.head = _Linear((model.output.weight * model.norm.weight).detach(), mode)
+        self.head = _prepared((model.output.weight * model.norm.weight).detach(), mode)
         self.classes = model.cls_embedding.embedding_table.weight.detach()
         self.dim, self.eps = dim, model.config.norm_eps
 
@@ -499,7 +563,7 @@ _CAPTURE_LOCK = threading.Lock()
 
 def runner_for(model: EAR) -> DecodeRunner:
     """The model's runner, made on first use (prepared weights are rebuilt if the weights change).
-    EAR_LINEAR (auto/plain/packed/int8) and EAR_CUDA_GRAPHS=0 choose its defaults."""
+    EAR_LINEAR (auto/plain/packed/onednn/int8) and EAR_CUDA_GRAPHS=0 choose its defaults."""
     with _RUNNERS_LOCK:
         runner = _RUNNERS.get(model)
         if runner is None:
@@ -508,8 +572,9 @@ def runner_for(model: EAR) -> DecodeRunner:
 
 
 def configure(model: EAR, *, linear: str = "auto", graphs: bool | None = None) -> DecodeRunner:
-    """Give the model a runner with these choices: linear "auto" (MKL-packed float32 on a CPU where
-    available), "plain", "packed" or "int8" (dynamic int8 on a CPU: faster, slightly different
+    """Give the model a runner with these choices: linear "auto" (on a CPU in float32, per weight
+    shape the fastest of the float32 kernels by a short timing on first use; elsewhere plain),
+    "plain", "packed" (MKL), "onednn" or "int8" (dynamic int8 on a CPU: faster, slightly different
     tokens); graphs None = CUDA graphs on CUDA outside ZeroGPU."""
     if linear not in LINEAR_MODES:
         raise ValueError(f"linear mode must be one of {LINEAR_MODES}, got {linear!r}")
