@@ -399,7 +399,7 @@ def plan(cuda: bool, quick: bool) -> list[Spec]:
     big = ("emoji", "B", "L", "XL") if cuda and not quick else ("small", "emoji")
     two = ("emoji", "B") if cuda and not quick else ("small",)
     xl = ("B", "XL") if cuda and not quick else ("small",)
-    cap = 30 if quick else 60
+    cap = 120 if quick else 60  # a CPU shared with other jobs may run 10x slower than when idle
     specs = [Spec(f"greedy tokens, CUDA graphs on == off · {n}", check_graphs, n, cap,
                   "CUDA graphs need CUDA") for n in big]
     specs += [Spec(f"bfloat16 vs float32: top-1 agreement, logits error · {n}", check_bf16, n, cap)
