@@ -10,12 +10,15 @@ Columns: ms per image at batch 1 and time to the first step (median of --repeats
 larger batches, raster-vs-EAR (raster next-token decoding of the same weights, runner, batch 1 and
 16), peak memory (CUDA), CUDA-graph capture time, compute ops per layer per step (aten ops that are
 not views, as ../shared/tools/opcount.py counts them), and token agreement with the reference
-(greedy, float32: whole grids; int8: top-1 with the same context). Writes a markdown table to --out.
+(greedy, float32: whole grids; the other CPU variants of --linears, int8 and bfloat16: top-1 with
+the same context). "kernels" counts the float32 kernels the default runner's timing chose for its
+linears on this machine. Writes a markdown table to --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -32,6 +35,7 @@ from ear.engine import configure
 from ear.model import EAR, EARConfig
 from ear.order import make_schedule
 from ear.sampler import decode, generate, sample
+from tests.helpers import noisy_weights
 
 VIEWS = frozenset({"view", "_unsafe_view", "transpose", "expand", "slice", "select", "unsqueeze", "squeeze",
                    "t", "split", "split_with_sizes", "detach", "alias", "permute", "unflatten", "as_strided",
@@ -51,16 +55,13 @@ class _Ops(TorchDispatchMode):
 
 def build(name: str, device: torch.device, dtype: torch.dtype) -> tuple[EAR, float]:
     """The bundled model as shipped, or a released shape with loud random weights (std 0.02
-    everywhere, so the logits are not all equal), and its default CFG scale."""
+    everywhere, seeded, so the logits are not all equal), and its default CFG scale."""
     if name == "emoji":
         loaded = hub.load("ear-emoji")
         return loaded.model.to(device=device, dtype=dtype).eval(), loaded.presets["default"]["cfg_scale"]
     with torch.device(device):  # built where it runs: XL is 4.4 GB in float32
         model = EAR(EARConfig.official(name))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    return model.to(device=device, dtype=dtype).eval(), 1.5
+    return noisy_weights(model, 0.02).to(device=device, dtype=dtype).eval(), 1.5
 
 
 def _sync(device: torch.device) -> None:
@@ -103,18 +104,46 @@ def greedy_agreement(model: EAR, cfg: float, classes: int) -> float:
     return (generate(model, ids, greedy=True, cfg_scale=cfg) == ref).float().mean().item()
 
 
-def teacher_forced_agreement(model: EAR, cfg: float, classes: int) -> float:
-    ids = list(range(classes))
-    target = generate(model, ids, greedy=True, cfg_scale=cfg, engine="reference").flatten(1)
-    sched = model.schedule
-    b, target = sched.boundaries, target[:, list(sched.order)].to(model.output.weight.device)
+def teacher_forced(model: EAR, cfg: float, ids: list[int],
+                   reference: EAR | None = None) -> tuple[float, float, float]:
+    """Given the same context (the greedy tokens of `reference`, by default the model's own
+    reference path): `model`'s top-1 agreement with those tokens, and its largest absolute and
+    relative logits error. Free-running grids part ways after their first differing token, so
+    this is the fair comparison for int8 or bfloat16."""
+    engine = "reference" if reference is None else "runner"
+    reference = reference or model
+    target = generate(reference, ids, greedy=True, cfg_scale=cfg, engine=engine).flatten(1)
+    sched = reference.schedule
+    b, target = sched.boundaries, target[:, list(sched.order)]
 
-    def teacher(k: int, _logits: torch.Tensor) -> torch.Tensor:
-        return target[:, b[k]:b[k + 1]]
+    def teacher(k: int, logits: torch.Tensor) -> torch.Tensor:
+        return target[:, b[k]:b[k + 1]].to(logits.device)
 
-    agree = [(logits.argmax(-1) == teacher(k, logits)).flatten()
-             for k, logits, _ in decode(model, torch.tensor(ids), teacher, cfg_scale=cfg)]
-    return torch.cat(agree).float().mean().item()
+    class_ids = torch.tensor(ids)
+    agree, err, scale = [], 0.0, 0.0
+    for (k, ref, _), (_, got, _) in zip(decode(reference, class_ids, teacher, cfg_scale=cfg, engine=engine),
+                                        decode(model, class_ids, teacher, cfg_scale=cfg), strict=True):
+        ref, got = ref.float().cpu(), got.float().cpu()
+        agree.append((got.argmax(-1) == teacher(k, got)).flatten())
+        err, scale = max(err, (got - ref).abs().max().item()), max(scale, ref.abs().max().item())
+    return torch.cat(agree).float().mean().item(), err, err / max(scale, 1e-12)
+
+
+VARIANTS = ("auto", "plain", "packed", "onednn", "int8", "bf16")  # CPU runner variants
+
+
+def _variants(model: EAR, device: torch.device, dtype: torch.dtype,
+              linears: list[str]) -> list[tuple[str, EAR, str, dict]]:
+    """(label, model, linear mode, sample kwargs): the reference, the default runner and, on a
+    float32 CPU, the runner with each kernel of `linears` (bf16: a bfloat16 copy of the model)."""
+    out = [("reference", model, "auto", {"engine": "reference"}), ("runner", model, "auto", {})]
+    if device.type == "cpu" and dtype == torch.float32:
+        for linear in linears:
+            if linear == "bf16":
+                out.append(("runner bf16", copy.deepcopy(model).to(torch.bfloat16), "auto", {}))
+            elif linear != "auto":
+                out.append((f"runner {linear}", model, linear, {}))
+    return out
 
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
@@ -122,19 +151,18 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype
     change in the machine's load hits them all alike; the rest runs path by path."""
     model, cfg = build(name, device, dtype)
     repeats = args.repeats if name == "emoji" else max(1, args.repeats // 2)
-    variants = [("reference", "auto", {"engine": "reference"}), ("runner", "auto", {})]
-    if device.type == "cpu" and dtype == torch.float32 and args.int8:
-        variants.append(("runner int8", "int8", {}))
-    runners = {label: configure(model, linear=linear) for label, linear, _ in variants}
-    samples: dict[str, list[tuple[float, float]]] = {label: [] for label, _, _ in variants}
+    variants = _variants(model, device, dtype, args.linears)
+    runners = {label: configure(m, linear=linear) for label, m, linear, _ in variants}
+    samples: dict[str, list[tuple[float, float]]] = {label: [] for label, *_ in variants}
     for i in range(repeats + 1):  # round 0 warms every path up (and captures graphs)
-        for label, _, kwargs in variants:
+        for label, m, _, kwargs in variants:
             runners[label].install()
-            timing = timed(model, 1, cfg, 1, warm_up=False, **kwargs)
+            timing = timed(m, 1, cfg, 1, warm_up=False, **kwargs)
             if i:
                 samples[label].append(timing)
     rows, base = [], None
-    for label, _, kwargs in variants:
+    ids = list(range(args.agreement_classes))
+    for label, m, _linear, kwargs in variants:
         runner = runners[label].install()
         seconds = statistics.median(t for t, _ in samples[label])
         first = statistics.median(f for _, f in samples[label])
@@ -145,26 +173,36 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         for batch in args.batches:
-            total, _ = timed(model, batch, cfg, 1, **kwargs)
+            total, _ = timed(m, batch, cfg, 1, **kwargs)
             row[f"img/s b{batch}"] = batch / total
         if device.type == "cuda":
             row["peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
-        if device.type == "cpu" or args.count_ops:
-            row["ops/layer/step"] = ops_per_layer_step(model, cfg, **kwargs)
+        if label in ("reference", "runner") and (device.type == "cpu" or args.count_ops):
+            row["ops/layer/step"] = ops_per_layer_step(m, cfg, **kwargs)
         if label == "runner":
-            row["greedy agreement"] = greedy_agreement(model, cfg, args.agreement_classes)
-            raster = make_schedule("raster", model.config.grid_size)
+            row["greedy agreement"] = greedy_agreement(m, cfg, args.agreement_classes)
+            raster = make_schedule("raster", m.config.grid_size)
             for batch in args.raster_batches:
-                ear_s, _ = timed(model, batch, cfg, 1)
-                raster_s, _ = timed(model, batch, cfg, 1, schedule=raster)
+                ear_s, _ = timed(m, batch, cfg, 1)
+                raster_s, _ = timed(m, batch, cfg, 1, schedule=raster)
                 row[f"raster/EAR b{batch}"] = raster_s / ear_s
-        if label == "runner int8":
-            row["greedy agreement"] = teacher_forced_agreement(model, cfg, args.agreement_classes)
+        elif label != "reference":  # top-1 given the same context (float32 reference path)
+            row["greedy agreement"] = teacher_forced(m, cfg, ids, None if m is model else model)[0]
+        if getattr(runner, "mode", None) == "timed":
+            row["kernels"] = _kernel_summary(runner)
         rows.append(row)
         print(json.dumps(row), flush=True)
         runner.release()
     configure(model)
     return rows
+
+
+def _kernel_summary(runner) -> str:
+    """How many of the prepared linears use each kernel, e.g. "onednn 49, packed 12"."""
+    w = runner.weights
+    linears = [x for layer in w.layers for x in (layer.wqkv, layer.wo, layer.w13, layer.w2)] + [w.head]
+    modes = [x.mode for x in linears]
+    return ", ".join(f"{k} {modes.count(k)}" for k in sorted(set(modes), key=lambda k: -modes.count(k)))
 
 
 def _number(v: float) -> str:
@@ -190,13 +228,17 @@ def main() -> None:
     parser.add_argument("--batches", default=None, help="throughput batches (default: 16,128,512 on CUDA)")
     parser.add_argument("--raster-batches", default=None, help="default: 1 on CPU, 1,16 on CUDA")
     parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the CPU int8 variant")
+    parser.add_argument("--linears", default="auto,int8",
+                        help=f"CPU float32 runner variants beside the default, from {','.join(VARIANTS)}")
     parser.add_argument("--agreement-classes", type=int, default=None,
                         help="images in the agreement checks (default 8 on CUDA, 2 on a CPU)")
     parser.add_argument("--count-ops", action="store_true", help="count ops on CUDA too")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default="bench/engine_results.md")
     args = parser.parse_args()
+    args.linears = [v for v in args.linears.split(",") if v]
+    if set(args.linears) - set(VARIANTS):
+        parser.error(f"--linears takes {', '.join(VARIANTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

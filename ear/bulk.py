@@ -35,6 +35,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from tqdm import tqdm
 
 from ear.app_support import threads_per_request
+from ear.engine import kv_cache_bytes_per_row
 from ear.images import atomic_output, save_image
 from ear.model import EAR
 from ear.npz import write_npz
@@ -117,20 +118,19 @@ def parse_classes(spec: str | None, pipe: EARPipeline) -> tuple[int, ...]:
 
 def fitting_batch(model: EAR, guided: bool, device: torch.device) -> int:
     """The largest per-process batch worth running. On CUDA: free memory after loading, over
-    what one image holds at the peak (its rows' KV cache for every layer, plus the guided logits
-    of the largest step and their softmax/sort copies), with a fifth kept free for the decoder and
-    the allocator, rounded down to a power of two; on the CPU a fixed size (no faster beyond it)."""
+    what one image holds at the peak (its rows' KV cache for every layer and the float32 logits
+    of the largest step with their softmax/sort copies, plus the two logits buffers its CUDA
+    graphs write), with a fifth kept free for the decoder and the allocator, rounded down to a
+    power of two; on the CPU a fixed size (no faster beyond it)."""
     if device.type != "cuda":
         return CPU_BATCH
     cfg = model.config
     rows = 2 if guided else 1
-    elem = model.output.weight.element_size()
-    slots = cfg.grid_size ** 2 + 1
-    kv = 2 * cfg.n_layer * slots * cfg.dim * elem
-    widest = max(model.schedule.sizes)
-    logits = 4 * widest * cfg.vocab_size * 4  # float32 logits, softmax, sorted copy, scatter
+    kv = kv_cache_bytes_per_row(cfg, model.output.weight.dtype)
+    widest_logits = max(model.schedule.sizes) * cfg.vocab_size * 4
+    per_image = rows * (kv + 4 * widest_logits) + 2 * widest_logits
     free, _total = torch.cuda.mem_get_info(device)
-    fits = max(1, min(MAX_BATCH, int(0.8 * free) // (rows * (kv + logits))))
+    fits = max(1, min(MAX_BATCH, int(0.8 * free) // per_image))
     return 1 << (fits.bit_length() - 1)  # the engine pads CUDA batches up to a power of two
 
 

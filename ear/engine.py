@@ -5,7 +5,8 @@ per step:
 
 * weights prepared once per set of weights (rebuilt when they change): RMSNorm gains folded into
   the next linear where there is no adaLN, the two FFN inputs fused, the mask token appended to
-  the token table; on a CPU the float32 linears are pre-packed for MKL, or quantised to int8;
+  the token table; on a CPU each float32 linear uses the kernel (plain, MKL-packed, oneDNN) that a
+  short timing found fastest for its shape on this machine, or is quantised to int8;
 * adaLN modulation computed once per generation (the class never changes), with the norm gain
   folded into the scale;
 * per schedule step, precomputed: fed and written positions, the block-causal mask, the rotary
@@ -31,12 +32,15 @@ import torch
 import torch.nn.functional as F
 
 from ear.draw import RowSettings, cell_streams, draw, guide, vocab_codes
-from ear.model import EAR, _Layout
+from ear.model import EAR, EARConfig, _Layout
 from ear.order import Schedule
 
 Picker = Callable[[int, torch.Tensor], torch.Tensor]
-LINEAR_MODES = ("auto", "plain", "packed", "int8")
+LINEAR_MODES = ("auto", "plain", "packed", "onednn", "int8")
 MAX_IDLE_SLOTS = 4  # caches kept for reuse once their stream ended
+TIMING_ROWS = 32  # rows of a batch-1 guided step (about 2 x (8 fed + 8 queried)): what "auto" times
+TIMING_ROUNDS = 5
+KERNEL_MARGIN = 0.9  # a pre-packed kernel is chosen over plain only when at least 10 % faster
 
 
 def _has_vnni() -> bool:
@@ -52,12 +56,15 @@ _REDUCE_RANGE = not _has_vnni()
 
 
 class _Linear:
-    """y = x W^T in the fastest form this device and dtype allow."""
+    """y = x W^T in one of the forms this device and dtype allow: "plain" (F.linear), "packed"
+    (MKL's pre-packed sgemm), "onednn" (oneDNN's pre-packed float32 linear), "int8" (dynamic)."""
 
     def __init__(self, weight: torch.Tensor, mode: str) -> None:
         self.weight, self.mode = weight, mode
         if mode == "packed":
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 64)
+        elif mode == "onednn":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, TIMING_ROWS)
         elif mode == "int8":
             scales = (weight.abs().amax(1).clamp_min(1e-8) / 127).double()
             zeros = torch.zeros(weight.shape[0], dtype=torch.long)
@@ -69,21 +76,78 @@ class _Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "packed":
             return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, 64)
+        if self.mode == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         if self.mode == "int8":
             return torch.ops.quantized.linear_dynamic(x, self.packed, _REDUCE_RANGE)
         return F.linear(x, self.weight)
 
 
+def float32_kernels() -> tuple[str, ...]:
+    """The exact float32 linear kernels this torch build has on a CPU."""
+    mkl = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return ("plain", *(("packed",) if mkl else ()), *(("onednn",) if onednn else ()))
+
+
+KernelTimer = Callable[[_Linear, torch.Tensor], float]  # seconds of one call on that input
+
+
+def _time_call(linear: _Linear, x: torch.Tensor) -> float:
+    began = time.perf_counter()
+    linear(x)
+    return time.perf_counter() - began
+
+
+_CHOSEN: dict[tuple, str] = {}  # (weight shape, threads) -> kernel, for the process
+
+
+def float32_kernel(weight: torch.Tensor, timer: KernelTimer | None = None) -> str:
+    """The fastest float32 kernel for this weight's shape on this machine and thread count, timed
+    on first use and kept for the process: which one wins depends on the CPU (MKL's packed sgemm
+    is the fastest on some Intel parts and slower than plain on AMD) and on the shape. Each kernel
+    runs once untimed, then TIMING_ROUNDS interleaved rounds on TIMING_ROWS rows; the best call
+    of each counts. A pre-packed kernel must beat plain by KERNEL_MARGIN (packing holds a second
+    copy of the weight, and a few percent is within a busy machine's noise)."""
+    key = (tuple(weight.shape), torch.get_num_threads())
+    if key not in _CHOSEN:
+        timer = timer or _time_call
+        x = torch.randn(TIMING_ROWS, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        linears = {k: _Linear(weight, k) for k in float32_kernels()}
+        for linear in linears.values():
+            linear(x)
+        best = dict.fromkeys(linears, float("inf"))
+        for _ in range(TIMING_ROUNDS):
+            for kernel, linear in linears.items():
+                best[kernel] = min(best[kernel], timer(linear, x))
+        best["plain"] *= KERNEL_MARGIN
+        _CHOSEN[key] = min(linears, key=best.__getitem__)  # ties: the earlier, plain first
+    return _CHOSEN[key]
+
+
+def chosen_kernels() -> dict[tuple, str]:
+    """What `float32_kernel` chose so far in this process: (weight shape, threads) -> kernel."""
+    return dict(_CHOSEN)
+
+
 def _linear_mode(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The mode the prepared weights are built with; "timed" picks a float32 kernel per shape."""
     if requested not in LINEAR_MODES:
         raise ValueError(f"linear mode must be one of {LINEAR_MODES}, got {requested!r}")
     cpu_f32 = device.type == "cpu" and dtype == torch.float32
-    if requested in ("packed", "int8") and not cpu_f32:
+    if requested in ("packed", "onednn", "int8") and not cpu_f32:
         raise ValueError(f"{requested!r} linears need a float32 model on the CPU")
+    if requested == "packed" and "packed" not in float32_kernels():
+        raise ValueError("'packed' linears need MKL, which this torch build lacks")
+    if requested == "onednn" and "onednn" not in float32_kernels():
+        raise ValueError("'onednn' linears need oneDNN, which this torch build lacks")
     if requested == "auto":
-        packable = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
-        return "packed" if cpu_f32 and packable else "plain"
+        return "timed" if cpu_f32 else "plain"
     return requested
+
+
+def _prepared(weight: torch.Tensor, mode: str) -> _Linear:
+    return _Linear(weight, float32_kernel(weight) if mode == "timed" else mode)
 
 
 @dataclass
@@ -108,11 +172,11 @@ class _Weights:
             wqkv = a.wqkv.weight.detach() if adaln else a.wqkv.weight.detach() * g1
             w13 = torch.cat([f.w1.weight, f.w3.weight]).detach()
             self.layers.append(_LayerWeights(
-                wqkv=_Linear(wqkv.contiguous(), mode), wo=_Linear(a.wo.weight.detach(), mode),
-                w13=_Linear(w13 if adaln else w13 * g2, mode), w2=_Linear(f.w2.weight.detach(), mode),
+                wqkv=_prepared(wqkv.contiguous(), mode), wo=_prepared(a.wo.weight.detach(), mode),
+                w13=_prepared(w13 if adaln else w13 * g2, mode), w2=_prepared(f.w2.weight.detach(), mode),
                 ada=(block.ada_lin[1].weight.detach(), block.ada_lin[1].bias.detach()) if adaln else None,
                 gains=(g1, g2)))
-        self.head = _Linear((model.output.weight * model.norm.weight).detach(), mode)
+        self.head = _prepared((model.output.weight * model.norm.weight).detach(), mode)
         self.classes = model.cls_embedding.embedding_table.weight.detach()
         self.dim, self.eps = dim, model.config.norm_eps
 
@@ -160,10 +224,28 @@ class _Slot:
     streams: torch.Tensor  # (bucket, n) noise stream per row and generation-order cell
     cond: torch.Tensor  # (rows, 1, dim) class embeddings
     mods: list[torch.Tensor]  # per layer (6, rows, 1, dim): gamma1, gamma2, scale1, scale2, shift1, shift2
+    weights: _Weights  # what its steps (and graphs) read, kept even if the runner rebuilds
+    codes: torch.Tensor
     settings: RowSettings | None = None
     host: torch.Tensor | None = None  # pinned copy of `tokens` (CUDA)
-    graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = field(default_factory=dict)
+    # graphed steps: per key the graph and the plan whose tensors it reads (kept alive with it)
+    graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, _Plan]] = field(default_factory=dict)
+    # where graphs leave their logits: outside the graph pool, two so that step k's logits stay
+    # valid while step k+1 already runs (tokens arrive one step behind)
+    logits: list[torch.Tensor] = field(default_factory=list)
     mask_ids: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _cache_planes(dtype: torch.dtype) -> int:
+    """float32 keeps the rotated queries beside keys and values (one complex write does all three)."""
+    return 3 if dtype == torch.float32 else 2
+
+
+def kv_cache_bytes_per_row(config: EARConfig, dtype: torch.dtype) -> int:
+    """Bytes of decode cache one model row holds (a guided image is two rows): every layer's
+    grid² + 1 slots of keys and values, in float32 with the queries beside them. Start-up's GPU
+    budget and bulk sampling's batch size both count with this."""
+    return config.n_layer * (config.grid_size ** 2 + 1) * _cache_planes(dtype) * config.dim * dtype.itemsize
 
 
 def _bucket(batch: int, device: torch.device) -> int:
@@ -222,6 +304,7 @@ class DecodeRunner:
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a model on a CUDA device")
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._capture_stream = torch.cuda.Stream(self.device) if self.use_graphs else None
         self._free.clear()
         self._idle_order.clear()
         self._plans: dict[tuple[str, int, int], _Plan] = {}
@@ -247,12 +330,13 @@ class DecodeRunner:
         c, dev = self.model.config, self.device
         rows, n = bucket * (2 if guided else 1), schedule.num_tokens
         complex_cache = self.dtype == torch.float32
-        planes = 3 if complex_cache else 2  # float32 keeps q beside k and v: one write does all three
+        planes = _cache_planes(self.dtype)
         caches = [torch.zeros(rows, n + 1, planes, c.n_head, c.head_dim, dtype=self.dtype, device=dev)
                   for _ in range(c.n_layer)]
         complex_views = ([torch.view_as_complex(t.unflatten(-1, (-1, 2))) for t in caches]
                          if complex_cache else None)
         slot = _Slot(epoch=self._epoch, rows=rows, bucket=bucket, caches=caches, complex_caches=complex_views,
+                     weights=self.weights, codes=self.codes,
                      tokens=torch.zeros(bucket, n, dtype=torch.long, device=dev),
                      streams=torch.zeros(bucket, n, dtype=torch.long, device=dev),
                      cond=torch.zeros(rows, 1, c.dim, dtype=self.dtype, device=dev),
@@ -260,6 +344,9 @@ class DecodeRunner:
                            for _ in range(c.n_layer)] if c.adaln else [])
         if dev.type == "cuda":
             slot.host = torch.zeros(bucket, n, dtype=torch.long, pin_memory=True)
+        if self.use_graphs:
+            widest = max(schedule.sizes)
+            slot.logits = [torch.empty(bucket, widest, c.vocab_size, device=dev) for _ in range(2)]
         return slot
 
     def _acquire(self, key: tuple, schedule: Schedule, bucket: int, guided: bool) -> _Slot:
@@ -294,7 +381,7 @@ class DecodeRunner:
     def _start(self, slot: _Slot, class_ids: torch.Tensor, rows: RowSettings, prefix: torch.Tensor,
                order: torch.Tensor) -> None:
         """Write this generation's classes, modulation, settings, prefix and noise streams."""
-        w, batch = self.weights, class_ids.shape[0]
+        w, batch = slot.weights, class_ids.shape[0]
         pad = slot.bucket - batch
         ids = torch.cat([class_ids, class_ids[:1].expand(pad)]) if pad else class_ids
         if slot.rows != slot.bucket:
@@ -326,7 +413,7 @@ class DecodeRunner:
         if m not in slot.mask_ids:
             mask_id = self.model.config.vocab_size  # the row appended to the token table
             slot.mask_ids[m] = torch.full((slot.rows, m), mask_id, device=self.device)
-        x = F.embedding(torch.cat([fed, slot.mask_ids[m]], dim=1), self.weights.embed)
+        x = F.embedding(torch.cat([fed, slot.mask_ids[m]], dim=1), slot.weights.embed)
         return torch.cat([slot.cond, x], dim=1) if plan.with_class else x
 
     def _attend(self, layer: _LayerWeights, h: torch.Tensor, i: int, slot: _Slot,
@@ -352,7 +439,7 @@ class DecodeRunner:
 
     def _forward(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
         """Guided float32 logits (bucket, m, V) of this step's queries."""
-        w = self.weights
+        w = slot.weights
         x = self._inputs(slot, plan)
         shape = (w.dim,)
         for i, layer in enumerate(w.layers):
@@ -372,36 +459,45 @@ class DecodeRunner:
 
     def _step(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
         logits = self._forward(slot, plan)
-        slot.tokens[:, plan.out] = draw(logits, slot.settings, slot.streams[:, plan.out], self.codes)
+        slot.tokens[:, plan.out] = draw(logits, slot.settings, slot.streams[:, plan.out], slot.codes)
         return logits
 
+    def _graphed_step(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
+        out = slot.logits[plan.k % 2][:, : plan.num_queries]
+        out.copy_(self._step(slot, plan))
+        return out
+
     def _replay(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
+        """Step `plan` as a CUDA graph, captured on first use (see docs/cuda-graphs.md for the
+        rules this follows). Returns the logits, in the slot's own buffer for this step's parity."""
         s = slot.settings
         key = (plan.k, plan.start, s.filtered, s.greedy)
         if key not in slot.graphs:
-            started = time.perf_counter()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture (the step is idempotent)
-                self._step(slot, plan)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._step(slot, plan)
-            slot.graphs[key] = (graph, logits)
-            torch.cuda.synchronize()
-            self.capture_seconds += time.perf_counter() - started
-        graph, logits = slot.graphs[key]
-        graph.replay()
-        return logits
+            with _CAPTURE_LOCK:  # one capture at a time in a process
+                started = time.perf_counter()
+                stream = self._capture_stream
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):  # warm-up on the capture's stream (lazy handles,
+                    self._graphed_step(slot, plan)  # workspaces); the step is idempotent
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: a consumer thread's device work (a preview decode) may go on
+                with torch.cuda.graph(graph, pool=self._pool, stream=stream,
+                                      capture_error_mode="thread_local"):
+                    self._graphed_step(slot, plan)
+                slot.graphs[key] = (graph, plan)
+                torch.cuda.synchronize()
+                self.capture_seconds += time.perf_counter() - started
+        slot.graphs[key][0].replay()
+        return slot.logits[plan.k % 2][:, : plan.num_queries]
 
     def decode(self, class_ids: torch.Tensor, rows: RowSettings, *, prefix: torch.Tensor,
                schedule: Schedule | None = None, pick: Picker | None = None
                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Yield (step k, guided logits (B, m, V), tokens (B, m)) for every step after the prefix.
-        Logits stay valid until the next step. `pick(k, logits)` replaces the draw (teacher
-        forcing); otherwise tokens are drawn on the device and, on CUDA, arrive through pinned
-        memory one step behind the device."""
+        Logits stay valid until the next step is asked for; tokens are the consumer's to keep.
+        `pick(k, logits)` replaces the draw (teacher forcing); otherwise tokens are drawn on the
+        device and, on CUDA, arrive through pinned memory one step behind the device."""
         self._refresh()
         layout = self.model.layout(schedule)
         sched, batch = layout.schedule, class_ids.shape[0]
@@ -451,8 +547,8 @@ class DecodeRunner:
 
 def _arrived(k: int, logits: torch.Tensor, ready: torch.cuda.Event, plan: _Plan, slot: _Slot,
              batch: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-    ready.synchronize()
-    return k, logits[:batch], slot.host[:batch, plan.out]
+    ready.synchronize()  # a copy: the pinned buffer is written again when the slot is reused
+    return k, logits[:batch], slot.host[:batch, plan.out].clone()
 
 
 def _padded(rows: RowSettings, pad: int) -> RowSettings:
@@ -462,11 +558,12 @@ def _padded(rows: RowSettings, pad: int) -> RowSettings:
 
 _RUNNERS: weakref.WeakKeyDictionary[EAR, DecodeRunner] = weakref.WeakKeyDictionary()
 _RUNNERS_LOCK = threading.Lock()
+_CAPTURE_LOCK = threading.Lock()
 
 
 def runner_for(model: EAR) -> DecodeRunner:
     """The model's runner, made on first use (prepared weights are rebuilt if the weights change).
-    EAR_LINEAR (auto/plain/packed/int8) and EAR_CUDA_GRAPHS=0 choose its defaults."""
+    EAR_LINEAR (auto/plain/packed/onednn/int8) and EAR_CUDA_GRAPHS=0 choose its defaults."""
     with _RUNNERS_LOCK:
         runner = _RUNNERS.get(model)
         if runner is None:
@@ -475,8 +572,9 @@ def runner_for(model: EAR) -> DecodeRunner:
 
 
 def configure(model: EAR, *, linear: str = "auto", graphs: bool | None = None) -> DecodeRunner:
-    """Give the model a runner with these choices: linear "auto" (MKL-packed float32 on a CPU where
-    available), "plain", "packed" or "int8" (dynamic int8 on a CPU: faster, slightly different
+    """Give the model a runner with these choices: linear "auto" (on a CPU in float32, per weight
+    shape the fastest of the float32 kernels by a short timing on first use; elsewhere plain),
+    "plain", "packed" (MKL), "onednn" or "int8" (dynamic int8 on a CPU: faster, slightly different
     tokens); graphs None = CUDA graphs on CUDA outside ZeroGPU."""
     if linear not in LINEAR_MODES:
         raise ValueError(f"linear mode must be one of {LINEAR_MODES}, got {linear!r}")

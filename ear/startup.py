@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from ear import hub
 from ear.app_support import NUM_IMAGES, ZOOM_ROUNDS
+from ear.engine import kv_cache_bytes_per_row
 from ear.model import EAR, EARConfig
 from ear.order import SCHEDULES, make_schedule
 from ear.pipeline import ZOOM_TRANSITION, EARPipeline
@@ -132,8 +133,7 @@ def gpu_bytes_needed(size: str, images: int = int(NUM_IMAGES.hi),
     have run: bfloat16 weights, the float32 tokenizer, the pooled KV caches (keys and values,
     grid² + 1 slots per layer and row), tokenizer decode activations and a fixed reserve.
     At 8 images x 2: XL 2.2 + 0.7 + 4.8 + 1.1 + 1.6 = 10.4 GB, L 6.9 GB, B 4.6 GB."""
-    config = EARConfig.official(size)
-    row = config.n_layer * 2 * (config.grid_size ** 2 + 1) * config.dim * BF16
+    row = kv_cache_bytes_per_row(EARConfig.official(size), torch.bfloat16)
     return (_released_params(size) * BF16 + _released_params(None) * FP32
             + kv_cache_rows(images, concurrent) * row
             + concurrent * images * DECODE_BYTES_PER_IMAGE + RESERVED_BYTES)

@@ -31,11 +31,19 @@ def tiny_ear(vocab: int, grid: int = 8, num_classes: int = len(CLASS_NAMES), see
     would make every logit equal and hide position or step mix-ups)."""
     fields = {"dim": 32, "n_layer": 2, "n_head": 2, **config}
     model = EAR(EARConfig(vocab_size=vocab, num_classes=num_classes, grid_size=grid, **fields))
-    gen = torch.Generator().manual_seed(seed)
+    return noisy_weights(model, std, seed).eval()
+
+
+def noisy_weights(model: EAR, std: float, seed: int = 0) -> EAR:
+    """Every parameter drawn from N(0, std²), seeded, on the model's own device (XL is 4.4 GB in
+    float32: no CPU round trip). `EAR()` zero-initialises the head and adaLN, so its logits are all
+    0 and every comparison of two decode paths would pass trivially."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model.eval()
+            p.copy_(torch.randn(p.shape, generator=gen, device=device) * std)
+    return model
 
 
 def same_picture(a: object, b: object) -> bool:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.bench_engine import ops_per_layer_step, teacher_forced_agreement
+from bench.bench_engine import ops_per_layer_step, teacher_forced
+from ear import engine
 from ear.draw import RowSettings, draw, gumbel_noise, row_keys, vocab_codes
-from ear.engine import MAX_IDLE_SLOTS, configure, runner_for
+from ear.engine import MAX_IDLE_SLOTS, configure, float32_kernels, kv_cache_bytes_per_row, runner_for
 from ear.order import make_schedule
 from ear.sampler import generate, sample
 from tests.helpers import noisy_model, tiny_ear
@@ -153,14 +154,14 @@ def test_prepared_weights_follow_the_model() -> None:
     assert generate(half, [1], greedy=True).shape == (1, 8, 8)
 
 
-@pytest.mark.parametrize("linear", ["plain", "packed", "int8"])
+@pytest.mark.parametrize("linear", ["plain", "packed", "onednn", "int8"])
 def test_linear_modes_agree_with_float32(linear: str) -> None:
-    if linear == "packed" and not torch.backends.mkl.is_available():
-        pytest.skip("MKL is not available in this torch build")
+    if linear in ("packed", "onednn") and linear not in float32_kernels():
+        pytest.skip(f"this torch build has no {linear} linears")
     model = noisy_model(dim=128)
     configure(model, linear=linear)
     try:
-        agreement = teacher_forced_agreement(model, 1.5, classes=10)
+        agreement = teacher_forced(model, 1.5, list(range(10)))[0]
     finally:
         configure(model)
     assert agreement >= (0.8 if linear == "int8" else 1.0), agreement
@@ -191,3 +192,82 @@ def test_cuda_graphs_match_eager_and_bfloat16_tracks_float32() -> None:
     greedy = generate(model, list(range(10)), greedy=True, cfg_scale=1.5)
     half = generate(model.to(torch.bfloat16), list(range(10)), greedy=True, cfg_scale=1.5)
     assert (half == greedy).float().mean().item() >= 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_bytes_per_row_is_what_a_slot_holds(dtype: torch.dtype) -> None:
+    model = noisy_model().to(dtype)
+    runner = runner_for(model)
+    runner.release()
+    generate(model, [1, 2, 3], seed=0, cfg_scale=1.5)  # guided: 6 model rows
+    (slot,) = [s for slots in runner._free.values() for s in slots]
+    held = sum(c.numel() * c.element_size() for c in slot.caches)
+    assert slot.rows == 6 and held == slot.rows * kv_cache_bytes_per_row(model.config, dtype)
+
+
+def test_start_up_and_bulk_budget_the_kv_cache_with_the_engines_count(monkeypatch) -> None:
+    """One per-row computation: start-up's GPU budget and bulk's default batch both call it."""
+    from ear import bulk, startup
+
+    callers: list[str] = []
+
+    def counted(name: str):
+        def kv(config, dtype):
+            callers.append(name)
+            return kv_cache_bytes_per_row(config, dtype)
+        return kv
+
+    monkeypatch.setattr(startup, "kv_cache_bytes_per_row", counted("startup"))
+    monkeypatch.setattr(bulk, "kv_cache_bytes_per_row", counted("bulk"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _device=None: (2**30, 2**31))
+    startup.gpu_bytes_needed("B")
+    model = noisy_model().to(torch.bfloat16)
+    batch = bulk.fitting_batch(model, True, torch.device("cuda"))
+    assert callers == ["startup", "bulk"]
+    widest = max(model.schedule.sizes) * model.config.vocab_size * 4
+    per_image = 2 * (kv_cache_bytes_per_row(model.config, torch.bfloat16) + 4 * widest) + 2 * widest
+    fits = int(0.8 * 2**30) // per_image
+    assert batch == min(bulk.MAX_BATCH, 1 << (fits.bit_length() - 1))
+
+
+def _fake_timer(times: dict[str, float]):
+    """A timer that says each kernel takes `times[kernel]` seconds, and counts its calls."""
+    calls: list[str] = []
+
+    def timer(linear, _x) -> float:
+        calls.append(linear.mode)
+        return times[linear.mode]
+    timer.calls = calls
+    return timer
+
+
+def test_the_float32_kernel_is_chosen_by_timing_and_kept(monkeypatch) -> None:
+    monkeypatch.setattr(engine, "_CHOSEN", {})
+    monkeypatch.setattr(engine, "float32_kernels", lambda: ("plain", "packed", "onednn"))
+    weight = torch.randn(48, 32)
+    timer = _fake_timer({"plain": 3.0, "packed": 2.0, "onednn": 5.0})
+    assert engine.float32_kernel(weight, timer) == "packed"
+    assert len(timer.calls) == 3 * engine.TIMING_ROUNDS
+    again = _fake_timer({"plain": 1.0, "packed": 9.0, "onednn": 9.0})
+    assert engine.float32_kernel(weight, again) == "packed" and not again.calls  # kept for the process
+    close = _fake_timer({"plain": 1.0, "packed": 0.95, "onednn": 1.0})  # another shape: timed anew
+    assert engine.float32_kernel(torch.randn(16, 32), close) == "plain" and close.calls  # within the margin
+    assert engine.chosen_kernels() == {((48, 32), torch.get_num_threads()): "packed",
+                                       ((16, 32), torch.get_num_threads()): "plain"}
+
+
+@pytest.mark.parametrize("fastest", float32_kernels())
+def test_whichever_float32_kernel_wins_the_tokens_are_the_references(monkeypatch, fastest: str) -> None:
+    monkeypatch.setattr(engine, "_CHOSEN", {})
+    times = {k: 1.0 for k in float32_kernels()} | {fastest: 0.5}
+    monkeypatch.setattr(engine, "_time_call", _fake_timer(times))
+    model = noisy_model(dim=128)
+    runner = configure(model)
+    try:
+        fast, ref = _both(model, [1, 4, 9], greedy=True, cfg_scale=2.0)
+        sampled, sampled_ref = _both(model, [2, 3], seed=5, cfg_scale=1.5, top_k=8)
+    finally:
+        configure(model)
+    assert runner.mode == "timed" and set(engine.chosen_kernels().values()) == {fastest}
+    assert {layer.wqkv.mode for layer in runner.weights.layers} == {fastest}
+    assert torch.equal(fast, ref) and torch.equal(sampled, sampled_ref)
