@@ -141,6 +141,22 @@ def lead_steps(known: torch.Tensor | None, schedule: Schedule) -> int:
     return max(k for k, b in enumerate(schedule.boundaries) if b <= lead)
 
 
+def last_drawn_step(known: torch.Tensor | None, schedule: Schedule) -> int:
+    """The last step with a cell to draw in some row: after it every cell is known, so sampling
+    stops there (a hole near the centre needs only the first steps' forwards)."""
+    if known is None:
+        return schedule.num_steps - 1
+    drawn = (known < 0).any(dim=0)
+    return max(k for k, group in enumerate(schedule.groups) if drawn[list(group)].any())
+
+
+def state_count(known: torch.Tensor | None, schedule: Schedule) -> int:
+    """How many StepStates `sample` yields for these known cells (a checked grid or None)."""
+    last = last_drawn_step(known, schedule)
+    opening = int(known is not None)
+    return opening + last + 1 - lead_steps(known, schedule) + int(last < schedule.num_steps - 1)
+
+
 def _in_order(known: torch.Tensor, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
     """(prefix (B, P) of the lead steps, known grid (B, N) in generation order) for the engine."""
     ordered = known[:, torch.tensor(schedule.order, dtype=torch.long)]
@@ -260,6 +276,7 @@ def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_sca
         grid.copy_(given)
         shown = (given >= 0).all(dim=0)
         yield state(lead_steps(given, sched), shown.clone())
+    last = last_drawn_step(given, sched)
     try:
         for k, _logits, tokens in steps:
             cells = torch.tensor(sched.groups[k])
@@ -268,8 +285,40 @@ def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_sca
             new[cells] = ~shown[cells]
             shown[cells] = True
             yield state(k + 1, new)
+            if k == last and k < sched.num_steps - 1:  # the rest is known: no forward needed
+                new, shown = ~shown, torch.ones_like(shown)
+                yield state(sched.num_steps, new)
+                return
     finally:  # a stream stopped early hands its cache back at once
         steps.close()
+
+
+def known_log_likelihood(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, tokens: torch.Tensor,
+                         known: torch.Tensor, *, cfg_scale: float = 1.0,
+                         schedule: Schedule | None = None) -> torch.Tensor:
+    """(B,) log-probability (nats) the model gives the known cells of finished (B, g, g) `tokens`,
+    each given every cell before it in the order (one teacher-forced pass). A draw of the other
+    cells under which the known ones are likely agrees with the known cells that come *after* it
+    in the order, which the draw itself could not see: refinement keeps the likeliest draw."""
+    ids = _as_class_ids(model, class_ids)
+    sched = model.layout(schedule).schedule
+    given = _as_known(model, known, None, ids.shape[0], sched)
+    order = torch.tensor(sched.order, dtype=torch.long)
+    ordered = tokens.reshape(ids.shape[0], -1)[:, order]
+    counted = torch.zeros_like(ordered, dtype=torch.bool) if given is None else given[:, order] >= 0
+    total = torch.zeros(ids.shape[0], dtype=torch.float64)
+    bounds = sched.boundaries
+
+    def pick(k: int, logits: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        step = ordered[:, bounds[k]:bounds[k + 1]].to(logits.device)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, step[..., None])[..., 0]
+        total = total + (logp.cpu().double() * counted[:, bounds[k]:bounds[k + 1]]).sum(dim=1)
+        return step
+
+    for _ in decode(model, ids, pick, cfg_scale=cfg_scale, schedule=sched):
+        pass
+    return total
 
 
 def generate(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, **kwargs) -> torch.Tensor:

@@ -62,7 +62,16 @@ import torch
 
 from ear.model import EAR, EARConfig
 from ear.order import Schedule
-from ear.sampler import Decoded, SamplingParams, StepState, _as_class_ids, _as_known, lead_steps, sample
+from ear.sampler import (
+    Decoded,
+    SamplingParams,
+    StepState,
+    _as_class_ids,
+    _as_known,
+    lead_steps,
+    sample,
+    state_count,
+)
 
 log = logging.getLogger("ear.serving")  # also in the worker process, where this runs as __main__
 
@@ -257,8 +266,7 @@ class _Batch:
             row_ids=[i for _, i in per_row], known=known, schedule=first.schedule)
         self.offsets = list(itertools.accumulate([r.rows for r in requests], initial=0))
         self.produced = 0  # states this batch has computed
-        self.num_states = (first.schedule.num_steps - lead_steps(known, first.schedule)
-                           + int(known is not None))
+        self.num_states = state_count(known, first.schedule)
 
     def close(self) -> None:
         self._states.close()  # hands the engine's cache back at once

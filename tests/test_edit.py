@@ -3,13 +3,20 @@ exact), and the pipeline's edit and placed extension built on them."""
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from ear import hub
+from ear.images import to_tensor
 from ear.order import SCHEDULES, make_schedule
-from ear.sampler import UNKNOWN, generate, sample
+from ear.pipeline import PLACES, EARPipeline
+from ear.sampler import UNKNOWN, _as_known, generate, last_drawn_step, sample, state_count
 from ear.serving import Scheduler
-from tests.helpers import noisy_model
+from tests.helpers import CLASS_NAMES, PaletteTokenizer, noisy_model, tiny_ear
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 G = 8
@@ -47,7 +54,7 @@ def test_known_cells_keep_their_tokens_in_every_order(model, picture, schedule, 
         final = states[-1].tokens[0]
         assert torch.equal(final[mask], picture[mask]), name
         assert (final >= 0).all() and states[-1].done
-        assert torch.equal(states[0].known, mask | states[0].known) and states[0].known[mask].all()
+        assert torch.equal(states[0].known, mask)
         for state in states:  # known cells are in every state; drawn ones appear step by step
             assert torch.equal(state.tokens[0][mask], picture[mask])
 
@@ -118,3 +125,138 @@ def test_the_scheduler_serves_known_cells_as_sample_alone(model, picture) -> Non
 def test_bad_known_cells_are_one_sentence(model, kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         next(sample(model, [1], **kwargs))
+
+
+def test_sampling_stops_after_the_last_cell_to_draw(model, picture) -> None:
+    """A centre hole is drawn in the first steps: the states jump to the end from there, with
+    exactly the tokens a full run gives, and `state_count` says how many states come."""
+    mask = masks()["centre"]
+    known = known_grid(picture, mask)
+    states = list(sample(model, [1], seed=4, known=known))
+    last = last_drawn_step(_as_known(model, known, None, 1, model.schedule), model.schedule)
+    assert last < model.schedule.num_steps - 1
+    assert [s.step for s in states] == [0, *range(1, last + 2), model.schedule.num_steps]
+    assert len(states) == state_count(_as_known(model, known, None, 1, model.schedule), model.schedule)
+    assert states[-1].known.all() and torch.equal(states[-1].new, ~states[-2].known)
+    assert torch.equal(states[-1].tokens, generate(model, [1], seed=4, known=known, engine="reference"))
+
+
+# ---- the pipeline ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe(torch_single_thread) -> EARPipeline:
+    """A faithful (blocky) tokenizer: kept cells show the user's own colours."""
+    tokenizer = PaletteTokenizer(grid=G, patch=4, levels=4)
+    loaded = hub.LoadedModel(name="palette", source="test", model=tiny_ear(tokenizer.codebook_size, grid=G),
+                             tokenizer=tokenizer, class_names=list(CLASS_NAMES),
+                             presets={"default": {"cfg_scale": 2.0}}, default_preset="default")
+    return EARPipeline(loaded, torch.device("cpu"), torch.float32)
+
+
+def stripes(size: int = 32) -> Image.Image:
+    """Eight flat colour stripes: every cell of the 8x8 grid knows where it is."""
+    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255],
+                        [255, 0, 255], [255, 255, 255], [0, 0, 0]], dtype=np.uint8)
+    return Image.fromarray(np.repeat(colours, size // 8, axis=0)[:, None].repeat(size, 1))
+
+
+def test_edit_redraws_only_the_painted_cells(pipe: EARPipeline) -> None:
+    picture = stripes()
+    original = pipe.tokenizer.encode(to_tensor(picture)[None])[0]
+    paint = np.zeros((32, 32, 4), dtype=np.uint8)  # a brush layer: transparent but for one stroke
+    paint[9:18, 5:14, 3] = 255  # touches cells rows 2..4, columns 1..3
+    frames = list(pipe.edit(picture, Image.fromarray(paint, "RGBA"), "cat", seed=2, display_size=32))
+    redraw = torch.zeros(G, G, dtype=torch.bool)
+    redraw[2:5, 1:4] = True
+    first, last = frames[0].state, frames[-1].state
+    assert torch.equal(first.known, ~redraw) and last.done
+    assert torch.equal(last.tokens[0][~redraw], original[~redraw])  # token for token
+    shown = np.asarray(frames[-1].images[0]).astype(int)
+    kept = np.repeat(np.repeat(~redraw.numpy(), 4, 0), 4, 1)
+    assert np.abs(shown[kept] - np.asarray(picture).astype(int)[kept]).max() == 0  # flat: exact
+
+
+def test_a_cell_mask_and_a_light_mask_mean_the_same(pipe: EARPipeline, tmp_path) -> None:
+    cells = np.zeros((G, G), dtype=bool)
+    cells[5:, 5:] = True
+    white = Image.fromarray(np.where(np.repeat(np.repeat(cells, 4, 0), 4, 1), 255, 0).astype(np.uint8))
+    white.save(tmp_path / "mask.png")
+    by_cells = [f.state.tokens for f in pipe.edit(stripes(), cells, None, seed=5)]
+    by_file = [f.state.tokens for f in pipe.edit(stripes(), tmp_path / "mask.png", None, seed=5)]
+    assert all(torch.equal(a, b) for a, b in zip(by_cells, by_file, strict=True))
+
+
+def test_a_mask_is_cropped_like_its_picture(pipe: EARPipeline) -> None:
+    """A wide picture is centre-cropped; its mask too, so the painted cells stay under the paint."""
+    mask = np.zeros((32, 64), dtype=np.uint8)
+    mask[:, 16:24] = 255  # the left quarter of the square crop (columns 16..48)
+    cells = pipe.mask_cells(mask, (64, 32))
+    assert cells[:, :2].all() and not cells[:, 2:].any()
+
+
+@pytest.mark.parametrize(("mask", "message"), [
+    (np.zeros((32, 32), dtype=np.uint8), "paints no cell"),
+    (np.full((32, 32), 255, dtype=np.uint8), "covers the whole picture"),
+    (np.full((20, 30), 255, dtype=np.uint8), "30x20 pixels but the picture is 32x32"),
+    (b"not an image", "not an image format"),
+])
+def test_bad_masks_are_one_sentence(pipe: EARPipeline, mask, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        pipe.edit(stripes(), mask)
+
+
+def test_refinement_keeps_the_likeliest_round(pipe: EARPipeline) -> None:
+    cells = np.zeros((G, G), dtype=bool)
+    cells[3:5, 3:5] = True  # a centre hole: drawn before any known cell in the spiral
+    frames = list(pipe.edit(stripes(), cells, "dog", seed=1, refine=2))
+    rounds = [f for f in frames if f.caption.startswith("round")]
+    finals = [f.state for f in rounds if f.state.done]
+    assert len(finals) == 3 and frames[-1].caption.startswith("kept round")
+    kept = frames[-1].state.tokens
+    assert any(torch.equal(kept, s.tokens) for s in finals)
+    assert torch.equal(finals[0].tokens, list(pipe.edit(stripes(), cells, "dog", seed=1))[-1].state.tokens)
+    with pytest.raises(ValueError, match="refine must be an integer"):
+        pipe.edit(stripes(), cells, refine=99)
+
+
+@pytest.mark.parametrize("place", PLACES)
+def test_extension_places_the_picture_anywhere(pipe: EARPipeline, place: str) -> None:
+    keep = 4
+    box = pipe.place_box(place, keep)
+    frames = list(pipe.extend(stripes(), keep, "cat", place=place, seed=3))
+    assert len(frames) == pipe.frame_count(keep, place=place)
+    left, top, right, bottom = box
+    region = torch.zeros(G, G, dtype=torch.bool)
+    region[top:bottom, left:right] = True
+    assert torch.equal(frames[0].state.known, region)
+    given = pipe.encode_region(stripes(), box)
+    assert torch.equal(frames[-1].state.tokens[0][region], given[region])
+    assert (given[~region] == UNKNOWN).all()
+
+
+def test_centred_extension_is_the_old_prefix_run(pipe: EARPipeline) -> None:
+    prefix = pipe.encode_centre(stripes(), 4)
+    old = list(sample(pipe.model, [1], seed=4, cfg_scale=2.0, prefix=prefix))
+    new = [f.state for f in pipe.extend(stripes(), 4, "dog", seed=4)]
+    assert [s.step for s in old] == [s.step for s in new]
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(old, new, strict=True))
+
+
+def test_places_and_keeps_are_checked(pipe: EARPipeline) -> None:
+    assert pipe.place_box("left", 3) == (0, 0, 3, G) and pipe.place_box("bottom right", 2) == (6, 6, 8, 8)
+    with pytest.raises(ValueError, match="place must be one of"):
+        pipe.extend(stripes(), 4, place="middle")
+    with pytest.raises(ValueError, match=r"keep must be an integer in \[1, 7\]"):
+        pipe.extend(stripes(), 8, place="left")
+
+
+def test_a_picture_file_with_transparency_paints_where_opaque(tmp_path) -> None:
+    from ear.images import load_mask
+
+    layer = np.zeros((10, 12, 4), dtype=np.uint8)
+    layer[2:4, 3:6] = (200, 10, 10, 255)
+    buf = io.BytesIO()
+    Image.fromarray(layer, "RGBA").save(buf, format="PNG")
+    painted = load_mask(buf.getvalue(), (12, 10))
+    assert painted.shape == (10, 12) and (painted[2:4, 3:6] == 255).all() and painted.sum() == 6 * 255
