@@ -4,6 +4,7 @@ exact), and the pipeline's edit and placed extension built on them."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,12 +12,14 @@ import torch
 from PIL import Image
 
 from ear import hub
+from ear.__main__ import main
 from ear.images import to_tensor
 from ear.order import SCHEDULES, make_schedule
 from ear.pipeline import PLACES, EARPipeline
 from ear.sampler import UNKNOWN, _as_known, generate, last_drawn_step, sample, state_count
 from ear.serving import Scheduler
-from tests.helpers import CLASS_NAMES, PaletteTokenizer, noisy_model, tiny_ear
+from tests.helpers import CLASS_NAMES, PaletteTokenizer, noisy_model, same_picture, tiny_ear, write_tiny_model
+from tests.test_cli import _cli
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 G = 8
@@ -260,3 +263,58 @@ def test_a_picture_file_with_transparency_paints_where_opaque(tmp_path) -> None:
     Image.fromarray(layer, "RGBA").save(buf, format="PNG")
     painted = load_mask(buf.getvalue(), (12, 10))
     assert painted.shape == (10, 12) and (painted[2:4, 3:6] == 255).all() and painted.sum() == 6 * 255
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("edit-cli") / "tiny")
+
+
+def test_cli_edit_end_to_end(model_dir: Path, tmp_path: Path) -> None:
+    picture, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    stripes(40).save(picture)
+    paint = np.zeros((40, 40, 4), dtype=np.uint8)
+    paint[5:15, 20:35, 3] = 255
+    Image.fromarray(paint, "RGBA").save(mask)
+    out, anim = tmp_path / "out.png", tmp_path / "out.gif"
+    run = _cli("edit", "--model", str(model_dir), "--image", str(picture), "--mask", str(mask), "--class",
+               "dog", "--seed", "1", "--size", "32", "--out", str(out), "--animation", str(anim), "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert Image.open(out).size == (32, 32) and anim.stat().st_size > 0
+    pipe = EARPipeline.from_pretrained(str(model_dir))
+    want = list(pipe.edit(picture, mask, "dog", seed=1, display_size=32))[-1].images[0]
+    assert same_picture(Image.open(out).convert("RGB"), want)
+
+
+def test_cli_extend_places_the_picture(model_dir: Path, tmp_path: Path, capsys) -> None:
+    picture, out = tmp_path / "in.png", tmp_path / "out.png"
+    stripes(40).save(picture)
+    assert main(["extend", "--model", str(model_dir), "--image", str(picture), "--keep", "3", "--place",
+                 "left", "--seed", "2", "--size", "32", "--out", str(out), "--quiet"]) == 0
+    pipe = EARPipeline.from_pretrained(str(model_dir))
+    want = list(pipe.extend(picture, 3, place="left", seed=2, display_size=32))[-1].images[0]
+    assert same_picture(Image.open(out).convert("RGB"), want)
+
+
+def test_cli_bad_edits_exit_2_with_one_line(model_dir: Path, tmp_path: Path, capsys) -> None:
+    picture, out = tmp_path / "in.png", tmp_path / "out.png"
+    stripes(40).save(picture)
+    for name, array in (("empty", np.zeros((40, 40), np.uint8)), ("full", np.full((40, 40), 255, np.uint8)),
+                        ("small", np.full((20, 40), 255, np.uint8)),
+                        ("half", np.tile(np.array([0, 255], np.uint8).repeat(20), (40, 1)))):
+        Image.fromarray(array).save(tmp_path / f"{name}.png")
+    m = ["edit", "--model", str(model_dir), "--image", str(picture), "--out", str(out), "--quiet"]
+    for argv, phrase in [([*m, "--mask", str(tmp_path / "empty.png")], "paints no cell"),
+                         ([*m, "--mask", str(tmp_path / "full.png")], "covers the whole picture"),
+                         ([*m, "--mask", str(tmp_path / "small.png")], "picture is 40x40"),
+                         ([*m, "--mask", str(tmp_path / "missing.png")], "No image file"),
+                         ([*m, "--mask", str(tmp_path / "half.png"), "--refine", "-1"], "refine must be"),
+                         (["extend", *m[1:5], "--keep", "3", "--place", "left", "--zoom-out", "2", "--out",
+                           str(out)], "--zoom-out shrinks")]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and phrase in err and err.count("\n") == 1, (argv, err)
+    assert not out.exists()
