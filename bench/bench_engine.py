@@ -31,7 +31,7 @@ from ear import hub
 from ear.engine import configure
 from ear.model import EAR, EARConfig
 from ear.order import make_schedule
-from ear.sampler import decode, generate, sample
+from ear.sampler import UNKNOWN, decode, generate, sample
 
 VIEWS = frozenset({"view", "_unsafe_view", "transpose", "expand", "slice", "select", "unsqueeze", "squeeze",
                    "t", "split", "split_with_sizes", "detach", "alias", "permute", "unflatten", "as_strided",
@@ -123,6 +123,13 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype
     model, cfg = build(name, device, dtype)
     repeats = args.repeats if name == "emoji" else max(1, args.repeats // 2)
     variants = [("reference", "auto", {"engine": "reference"}), ("runner", "auto", {})]
+    if args.known:  # edits: an all-UNKNOWN grid (plain generation) and one known cell (the select runs)
+        g = model.config.grid_size
+        empty = torch.full((g, g), UNKNOWN)
+        one = empty.clone().flatten()
+        one[model.schedule.order[-1]] = 0
+        variants += [("runner empty mask", "auto", {"known": empty}),
+                     ("runner 1 known cell", "auto", {"known": one.view(g, g)})]
     if device.type == "cpu" and dtype == torch.float32 and args.int8:
         variants.append(("runner int8", "int8", {}))
     runners = {label: configure(model, linear=linear) for label, linear, _ in variants}
@@ -194,6 +201,8 @@ def main() -> None:
     parser.add_argument("--agreement-classes", type=int, default=None,
                         help="images in the agreement checks (default 8 on CUDA, 2 on a CPU)")
     parser.add_argument("--count-ops", action="store_true", help="count ops on CUDA too")
+    parser.add_argument("--known", action="store_true", help="also time the runner with an empty "
+                        "known mask and with one known cell (edits), interleaved with the others")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default="bench/engine_results.md")
     args = parser.parse_args()

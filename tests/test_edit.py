@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
@@ -318,3 +319,100 @@ def test_cli_bad_edits_exit_2_with_one_line(model_dir: Path, tmp_path: Path, cap
         err = capsys.readouterr().err
         assert err.startswith("error: ") and phrase in err and err.count("\n") == 1, (argv, err)
     assert not out.exists()
+
+
+def test_the_serving_process_takes_known_cells_too(model, picture) -> None:
+    from ear.serving import ProcessScheduler
+
+    scheduler = ProcessScheduler(max_rows=8)
+    try:
+        known = known_grid(picture, masks()["blob"])
+        served = list(scheduler.sample(model, [2, 3], seed=6, cfg_scale=1.5, known=known))
+        alone = list(sample(model, [2, 3], seed=6, cfg_scale=1.5, known=known))
+        assert [s.step for s in served] == [s.step for s in alone]
+        assert torch.equal(served[-1].tokens, alone[-1].tokens)
+    finally:
+        scheduler.close()
+
+
+# ---- the page ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def page(model_dir: Path):
+    """app.py loaded on its own (the page's module is shared by test_app.py), on the tiny model."""
+    import importlib.util
+    import os
+    from unittest import mock
+
+    spec = importlib.util.spec_from_file_location("app_for_edit", Path(__file__).parents[1] / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    env = {"EAR_STUDIO_MODEL": str(model_dir), "EAR_BATCHING": "0", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with mock.patch.dict(os.environ, env):
+        spec.loader.exec_module(module)
+    return module
+
+
+def run_edit(page, value, class_name="cat", refine=0, seed=3) -> list[list]:
+    return list(page.edit(value, class_name, refine, seed, 1.5, 1.0, 0, 1.0, page.MODELS.default, "gif"))
+
+
+def brush(size: int, box: tuple[int, int, int, int]) -> Image.Image:
+    """A transparent brush layer with one opaque stroke (left, top, right, bottom in pixels)."""
+    layer = np.zeros((size, size, 4), dtype=np.uint8)
+    left, top, right, bottom = box
+    layer[top:bottom, left:right] = (255, 0, 255, 255)
+    return Image.fromarray(layer, "RGBA")
+
+
+def test_the_edit_tab_regrows_the_painted_region(page) -> None:
+    picture = stripes(64)
+    updates = run_edit(page, {"background": picture, "layers": [brush(64, (10, 10, 30, 30))]})
+    _, caption, result, animation = updates[-1]
+    assert caption.endswith("· done") and result and animation
+    pipe = page.MODELS.get(None)
+    want = list(pipe.edit(picture, brush(64, (10, 10, 30, 30)), "cat", seed=3, cfg_scale=1.5,
+                          temperature=1.0, top_k=0, top_p=1.0))[-1].images[0]
+    assert same_picture(Image.open(result).convert("RGB"), want)
+
+
+def test_the_edit_endpoint_takes_files_as_an_api_client_sends_them(page, tmp_path: Path) -> None:
+    """Unprocessed (HEAVY): the editor component reads the files into pictures first."""
+    stripes(64).save(tmp_path / "pic.png")
+    brush(64, (0, 0, 20, 64)).save(tmp_path / "paint.png")
+    fields = {"meta": {"_type": "gradio.FileData"}}
+    value = {"background": {"path": str(tmp_path / "pic.png"), **fields},
+             "layers": [{"path": str(tmp_path / "paint.png"), **fields}], "composite": None, "id": None}
+    fn = next(f for f in page.demo.fns.values() if f.api_name == "edit")
+    editor = fn.inputs[0]
+    handler = page._with_editor(editor, page.edit)
+    updates = list(handler(value, "cat", 0, 3, 1.5, 1.0, 0, 1.0, page.MODELS.default, "gif"))
+    assert updates[-1][1].endswith("· done")
+
+
+@pytest.mark.parametrize(("value", "fragment"), [
+    (None, "Upload a picture first"),
+    ({"background": None, "layers": []}, "Upload a picture first"),
+    ({"background": stripes(64), "layers": []}, "paints no cell"),
+    ({"background": stripes(64), "layers": [brush(64, (0, 0, 64, 64))]}, "covers the whole picture"),
+    ({"background": stripes(64), "layers": [brush(32, (0, 0, 8, 8))]}, "32x32 pixels but the picture"),
+])
+def test_the_edit_tab_refuses_in_one_sentence(page, value, fragment) -> None:
+    updates = []
+    with pytest.raises(gr.Error):
+        for update in page.edit(value, "cat", 0, 3, 1.5, 1.0, 0, 1.0, page.MODELS.default, "gif"):
+            updates.append(update)
+    assert len(updates) == 1 and fragment in updates[0][1]
+
+
+def test_extend_tab_places_the_picture(page, tmp_path: Path) -> None:
+    stripes(64).save(tmp_path / "pic.png")
+    upload = {"path": str(tmp_path / "pic.png"), "orig_name": "pic.png", "meta": {"_type": "gradio.FileData"}}
+    args = (4, "cat", 0, 3, 1.5, 1.0, 0, 1.0, page.MODELS.default, "gif", "Any")
+    updates = list(page.extend(upload, *args, "top right"))
+    pipe = page.MODELS.get(None)
+    want = list(pipe.extend(stripes(64), 4, "cat", place="top right", seed=3, cfg_scale=1.5,
+                            temperature=1.0, top_k=0, top_p=1.0))[-1].images[0]
+    assert same_picture(Image.open(updates[-1][2]).convert("RGB"), want)
+    with pytest.raises(gr.Error):
+        list(page.extend(upload, 4, "cat", 2, *args[3:], "left"))  # zoom-out is centre-only
