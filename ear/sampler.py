@@ -282,7 +282,9 @@ def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_sca
             cells = torch.tensor(sched.groups[k])
             grid[:, cells] = tokens.cpu()
             new = torch.zeros(g * g, dtype=torch.bool)
-            new[cells] = ~shown[cells]
+            new[cells] = True
+            if given is not None:  # known cells were shown from the start
+                new &= ~shown
             shown[cells] = True
             yield state(k + 1, new)
             if k == last and k < sched.num_steps - 1:  # the rest is known: no forward needed
