@@ -416,3 +416,66 @@ def test_extend_tab_places_the_picture(page, tmp_path: Path) -> None:
     assert same_picture(Image.open(updates[-1][2]).convert("RGB"), want)
     with pytest.raises(gr.Error):
         list(page.extend(upload, 4, "cat", 2, *args[3:], "left"))  # zoom-out is centre-only
+
+
+# ---- in a real browser -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser_page():
+    """Chromium on `python app.py` (the bundled model where it is there), as tests/test_browser.py."""
+    from tests import test_browser as tb
+    from tests.app_server import running_app, server_model
+
+    tb._require_browser()
+    from playwright.sync_api import sync_playwright
+
+    tmp = Path(__import__("tempfile").mkdtemp(prefix="edit-browser-"))
+    model = server_model(tmp)
+    with running_app(model, tmp / "server.log") as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(tb.CHROMIUM), args=tb.CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        page.set_default_timeout(tb.WAIT_MS)
+        page.goto(url, wait_until="domcontentloaded")
+        page.wait_for_selector("#gen-run")
+        yield page, model
+        browser.close()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_in_chromium_the_painted_region_regrows_and_the_rest_stays(browser_page) -> None:
+    import urllib.request
+
+    from tests import test_browser as tb
+
+    page, model = browser_page
+    source = Path(__file__).parents[1] / "assets" / "examples" / "smiley.png"
+    tb.open_tab(page, "Edit")
+    page.locator("#edit-image input[type=file]").first.set_input_files(str(source))
+    canvas = page.locator("#edit-image canvas").first
+    page.wait_for_function("(sel) => document.querySelector(sel) !== null", arg="#edit-image canvas")
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.25  # the picture's top right
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for i in range(12):
+        page.mouse.move(x + i * 6, y + (i % 3) * 8, steps=3)
+    page.mouse.up()
+    tb.watch(page, "edit")
+    page.click("#edit-run")
+    tb.wait_caption(page, "#edit-caption", "done")
+    seen = page.evaluate("window.__seen")
+    assert len({src for src, _ in seen["srcs"]}) >= 2  # it regrew on the canvas, step by step
+    tb.assert_image_loaded(page, "#edit-final")
+    page.screenshot(path=tb.ARTIFACTS / "browser-edit.png", full_page=True)
+    with urllib.request.urlopen(page.locator("#edit-final img").get_attribute("src")) as reply:
+        result = np.asarray(Image.open(io.BytesIO(reply.read())).convert("RGB")).astype(int)
+    pipe = EARPipeline.from_pretrained(model)
+    picture = Image.open(source).convert("RGB")
+    tokens = pipe.encode_region(picture, (0, 0, pipe.grid, pipe.grid))
+    recon = np.asarray(pipe.renderer(result.shape[0]).final(tokens[None])[0]).astype(int)
+    half = result.shape[0] // 2
+    far = np.abs(result[half:, :half] - recon[half:, :half])  # the quadrant far from the paint
+    near = np.abs(result[:half, half:] - recon[:half, half:])
+    assert far.mean() < 3 < near.mean(), (far.mean(), near.mean())
