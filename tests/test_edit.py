@@ -131,6 +131,22 @@ def test_bad_known_cells_are_one_sentence(model, kwargs, message) -> None:
         next(sample(model, [1], **kwargs))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graphs)")
+def test_cuda_graphs_read_the_known_cells_from_the_slot(picture) -> None:
+    """Graphs captured for one mask replay with another (the slot's buffers are rewritten), and a
+    slot that had a mask serves plain generation again (graphs are keyed by it)."""
+    from ear.engine import configure
+
+    model = noisy_model().cuda()
+    configure(model, graphs=False)
+    cases = [known_grid(picture, masks()[k]) for k in ("blob", "left")] + [None]
+    eager = [generate(model, [1, 2, 3], seed=4, cfg_scale=1.5, known=k) for k in cases]
+    configure(model, graphs=True)
+    for _ in range(2):  # captured, then replayed
+        for k, want in zip(cases, eager, strict=True):
+            assert torch.equal(generate(model, [1, 2, 3], seed=4, cfg_scale=1.5, known=k), want)
+
+
 def test_sampling_stops_after_the_last_cell_to_draw(model, picture) -> None:
     """A centre hole is drawn in the first steps: the states jump to the end from there, with
     exactly the tokens a full run gives, and `state_count` says how many states come."""
