@@ -268,7 +268,10 @@ class EARPipeline:
 
     def _refined(self, ids: list[int], known: torch.Tensor, refine: int, seed: int,
                  sampling: dict[str, Any], renderer: PreviewRenderer) -> Iterator[Frame]:
-        """Round r draws the region with seed + r; the draw whose known cells are likeliest wins."""
+        """Round r draws the region with seed + r; the draw whose known cells are likeliest wins.
+        Every round keeps the style round 0 would have (styles alternate with the seed)."""
+        if sampling.get("style") is None and self.styles:
+            sampling = {**sampling, "style": seed % len(self.styles)}
         best: tuple[float, int, StepState] | None = None
         labels = self.labels(ids, sampling.get("style"), seed)
         for r in range(refine + 1):

@@ -495,3 +495,16 @@ def test_in_chromium_the_painted_region_regrows_and_the_rest_stays(browser_page)
     far = np.abs(result[half:, :half] - recon[half:, :half])  # the quadrant far from the paint
     near = np.abs(result[:half, half:] - recon[:half, half:])
     assert far.mean() < 3 < near.mean(), (far.mean(), near.mean())
+
+
+def test_refinement_rounds_keep_one_style(tmp_path: Path) -> None:
+    folder = write_tiny_model(tmp_path / "styled", styles=["Flat", "Shaded"])
+    styled = EARPipeline.from_pretrained(str(folder))
+    cells = np.zeros((G, G), dtype=bool)
+    cells[:2] = True
+    frames = list(styled.edit(stripes(), cells, "cat", seed=3, refine=1))
+    rounds = [f.state.tokens for f in frames if f.caption.startswith("round") and f.state.done]
+    style = styled.style_index(styled.styles[3 % 2])
+    for r, tokens in enumerate(rounds):  # round r is the plain edit with seed 3 + r in round 0's style
+        alone = list(styled.edit(stripes(), cells, "cat", seed=3 + r, style=style))[-1].state.tokens
+        assert torch.equal(tokens, alone)
