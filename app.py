@@ -19,6 +19,8 @@ except ImportError:
 import contextlib
 import functools
 import inspect
+import math
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ from ear.app_support import (
     Canvases,
     ModelRegistry,
     OutputFiles,
+    Playbacks,
     Range,
     check_format,
     check_keep,
@@ -58,16 +61,18 @@ from ear.app_support import (
     public_info,
     resolve_class,
     sampling_kwargs,
+    seed_note,
     stopped_caption,
     threads_per_request,
     timed,
+    upload_preview,
 )
-from ear.growth import FULL, SKETCH, GrowthAnimation, PreviewPacer
+from ear.growth import FULL, PLAYBACK_STEP_S, SKETCH, GrowthAnimation, PreviewPacer
 from ear.order import SCHEDULES
 from ear.pipeline import PLACES, EARPipeline, Frame
 from ear.preview import make_grid
 from ear.serving import ProcessScheduler, attach, from_environment, log_batches
-from ear.stops import Stops
+from ear.stops import RunStopped, Stops
 
 gpu = startup.zero_gpu(spaces)  # spaces.GPU with a duration that follows each request's work
 
@@ -90,6 +95,7 @@ MODELS = ModelRegistry([name for _, name in MODEL_CHOICES],
                        lambda name: attach(EARPipeline.from_pretrained(name), SCHEDULER),
                        preloaded={STARTED.name: attach(STARTED.pipeline, SCHEDULER)})
 FILES = OutputFiles()
+PLAYBACKS = Playbacks(FILES)
 STOPS = Stops()
 serve_in_place(FILES.root)
 DEFAULT_IMAGES = 4  # a 2 x 2 grid: enough to see what the class looks like, fast on a CPU
@@ -100,16 +106,34 @@ CONCURRENCY_LIMIT = GENERATIONS_AT_ONCE if SCHEDULER is None else SCHEDULER.max_
 # PyTorch threads per generation; the scheduler's worker leaves one core to Gradio and the drawing
 THREADS = threads_per_request(GENERATIONS_AT_ONCE, spare=0 if SCHEDULER is None else 1)
 QUEUE_SIZE = 24  # beyond this the page says the app is busy and to try again
+WATCH, FAST = "watch", "fast"  # the page's pace: replay a fast run on the canvas, or just show the result
+WATCHED_STAGES = 15  # live canvases that show a growth well enough: such a run is not replayed
+MAX_PLAYBACK_S = 12.0  # a long zoom-out plays quicker than PLAYBACK_STEP_S per frame, within this
+COMPARE_TAIL_FRAMES = 40  # Compare: frames a long order (raster) still plays after the others ended
+TOKENS_AND_AFTER = re.compile(r" · \d+ / \d+ tokens.*$")
 RANDOM_SEED_JS = f"() => Math.floor(Math.random() * {SEED.hi + 1})"
+# On a phone the canvas sits below the controls: bring it into view when a run starts.
+SHOW_CANVAS_JS = """() => { if (window.innerWidth < 768) {
+  document.querySelector('CANVAS')?.scrollIntoView({behavior: 'smooth', block: 'start'}); } }"""
 # Canvases fill their box, enlarged as crisp pixels (live canvases of big grids come at half
-# size); the results gallery is as tall as its thumbnails, not a fixed 450 px.
+# size); the results gallery is as tall as its thumbnails, not a fixed 450 px, its columns share
+# the width (a phone's too) and its label sits above the first picture, not on it.
 CSS = """
 .caption p { font-family: ui-monospace, monospace; font-size: 0.95rem; }
 .canvas .image-frame { width: 100%; height: 100%; }
 .canvas img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 #gen-final .grid-wrap { min-height: 0; height: auto; }
+#gen-final .grid-container { grid-template-columns: repeat(var(--grid-cols), minmax(0, 1fr));
+                             padding-top: 2rem; }
 #model-info td:first-child { white-space: nowrap; padding-right: 1.5em; }
 """
+
+
+# Gradio's own theme serves Source Sans Pro at weights 400 and 600, but its 600 file holds 55
+# glyphs (no "E", "R", ...): headings and buttons came out in two fonts ("EᴀR"). Its full Bold
+# file stands in for every weight above 500.
+THEME = gr.themes.Default(font=[gr.themes.LocalFont("Source Sans Pro", weights=(400, 700)),
+                                "ui-sans-serif", "system-ui", "sans-serif"])
 
 
 @contextlib.contextmanager
@@ -133,10 +157,6 @@ def _warning(err: ValueError) -> str:
     return f"⚠️ {err}"
 
 
-def _no_download() -> dict[str, Any]:
-    return gr.update(value=None, interactive=False)
-
-
 def _with_last(frames: Iterator[Frame]) -> Iterator[tuple[Frame, bool]]:
     """Each frame and whether it is the last (one frame of look-ahead)."""
     previous = next(frames, None)
@@ -156,45 +176,100 @@ def _canvas(frame: Frame, kind: str, canvases: Canvases, opening: bool) -> str:
     return canvases.show(make_grid(frame.images if kind == FULL else frame.sketch()))
 
 
-def _play(frames: Iterator[Frame], stem: str, fmt: str, first: str = FULL) -> Iterator[list[Any]]:
+def _strip_label(caption: str) -> str:
+    """A frame's counter in the playback: its caption up to the token count ("step 12 / 31",
+    "zoom 1 / 3 · zooming out 2 / 8", "stopped at step 9 / 31")."""
+    return TOKENS_AND_AFTER.sub("", caption)
+
+
+def _played(pace: Any, live: int, growth: GrowthAnimation) -> bool:
+    """Whether the canvas replays the (recorded) run: at the Watch pace, unless its `live`
+    canvases and the picture it ends on showed enough of the growth (a model slower than the
+    playback is watched live)."""
+    return pace == WATCH and live + 1 < min(growth.frame_count, WATCHED_STAGES)
+
+
+def _play(frames: Iterator[Frame], stem: str, fmt: str, pace: Any = FAST, first: str = FULL,
+          note: str = "") -> Iterator[list[Any]]:
     """Stream a run: canvases as the pacer allows (every step while that costs little; else the
-    first, one at least every 0.2 s, and the last, which comes with the finished images), then
-    the growth animation, which holds every step. The first update clears the previous run;
-    `first` says whether the first canvas is decoded (an upload) or sketched (a single cell)."""
+    first, one at least every 0.2 s), then the finished images, the growth animation and the
+    playback key; at the Watch pace, a run faster than its playback is then replayed on the
+    canvas (`Playbacks`). A Stop (`RunStopped`) ends it where it got to. The first update
+    clears the previous run; `first` says whether the first canvas is decoded (an upload) or
+    sketched (a single cell); `note` ends every caption."""
     pacer, growth, canvases = PreviewPacer(first=first), GrowthAnimation(), FILES.canvases(stem)
+    frame = None
     try:
-        for frame, last in _with_last(frames):
-            if last:
-                with FILES.delivering():
-                    growth.add(frame.state, frame.images)
-                    finals = [FILES.image(image, f"{stem}-final") for image in frame.images]
-                    canvas = finals[0] if len(finals) == 1 else canvases.show(make_grid(frame.images))
-                    yield [canvas, f"{frame.caption} · writing the animation…", finals, None]
-                animation = FILES.animation(growth, stem, fmt)
-                yield [canvas, f"{frame.caption} · done", finals, animation]  # all four: the API's result
-                return
-            growth.add(frame.state, frame.images if frame.state.done else None)
-            kind = pacer.due(sharing=frame.sharing)
-            if kind:
-                opening = not any(pacer.shown.values())
-                with pacer.showing(kind):
-                    canvas = _canvas(frame, kind, canvases, opening)
-                    # None clears the last run's gallery and animation, then leaves them so. Not
-                    # gr.skip() nor a greyed-out button: Gradio rebuilds a component for any change
-                    # of its properties, per request, while a crowd's generation runs (the button
-                    # is greyed out by `after_run` when a run ends without an animation).
-                    yield [canvas, frame.caption, None, None]
-        raise gr.Error("The model produced no frames.")
+        try:
+            for frame, last in _with_last(frames):
+                if last:
+                    break
+                pictures = frame.images if frame.state.done else None  # (a zoom-out's bridge frames)
+                growth.add(frame.state, pictures, _strip_label(frame.caption))
+                kind = pacer.due(sharing=frame.sharing)
+                if kind:
+                    opening = not any(pacer.shown.values())
+                    with pacer.showing(kind):
+                        canvas = _canvas(frame, kind, canvases, opening)
+                        # None clears the last run's gallery, animation and playback, then leaves
+                        # them so. Not gr.skip() nor a greyed-out button: Gradio rebuilds a component
+                        # for any change of its properties, per request, while a crowd's generation
+                        # runs (the download button follows its value, see `_downloadable`).
+                        yield [canvas, frame.caption + note, None, None, None]
+        except RunStopped:
+            if frame is not None:
+                yield _stopped(frame, growth, canvases, stem, fmt, pace, sum(pacer.shown.values()), note)
+            return
+        if frame is None:
+            raise gr.Error("The model produced no frames.")
+        yield from _finished(frame, growth, canvases, stem, fmt, pace, sum(pacer.shown.values()), note)
     finally:
         canvases.close()
+
+
+def _finished(frame: Frame, growth: GrowthAnimation, canvases: Canvases, stem: str, fmt: str,
+              pace: Any, live: int, note: str) -> Iterator[list[Any]]:
+    """The last step: final images (and the playback) first, then the animation file. A Stop
+    from here on changes nothing: everything the run made is on its way."""
+    with FILES.delivering():
+        growth.add(frame.state, frame.images, _strip_label(frame.caption))
+        finals = [FILES.image(image, f"{stem}-final") for image in frame.images]
+        key = PLAYBACKS.keep(stem, [growth], [_pace(growth)])
+        if _played(pace, live, growth):
+            canvas = PLAYBACKS.play(key)[0]
+        else:
+            canvas = finals[0] if len(finals) == 1 else canvases.show(make_grid(frame.images))
+        caption = frame.caption + note
+        with contextlib.suppress(RunStopped):
+            yield [canvas, f"{caption} · writing the animation…", finals, None, key]
+    animation = FILES.animation(growth, stem, fmt)
+    yield [canvas, f"{caption} · done", finals, animation, key]  # all of them: the API's result
+
+
+def _stopped(frame: Frame, growth: GrowthAnimation, canvases: Canvases, stem: str, fmt: str,
+             pace: Any, live: int, note: str) -> list[Any]:
+    """A stopped run's last update: the cells made so far decoded once (no pending tiles), the
+    growth up to there as playback and download, and where it stopped."""
+    caption = stopped_caption(frame.caption)
+    pictures = frame.decoded()
+    if not frame.state.done:  # (a zoom-out's bridge frame is a finished picture already)
+        growth.stop(pictures, _strip_label(caption))
+    key = PLAYBACKS.keep(stem, [growth], [_pace(growth)])
+    canvas = PLAYBACKS.play(key)[0] if _played(pace, live, growth) else canvases.show(make_grid(pictures))
+    return [canvas, caption + note, None, FILES.animation(growth, stem, fmt), key]
+
+
+def _pace(growth: GrowthAnimation) -> dict[str, float]:
+    """Playback options: the Watch pace, quicker for long zoom-outs (at most MAX_PLAYBACK_S)."""
+    return {"step_s": min(PLAYBACK_STEP_S, MAX_PLAYBACK_S / max(1, growth.frame_count))}
 
 
 @gpu
 def generate(class_name: str, num_images: int, seed: int, cfg_scale: float, temperature: float,
              top_k: int, top_p: float, model: str, animation_format: str,
-             style: str = ANY_STYLE) -> Iterator[list[Any]]:
+             style: str = ANY_STYLE, pace: str = FAST) -> Iterator[list[Any]]:
     """Grow `num_images` images of a class: live canvases, then the final images (a gallery) and
-    the growth as a GIF/MP4 file."""
+    the growth as a GIF/MP4 file (a blank seed: a random one, said in the caption)."""
     try:
         pipe = MODELS.get(model)
         class_id = resolve_class(pipe, class_name, required=True)
@@ -203,14 +278,15 @@ def generate(class_name: str, num_images: int, seed: int, cfg_scale: float, temp
         fmt = check_format(animation_format)
         frames = pipe.stream(batch, style=check_style(pipe, style), **kwargs)
     except ValueError as err:
-        yield from _refuse(err, [None, _warning(err), None, _no_download()])
-    yield from _play(frames, "ear-generate", fmt, first=SKETCH)
+        yield from _refuse(err, [None, _warning(err), None, None, None])
+    yield from _play(frames, "ear-generate", fmt, pace, first=SKETCH, note=seed_note(seed, kwargs["seed"]))
 
 
 @gpu
 def extend(image: Any, keep: int, class_name: str, zoom_rounds: int, seed: int, cfg_scale: float,
            temperature: float, top_k: int, top_p: float, model: str,
-           animation_format: str, style: str = ANY_STYLE, place: str = "centre") -> Iterator[list[Any]]:
+           animation_format: str, style: str = ANY_STYLE, pace: str = FAST,
+           place: str = "centre") -> Iterator[list[Any]]:
     """Grow the canvas around an uploaded picture (kept as keep x keep tokens in the centre or a
     corner, or a band keep tokens deep along a side); with zoom-out rounds > 0 (centre only),
     shrink the result into the centre and extend again, as one zoom-out."""
@@ -229,20 +305,20 @@ def extend(image: Any, keep: int, class_name: str, zoom_rounds: int, seed: int, 
         frames = (pipe.zoom_out(picture, rounds, keep, class_id, **kwargs) if rounds
                   else pipe.extend(picture, keep, class_id, place=place, **kwargs))
     except ValueError as err:
-        yield from _refuse(err, [None, _warning(err), None, _no_download()])
-    yield from _play_one(frames, "ear-extend", fmt)
+        yield from _refuse(err, [None, _warning(err), None, None, None])
+    yield from _play_one(frames, "ear-extend", fmt, pace, seed_note(seed, kwargs["seed"]))
 
 
-def _play_one(frames: Iterator[Frame], stem: str, fmt: str) -> Iterator[list[Any]]:
+def _play_one(frames: Iterator[Frame], stem: str, fmt: str, pace: Any, note: str) -> Iterator[list[Any]]:
     """`_play` for a tab whose result is one picture (Extend, Edit)."""
-    for canvas, caption, finals, download in _play(frames, stem, fmt):
-        yield [canvas, caption, finals[0] if isinstance(finals, list) else finals, download]
+    for canvas, caption, finals, download, key in _play(frames, stem, fmt, pace, note=note):
+        yield [canvas, caption, finals[0] if isinstance(finals, list) else finals, download, key]
 
 
 @gpu
 def edit(picture: Any, class_name: str, refine_rounds: int, seed: int, cfg_scale: float, temperature: float,
-         top_k: int, top_p: float, model: str, animation_format: str,
-         style: str = ANY_STYLE) -> Iterator[list[Any]]:
+         top_k: int, top_p: float, model: str, animation_format: str, style: str = ANY_STYLE,
+         pace: str = FAST) -> Iterator[list[Any]]:
     """Redraw what is painted on the picture (the image editor's value: the picture as its
     background, the paint on its layers), in the model's order; the rest stays as it is."""
     try:
@@ -254,26 +330,29 @@ def edit(picture: Any, class_name: str, refine_rounds: int, seed: int, cfg_scale
         fmt = check_format(animation_format)
         frames = pipe.edit(image, mask, class_id, refine=REFINE_ROUNDS.check(refine_rounds), **kwargs)
     except ValueError as err:
-        yield from _refuse(err, [None, _warning(err), None, _no_download()])
-    yield from _play_one(frames, "ear-edit", fmt)
+        yield from _refuse(err, [None, _warning(err), None, None, None])
+    yield from _play_one(frames, "ear-edit", fmt, pace, seed_note(seed, kwargs["seed"]))
 
 
 def extend_example(image: Any, keep: int, class_name: str) -> Iterator[list[Any]]:
-    """The cached examples: the default model and its preset, seed 0, no zoom."""
+    """The cached examples: the default model and its preset, seed 0, no zoom; cached as the
+    finished result (no playback key: a cache outlives the server's runs)."""
     pipe = MODELS.get(None)
     preset = pipe.default_settings
-    yield from extend(image, keep, class_name, 0, 0, preset.cfg_scale, preset.temperature,
-                      preset.top_k, preset.top_p, MODELS.default, "gif")
+    for update in extend(image, keep, class_name, 0, 0, preset.cfg_scale, preset.temperature,
+                         preset.top_k, preset.top_p, MODELS.default, "gif"):
+        yield update[:4]
 
 
 def check_upload(image: Any) -> list[Any]:
     """Read an upload as soon as it arrives: one that cannot be used is taken off again and the
-    reason is shown under it, instead of a broken picture until Extend is pressed."""
+    reason is shown under it, instead of a broken picture until Extend is pressed; one a browser
+    cannot show (a TIFF) is shown as a PNG; what will be used of an odd size is said."""
     try:
-        load_upload(image)
+        preview, note = upload_preview(image, FILES)
     except ValueError as err:
         return [None, _warning(err)]
-    return [gr.skip(), ""]
+    return [gr.skip() if preview is None else preview, note and f"ℹ️ {note}"]
 
 
 def _order_caption(name: str, trained: str, frame: Frame, seconds: float) -> str:
@@ -285,23 +364,27 @@ def _order_caption(name: str, trained: str, frame: Frame, seconds: float) -> str
 
 
 @gpu(schedules=SCHEDULES)
-def compare(class_name: str, seed: int, model: str) -> Iterator[list[Any]]:
+def compare(class_name: str, seed: int, model: str, pace: str = FAST) -> Iterator[list[Any]]:
     """The same class and seed generated with every order in `ear.order.SCHEDULES`, one step of
     each in turn, so every order shows its progress as it goes and the short spirals finish long
     before raster's 256 steps; canvases are paced as in Generate, every order's last step shown.
-    Each order's time counts only its own steps (previews excluded)."""
+    Each order's time counts only its own steps (previews excluded). At the Watch pace, all
+    orders are then played side by side at one pace per step (`_compare_paces`)."""
     try:
         pipe = MODELS.get(model)
         class_id = resolve_class(pipe, class_name, required=True)
         seed = SEED.check(seed)
         streams = {name: timed(pipe.stream(class_id, seed=seed, schedule=name)) for name in SCHEDULES}
     except ValueError as err:
-        yield from _refuse(err, [None, _warning(err), *[None, ""] * (len(SCHEDULES) - 1)])
+        yield from _refuse(err, [None, _warning(err), *[None, ""] * (len(SCHEDULES) - 1), None])
     trained = pipe.model.config.schedule
     pacer = PreviewPacer()
     canvases = {name: FILES.canvases(f"ear-{name}") for name in SCHEDULES}
+    growths = {name: GrowthAnimation() for name in SCHEDULES}
     spent = dict.fromkeys(SCHEDULES, 0.0)
-    waiting: dict[str, Frame] = {}  # each order's newest frame not shown yet
+    latest: dict[str, Frame] = {}  # each order's newest frame
+    finals: dict[str, str] = {}  # the finished orders' pictures, as shown
+    waiting: dict[str, Frame] = {}  # ... not shown yet
     try:
         while streams:
             for name in list(streams):
@@ -309,17 +392,57 @@ def compare(class_name: str, seed: int, model: str) -> Iterator[list[Any]]:
                 if item is None:
                     del streams[name]
                     continue
-                waiting[name], seconds = item
+                frame, seconds = item
+                latest[name] = waiting[name] = frame
                 spent[name] += seconds
+                growths[name].add(frame.state, frame.images if frame.state.done else None)
             finished = any(frame.state.done for frame in waiting.values())
             kind = FULL if finished else pacer.due()
             if waiting and kind:
                 with pacer.showing(kind):
-                    yield [value for name in SCHEDULES for value in _order_update(
-                        name, waiting.pop(name, None), canvases[name], trained, spent[name], kind)]
+                    update = [_order_update(name, waiting.pop(name, None), canvases[name], trained,
+                                            spent[name], kind) for name in SCHEDULES]
+                finals.update((name, image) for name, (image, _) in zip(SCHEDULES, update, strict=True)
+                              if latest[name].state.done and isinstance(image, str))
+                try:
+                    yield [*(value for pair in update for value in pair), None]
+                except RunStopped:
+                    for name, frame in latest.items():
+                        if not frame.state.done:
+                            growths[name].stop(frame.decoded(), _strip_label(stopped_caption(frame.caption)))
+                    break
+        yield _compare_result(latest, finals, growths, trained, spent, pace == WATCH)
     finally:
         for files in canvases.values():
             files.close()
+
+
+def _compare_result(latest: dict[str, Frame], finals: dict[str, str], growths: dict[str, GrowthAnimation],
+                    trained: str, spent: dict[str, float], played: bool) -> list[Any]:
+    """Every order's last canvas and caption (its playback at the Watch pace; a stopped order's
+    cells decoded once), and the playback key: the final update, which the API returns."""
+    key = PLAYBACKS.keep("ear-compare", list(growths.values()), _compare_paces(growths))
+    playbacks = PLAYBACKS.play(key) if played else [None] * len(growths)
+    update: list[Any] = []
+    for name, playback in zip(SCHEDULES, playbacks, strict=True):
+        frame = latest[name]
+        caption = _order_caption(name, trained, frame, spent[name])
+        if not frame.state.done:
+            caption = stopped_caption(caption)
+        if name not in finals:
+            finals[name] = FILES.image(frame.decoded()[0], f"ear-{name}-final")
+        update += [playback or finals[name], caption]
+    return [*update, key]
+
+
+def _compare_paces(growths: dict[str, GrowthAnimation]) -> list[dict[str, float]]:
+    """One pace per step for every order until the second-longest has finished (arms' 31 steps);
+    a longer order (raster's 256) then goes faster, labelled, so it ends COMPARE_TAIL_FRAMES
+    frames later."""
+    counts = [growth.frame_count for growth in growths.values()]
+    together = sorted(counts)[-2] if len(counts) > 1 else counts[0]
+    return [{"fast_after": together, "speedup": max(1, math.ceil((n - together) / COMPARE_TAIL_FRAMES))}
+            for n in counts]
 
 
 def _order_update(name: str, frame: Frame | None, canvases: Canvases, trained: str,
@@ -384,34 +507,57 @@ def _sampling_controls(pipe: EARPipeline, model: gr.Dropdown) -> tuple[list[Any]
 
 
 def _outputs(prefix: str, final: gr.components.Component) -> list[gr.components.Component]:
-    """Live canvas, step caption, finished result and the animation download of one tab."""
+    """Live canvas, step caption, finished result, the animation download and the run's playback
+    key (a State: invisible to the API) of one tab."""
     canvas = gr.Image(label="Canvas", format="png", interactive=False, elem_id=f"{prefix}-canvas",
                       elem_classes="canvas", height=420, placeholder="The latest step's cells are outlined.")
     caption = gr.Markdown(label="Caption", elem_id=f"{prefix}-caption", elem_classes="caption")
     final.render()
     download = gr.DownloadButton("Download animation", interactive=False, elem_id=f"{prefix}-download")
-    return [canvas, caption, final, download]
+    download.change(_downloadable, download, download, queue=False, show_progress="hidden",
+                    api_visibility="private")
+    return [canvas, caption, final, download, gr.State()]
+
+
+def _downloadable(animation: Any) -> dict[str, Any]:
+    """The download button can be pressed exactly when it has a file (a cached example's too)."""
+    return gr.update(interactive=bool(animation))
 
 
 def _format_picker() -> gr.Radio:
     return gr.Radio([(f.upper(), f) for f in ANIMATION_FORMATS], value="gif", label="Animation format")
 
 
-def _run_and_stop(label: str, prefix: str) -> tuple[gr.Button, gr.Button]:
+def _buttons(label: str, prefix: str) -> tuple[gr.Button, gr.Button, gr.Button]:
+    """Run, Stop (enabled only while a run goes) and Replay (once a run has a growth to play)."""
     with gr.Row():
-        return (gr.Button(label, variant="primary", elem_id=f"{prefix}-run"),
-                gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop"))
+        return (gr.Button(label, variant="primary", elem_id=f"{prefix}-run", min_width=90),
+                gr.Button("Stop", variant="secondary", interactive=False, elem_id=f"{prefix}-stop",
+                          min_width=70),
+                gr.Button("Replay", variant="secondary", interactive=False, elem_id=f"{prefix}-replay",
+                          min_width=70))
 
 
-def after_run(caption: str, animation: Any) -> list[Any]:
-    """Once a run has ended, however: a run that was stopped says where (Gradio sends nothing
-    after a cancel, and this runs after every update already sent has landed), and the download
-    button can be pressed only when there is an animation."""
-    return [stopped_caption(caption), gr.update(interactive=bool(animation))]
+def after_run(*values: Any) -> list[Any]:
+    """Once a run has ended, however (inputs: its captions, then its playback key): a run that was
+    cancelled says where it stopped (Gradio sends nothing after a cancel, and this runs after
+    every update already sent has landed), Stop greys out, Replay is there if there is a growth."""
+    *captions, key = values
+    return [*(stopped_caption(c) for c in captions), gr.update(interactive=False),
+            gr.update(interactive=bool(key))]
 
 
-def after_compare(*captions: str) -> list[str]:
-    return [stopped_caption(caption) for caption in captions]
+def running() -> list[dict[str, Any]]:
+    """As a run starts: Stop can be pressed, Replay waits for this run's growth."""
+    return [gr.update(interactive=True), gr.update(interactive=False)]
+
+
+def replay(key: Any) -> str | list[str]:
+    """The last run's growth played again on its canvases (a fresh file name each time): one
+    file for one canvas (Gradio takes a list there as the value itself), else one per canvas."""
+    with shown_to_user():
+        paths = PLAYBACKS.play(key)
+    return paths[0] if len(paths) == 1 else paths
 
 
 def _run_key(request: gr.Request | None, tab: str) -> tuple[str, str] | None:
@@ -433,20 +579,29 @@ def _stoppable(run: Callable[..., Iterator[list[Any]]], tab: str) -> Callable[..
     return served
 
 
-def _finish(event: Any, stop: gr.Button, tab: str, ended: Callable[..., list[Any]],
-            components: list[gr.components.Component]) -> None:
-    """Stop ends the tab's run at its next update, as a normal end (`ear.stops` says why), then
-    cancels what is left: a run still queued, or one busy past the wait. `ended` then updates
-    `components`."""
-    def stop_run(request: gr.Request) -> None:
-        key = _run_key(request, tab)
-        if key is not None:
-            STOPS.stop(key)
+def _wire(run: gr.Button, buttons: list[gr.Button], tab: str, handler: Callable[..., Iterator[list[Any]]],
+          inputs: list[Any], outputs: list[Any], captions: list[Any], key: gr.State,
+          canvases: list[Any], **listen: Any) -> None:
+    """A tab's run and its buttons. The run first enables Stop (Gradio's page handles one
+    trigger's listeners in turn: a second listener of the click would only run after the
+    generation) and brings the canvas into view on a phone. Stop ends the run at its next update,
+    as a normal end (`ear.stops` says why), then cancels what is left: a run still queued, or
+    one busy past the wait. When the run has ended, `after_run` tidies `captions` and the
+    buttons; Replay plays `key`'s growth on `canvases`."""
+    stop, again = buttons
+    quiet: dict[str, Any] = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
+    started = run.click(None, js=SHOW_CANVAS_JS.replace("CANVAS", f"#{canvases[0].elem_id}"), **quiet) \
+        .then(running, None, [stop, again], **quiet)
+    event = started.then(_stoppable(handler, tab), inputs, outputs, **HEAVY, **listen)
 
-    stop.click(stop_run, None, None, queue=False, show_progress="hidden", api_visibility="private") \
-        .then(None, cancels=[event], queue=False, api_visibility="private")
-    event.then(ended, components, components, queue=False, show_progress="hidden",
-               api_visibility="private")
+    def stop_run(request: gr.Request) -> None:
+        run_key = _run_key(request, tab)
+        if run_key is not None:
+            STOPS.stop(run_key)
+
+    stop.click(stop_run, None, None, **quiet).then(None, cancels=[event], **quiet)
+    event.then(after_run, [*captions, key], [*captions, stop, again], **quiet)
+    again.click(replay, key, canvases, **quiet)
 
 
 def _class_picker(pipe: EARPipeline, **kwargs: Any) -> gr.Dropdown:
@@ -465,7 +620,7 @@ def _style_picker(pipe: EARPipeline, prefix: str) -> gr.Dropdown:
                        info="whose drawings to follow; Any alternates them")
 
 
-def _generate_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Component]:
+def _generate_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list[gr.components.Component]:
     with gr.Row():
         with gr.Column(scale=1):
             klass = _class_picker(pipe)
@@ -474,19 +629,18 @@ def _generate_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.C
                               label=NUM_IMAGES.label, info="shown as a grid")
             sampling, refilled = _sampling_controls(pipe, model)
             fmt = _format_picker()
-            run, stop = _run_and_stop("Generate", "gen")
+            run, *buttons = _buttons("Generate", "gen")
         with gr.Column(scale=2):
             finals = gr.Gallery(label="Final images", columns=4, fit_columns=False, preview=False,
                                 format="png", height="auto", object_fit="contain", render=False,
                                 elem_id="gen-final")
             outputs = _outputs("gen", finals)
-    event = run.click(_stoppable(generate, "gen"), [klass, count, *sampling, model, fmt, style], outputs,
-                      api_name="generate", show_progress_on=outputs[0], **HEAVY)
-    _finish(event, stop, "gen", after_run, outputs[1::2])
+    _wire(run, buttons, "gen", generate, [klass, count, *sampling, model, fmt, style, pace], outputs,
+          [outputs[1]], outputs[4], [outputs[0]], api_name="generate", show_progress_on=outputs[0])
     return [klass, style, *refilled]
 
 
-def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Component]:
+def _extend_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list[gr.components.Component]:
     with gr.Row():
         with gr.Column(scale=1):
             image = gr.Image(label="Your picture", type="filepath", sources=["upload", "clipboard"],
@@ -508,18 +662,18 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Com
                                info="0 = extend once; n = zoom out n times")
             sampling, refilled = _sampling_controls(pipe, model)
             fmt = _format_picker()
-            run, stop = _run_and_stop("Extend", "ext")
+            run, *buttons = _buttons("Extend", "ext")
         with gr.Column(scale=2):
             outputs = _outputs("ext", gr.Image(label="Result", format="png", interactive=False,
                                                render=False, elem_id="ext-final"))
     with examples_cache(pipe):
         gr.Examples([[str(p), default_keep(pipe), UNCONDITIONAL] for p in EXAMPLES],
-                    inputs=[image, keep, klass], outputs=outputs, fn=extend_example, cache_examples=True,
-                    cache_mode="lazy", preprocess=False, label="Examples (results cached, default model)")
-    event = run.click(_stoppable(extend, "ext"),
-                      [image, keep, klass, rounds, *sampling, model, fmt, style, place],
-                      outputs, api_name="extend", show_progress_on=outputs[0], **HEAVY)
-    _finish(event, stop, "ext", after_run, outputs[1::2])
+                    inputs=[image, keep, klass], outputs=outputs[:4], fn=extend_example, cache_examples=True,
+                    cache_mode="lazy", preprocess=False, label="Examples (results cached, default model)",
+                    elem_id="ext-examples")
+    _wire(run, buttons, "ext", extend,
+          [image, keep, klass, rounds, *sampling, model, fmt, style, pace, place], outputs, [outputs[1]],
+          outputs[4], [outputs[0]], api_name="extend", show_progress_on=outputs[0])
     return [klass, style, keep, *refilled]
 
 
@@ -531,7 +685,7 @@ def _with_editor(editor: gr.ImageEditor, run: Callable[..., Iterator[list[Any]]]
     def with_pictures(value: Any, *args: Any) -> Iterator[list[Any]]:
         try:
             value = editor.preprocess(gr.components.image_editor.EditorData.model_validate(value))
-        except Exception:
+        except Exception:  # not an editor's value: `edit_upload` says what is missing
             value = None
         yield from run(value, *args)
 
@@ -548,7 +702,7 @@ def last_generated(gallery: Any) -> Any:
     return {"background": picture, "layers": [], "composite": picture}
 
 
-def _edit_tab(pipe: EARPipeline, model: gr.Dropdown,
+def _edit_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State,
               generated: gr.Gallery | None) -> list[gr.components.Component]:
     with gr.Row():
         with gr.Column(scale=1):
@@ -564,27 +718,26 @@ def _edit_tab(pipe: EARPipeline, model: gr.Dropdown,
                                info="redraw n more times, keep the draw that fits the rest best")
             sampling, _ = _sampling_controls(pipe, model)
             fmt = _format_picker()
-            run, stop = _run_and_stop("Redraw", "edit")
+            run, *buttons = _buttons("Redraw", "edit")
         with gr.Column(scale=2):
             outputs = _outputs("edit", gr.Image(label="Result", format="png", interactive=False,
                                                 render=False, elem_id="edit-final"))
     if generated is not None:
         take.click(last_generated, generated, editor, queue=False, api_visibility="private")
-    event = run.click(_stoppable(_with_editor(editor, edit), "edit"),
-                      [editor, klass, refine, *sampling, model, fmt, style], outputs, api_name="edit",
-                      show_progress_on=outputs[0], **HEAVY)
-    _finish(event, stop, "edit", after_run, outputs[1::2])
+    _wire(run, buttons, "edit", _with_editor(editor, edit),
+          [editor, klass, refine, *sampling, model, fmt, style, pace], outputs, [outputs[1]], outputs[4],
+          [outputs[0]], api_name="edit", show_progress_on=outputs[0])
     return [klass, style]
 
 
-def _compare_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Component]:
+def _compare_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list[gr.components.Component]:
     gr.Markdown("Same class, same seed, every generation order. The model only ever saw its training "
                 "order; the others show what happens off-distribution.")
     with gr.Row(equal_height=True):
         klass = _class_picker(pipe, scale=3)
         seed = gr.Number(0, label=SEED.label, precision=0, minimum=SEED.lo, maximum=SEED.hi, scale=2)
         with gr.Column(scale=2):
-            run, stop = _run_and_stop("Compare", "cmp")
+            run, *buttons = _buttons("Compare", "cmp")
     outputs: list[gr.components.Component] = []
     with gr.Row():
         for name in SCHEDULES:
@@ -593,9 +746,9 @@ def _compare_tab(pipe: EARPipeline, model: gr.Dropdown) -> list[gr.components.Co
                                         elem_id=f"cmp-{name}-canvas"))
                 outputs.append(gr.Markdown(label=f"{name} caption", elem_classes="caption",
                                            elem_id=f"cmp-{name}-caption"))
-    event = run.click(_stoppable(compare, "cmp"), [klass, seed, model], outputs, api_name="compare",
-                      show_progress_on=outputs[0::2], **HEAVY)
-    _finish(event, stop, "cmp", after_compare, outputs[1::2])
+    key = gr.State()
+    _wire(run, buttons, "cmp", compare, [klass, seed, model, pace], [*outputs, key], outputs[1::2], key,
+          outputs[0::2], api_name="compare", show_progress_on=outputs[0::2])
     return [klass]
 
 
@@ -639,6 +792,10 @@ HEAVY: dict[str, Any] = {"concurrency_id": "ear", "preprocess": False}
 MODEL_DEPENDENT = 20  # outputs of _model_updates: class and style pickers, presets, sliders, keep sizes, info
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 def _by_id(blocks: gr.Blocks, elem_id: str) -> Any:
     """A component built so far, found by its element id (tabs share components this way)."""
     return next((b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == elem_id), None)
@@ -652,17 +809,25 @@ def build_demo() -> gr.Blocks:
         gr.Markdown("# EAR Studio\nWatch an image grow from its centre outward: EAR (Expanding "
                     "Autoregressive Representation, [arXiv 2511.15499](https://arxiv.org/abs/2511.15499)) "
                     "predicts image tokens in a spiral, several per step.")
-        model = gr.Dropdown(MODEL_CHOICES, value=MODELS.default, label="Model", filterable=False,
-                            info="Hub models load only if already downloaded (or online)")
+        with gr.Row(equal_height=True):
+            model = gr.Dropdown(MODEL_CHOICES, value=MODELS.default, label="Model", filterable=False,
+                                info="Hub models load only if already downloaded (or online)", scale=3)
+            shown_pace = gr.Radio([("Watch", WATCH), ("Fast", FAST)], value=WATCH, label="Pace", scale=1,
+                                  elem_id="pace", info="Watch replays a quick run's growth on the canvas")
         loaded = gr.State(MODELS.default)
+        # The handlers read the pace from a State, which the API does not see: API clients get
+        # their results as before (FAST), the page what its radio says (copied in on load).
+        pace = gr.State(FAST)
+        for listen in (demo.load, shown_pace.change):
+            listen(_same, shown_pace, pace, queue=False, show_progress="hidden", api_visibility="private")
         with gr.Tab("Generate"):
-            dependent = _generate_tab(pipe, model)
+            dependent = _generate_tab(pipe, model, pace)
         with gr.Tab("Extend"):
-            dependent += _extend_tab(pipe, model)
+            dependent += _extend_tab(pipe, model, pace)
         with gr.Tab("Edit"):
-            edit_dependent = _edit_tab(pipe, model, _by_id(demo, "gen-final"))
+            edit_dependent = _edit_tab(pipe, model, pace, _by_id(demo, "gen-final"))
         with gr.Tab("Compare orders"):
-            dependent += _compare_tab(pipe, model)
+            dependent += _compare_tab(pipe, model, pace)
         with gr.Tab("Model info"):
             dependent += _info_tab(model)
         dependent += edit_dependent  # last in `_model_updates` too
@@ -685,7 +850,7 @@ def launch(**kwargs: Any) -> Any:
         torch.set_num_threads(THREADS)
     if isinstance(SCHEDULER, ProcessScheduler) and STARTED.pipeline.device.type == "cpu":
         SCHEDULER.start()  # its worker takes these threads, and a second to start
-    return demo.launch(css=CSS, max_file_size=MAX_UPLOAD_BYTES, **kwargs)
+    return demo.launch(css=CSS, theme=THEME, max_file_size=MAX_UPLOAD_BYTES, **kwargs)
 
 
 if __name__ == "__main__":

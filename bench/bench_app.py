@@ -28,7 +28,7 @@ def handler_times(batch: int, seed: int) -> tuple[float, float, float, int]:
     started = time.perf_counter()
     first = final = None
     canvases = 0
-    for canvas, _caption, finals, animation in app.generate(
+    for canvas, _caption, finals, animation, _playback in app.generate(
             pipe.default_class, batch, seed, p.cfg_scale, p.temperature, p.top_k, p.top_p,
             app.MODELS.default, "gif"):
         now = time.perf_counter() - started

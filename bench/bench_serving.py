@@ -213,7 +213,7 @@ def handler_times(args: argparse.Namespace) -> None:
     def final_after(num_images: int, seed: int, gate: threading.Semaphore) -> float:
         started = time.perf_counter()
         with gate:
-            for _canvas, _caption, finals, _animation in app.generate(
+            for _canvas, _caption, finals, _animation, _playback in app.generate(
                     pipe.default_class, num_images, seed, p.cfg_scale, p.temperature, p.top_k, p.top_p,
                     app.MODELS.default, "gif"):
                 if isinstance(finals, list) and finals:

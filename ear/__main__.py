@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     _add_class_flags(p, required=True)
     p.add_argument("--batch", type=int, default=1, help="number of images (saved as a grid)")
-    p.add_argument("--schedule", help="another generation order: arms, rings, raster or radial "
-                                      "(off-distribution unless the model was trained with it)")
+    p.add_argument("--schedule", help="another generation order: arms, rings, raster, radial, radar or "
+                                      "radar-square (off-distribution unless the model was trained with it)")
     _add_sampling_flags(p)
     _add_output_flags(p)
 

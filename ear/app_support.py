@@ -14,6 +14,8 @@ import logging
 import math
 import os
 import re
+import secrets
+import shutil
 import tempfile
 import threading
 import time
@@ -59,7 +61,7 @@ class Range:
     def check(self, value: Any, hi: float | None = None) -> Any:
         """The value as int (integer ranges) or float, or InputError if it is not a number in range."""
         hi = self.hi if hi is None else hi
-        if isinstance(value, bool) or value is None or (isinstance(value, str) and not value.strip()):
+        if isinstance(value, bool) or is_blank(value):
             raise InputError(f"{self.label} must be a number, got {value!r}.")
         try:
             number = float(value)
@@ -85,11 +87,26 @@ ZOOM_ROUNDS = Range("Zoom-out rounds", 0, 6, integer=True)
 REFINE_ROUNDS = Range("Refinement rounds", 0, 4, integer=True)
 
 
+def is_blank(value: Any) -> bool:
+    """No value at all: what a cleared number box sends."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def check_seed(value: Any) -> int:
+    """The seed asked for; a blank one means a random seed (`seed_note` then says which)."""
+    return secrets.randbelow(int(SEED.hi) + 1) if is_blank(value) else SEED.check(value)
+
+
+def seed_note(asked: Any, seed: int) -> str:
+    """The caption's mention of a seed the visitor did not choose, so the picture can be made again."""
+    return f" · random seed {seed}" if is_blank(asked) else ""
+
+
 def sampling_kwargs(pipeline: Any, seed: Any, cfg_scale: Any, temperature: Any, top_k: Any,
                     top_p: Any) -> dict[str, Any]:
-    """Checked keyword arguments for `EARPipeline.stream/extend/zoom_out`."""
+    """Checked keyword arguments for `EARPipeline.stream/extend/zoom_out` (a blank seed: random)."""
     return {
-        "seed": SEED.check(seed),
+        "seed": check_seed(seed),
         "cfg_scale": CFG.check(cfg_scale),
         "temperature": TEMPERATURE.check(temperature),
         "top_k": TOP_K.check(top_k, hi=pipeline.tokenizer.codebook_size),
@@ -186,11 +203,9 @@ def load_layer(layer: Any) -> Image.Image:
 
 
 def load_upload(payload: Any) -> Image.Image:
-    """The uploaded picture as RGB, or InputError saying why it cannot be used.
-
-    Gradio passes uploads as a dict (or object) with a server-side `path`; the bytes are read
-    here so that messages speak of "the uploaded image", never of server paths."""
-    path = payload.get("path") if isinstance(payload, dict) else getattr(payload, "path", payload)
+    """The uploaded picture as RGB, or InputError saying why it cannot be used. The bytes are
+    read here so that messages speak of "the uploaded image", never of server paths."""
+    path = _upload_path(payload)
     if not path:
         raise InputError("Upload an image first (PNG, JPEG, WebP, GIF, ...) or pick an example.")
     try:
@@ -201,6 +216,45 @@ def load_upload(payload: Any) -> Image.Image:
     except (OSError, TypeError):
         raise InputError("The uploaded file could not be read; please upload it again.") from None
     return load_image(data)  # ValueErrors with a sentence for the user
+
+
+BROWSER_FORMATS = {"PNG", "JPEG", "GIF", "WEBP", "BMP"}  # what every browser shows in an <img>
+SMALL_UPLOAD_PX = 32  # a picture this small is enlarged many times over
+
+
+def upload_preview(payload: Any, files: OutputFiles) -> tuple[str | None, str]:
+    """Check an upload as it arrives: a PNG to show instead (None: the upload shows as it is;
+    a TIFF or a float image would be a broken picture in the browser) and a note on what will
+    be used of it ("" when all of it). InputError when it cannot be used at all."""
+    image = load_upload(payload)
+    preview = None if _browser_shows(_upload_path(payload)) else str(
+        _fast_png(image, files.new_path("upload", "png")))
+    return preview, upload_note(image)
+
+
+def _upload_path(payload: Any) -> Any:
+    """Gradio passes uploads as a dict (or object) with a server-side `path`."""
+    return payload.get("path") if isinstance(payload, dict) else getattr(payload, "path", payload)
+
+
+def _browser_shows(path: Any) -> bool:
+    try:
+        with Image.open(path) as original:
+            return original.format in BROWSER_FORMATS
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def upload_note(image: Image.Image) -> str:
+    """What Extend will make of a picture's size: the centred square, enlarged if tiny."""
+    w, h = image.size
+    notes = []
+    if max(w, h) > 2 * min(w, h):
+        notes.append(f"Only the centred {min(w, h)} x {min(w, h)} px square of this {w} x {h} px picture "
+                     f"is kept.")
+    if min(w, h) < SMALL_UPLOAD_PX:
+        notes.append(f"At {w} x {h} px it is enlarged a lot, so it will look blocky.")
+    return " ".join(notes)
 
 
 def model_choices(extra: str | None = None) -> list[tuple[str, str]]:
@@ -359,6 +413,77 @@ class OutputFiles:
                 pass
 
 
+@dataclass
+class _Held:
+    """One run's growth: what is needed to write its playbacks, and the files written so far."""
+
+    stem: str
+    growths: list[GrowthAnimation]
+    options: list[dict[str, Any]]
+    kept_at: float
+    written: list[Path] | None = None
+
+
+class Playbacks:
+    """The latest runs' growth, kept a while so the page can play it on the canvas, and again.
+
+    A run is kept in memory as `GrowthAnimation`s (cell masks and the finished pictures: tens of
+    kilobytes), so a run nobody watches costs no file. `play` writes its play-once GIFs the first
+    time and, each time after, links them under a fresh name: a browser shows a GIF it has
+    already played at its last frame, so only a new URL starts it again. The latest `capacity`
+    runs are kept, each for `ttl_s` seconds."""
+
+    def __init__(self, files: OutputFiles, capacity: int = 256, ttl_s: float = 900.0) -> None:
+        self.files, self.capacity, self.ttl_s = files, capacity, ttl_s
+        self._held: OrderedDict[str, _Held] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def keep(self, stem: str, growths: Sequence[GrowthAnimation],
+             options: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """Hold a run's growths (one per canvas; `options` are `GrowthAnimation.playback`'s
+        arguments for each) and return the key that plays them."""
+        options = [dict(o) for o in options] if options is not None else [{} for _ in growths]
+        if len(options) != len(growths):
+            raise ValueError(f"{len(growths)} growths but {len(options)} sets of options")
+        key = uuid.uuid4().hex
+        with self._lock:
+            self._held[key] = _Held(stem, list(growths), options, time.monotonic())
+            self._expire()
+        return key
+
+    def play(self, key: Any) -> list[str]:
+        """The run's playback files, one per growth, under names no browser has shown yet."""
+        with self._lock:
+            self._expire()
+            held = self._held.get(key) if isinstance(key, str) else None
+        if held is None:
+            raise InputError("There is no recent run to replay here: run it again to watch it grow.")
+        if held.written is None:
+            held.written = [growth.playback(self.files.new_path(f"{held.stem}-playback", "gif"), **options)
+                            for growth, options in zip(held.growths, held.options, strict=True)]
+            return [str(path) for path in held.written]
+        return [str(_linked(path, self.files.new_path(f"{held.stem}-replay", "gif")))
+                for path in held.written]
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - self.ttl_s
+        while self._held and (len(self._held) > self.capacity
+                              or next(iter(self._held.values())).kept_at < cutoff):
+            self._held.popitem(last=False)
+
+
+def _linked(source: Path, target: Path) -> Path:
+    """`source` under the name `target`: a hard link where the file system allows (no bytes
+    written again), else a copy; a source pruned meanwhile is said in one sentence."""
+    try:
+        os.link(source, target)
+    except FileNotFoundError:
+        raise InputError("That run's playback has been cleared from the server: run it again.") from None
+    except OSError:
+        shutil.copyfile(source, target)
+    return target
+
+
 class Canvases:
     """One request's live canvases: fast PNGs, large grids shrunk (`preview_factor`).
 
@@ -420,8 +545,9 @@ STEP_CAPTION = re.compile(r"step (\d+ / \d+ · \d+ / \d+ tokens).*$")
 def stopped_caption(caption: str) -> str:
     """The caption a run left behind, as it reads once the run has ended: one that was still
     going ("step 10 / 31 · 120 / 256 tokens · 0.41 s", in Compare after the order's name) says
-    "stopped at step 10 / 31 · 120 / 256 tokens"; finished ones, messages and blanks stay."""
-    if not caption or caption.endswith("· done") or caption.startswith("⚠"):
+    "stopped at step 10 / 31 · 120 / 256 tokens"; finished ones, messages, blanks and those that
+    say so already stay."""
+    if not caption or caption.endswith("· done") or caption.startswith("⚠") or "stopped" in caption:
         return caption
     if "writing the animation" in caption:
         return caption.replace("writing the animation…", "stopped before the animation was written")

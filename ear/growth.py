@@ -44,7 +44,7 @@ DECODE_STEPS = 3  # until measured, a decode is taken to cost this many sampling
 FULL, SKETCH = "full", "sketch"  # a decoded canvas, or one drawn without a tokenizer call
 GAP = 4  # pixels between the images of a batch, as in make_grid
 CANVAS = np.asarray(CANVAS_RGB, np.uint8)
-PLAYBACK_STEP_S = 0.07  # the page's playback: 31 steps in about 2.2 s, a pace a person can follow
+PLAYBACK_STEP_S = 0.08  # the page's playback: 31 steps in 2.5 s, a pace a person can follow
 PLAYBACK_HOLD_S = 1.0  # the last frame's own time (it stays on screen afterwards anyway)
 STRIP_RGB, TEXT_RGB = (17, 19, 24), (236, 238, 242)  # the playback's step counter under the pictures
 # GIF palette: the finished pictures' colours, then one slot meaning "as in the previous frame"

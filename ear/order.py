@@ -15,7 +15,9 @@ from itertools import pairwise
 
 MIN_GRID, MAX_GRID = 2, 64
 SPIRAL_SCHEDULES = ("arms", "rings")
-SCHEDULES = ("arms", "rings", "raster", "radial")
+SCHEDULES = ("arms", "rings", "raster", "radial")  # the orders Compare shows side by side
+RADAR_SCHEDULES = ("radar", "radar-square")  # RadAR's rings around the centre token (two metrics)
+ORDERS = (*SCHEDULES, *RADAR_SCHEDULES)  # every order a model may be trained on
 
 
 def _check_grid(n: int) -> None:
@@ -156,14 +158,39 @@ def radial(n: int) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(bands[b]) for b in sorted(bands))
 
 
+def _centre_rings(n: int, ring: Callable[[int, int], int]) -> tuple[tuple[int, ...], ...]:
+    """Cells grouped by `ring(d_row, d_col)` around the spiral's centre token ((n-1)//2 in both
+    axes, where EAR starts), rings in increasing order, each clockwise from the right."""
+    mid = (n - 1) // 2
+    rings_: dict[int, list[tuple[float, int]]] = {}
+    for c in range(n * n):
+        dr, dc = c // n - mid, c % n - mid
+        rings_.setdefault(ring(dr, dc), []).append((math.atan2(dr, dc) % (2 * math.pi), c))
+    return tuple(tuple(c for _, c in sorted(rings_[k])) for k in sorted(rings_))
+
+
+def radar(n: int) -> tuple[tuple[int, ...], ...]:
+    """RadAR's rings (arXiv 2512.24639), one per step, read as the ceiling of the Euclidean
+    distance from the centre token: 13 steps on 16x16 (1, 4, 8, 16, 20, 32, 32, 36, 46, 36, 20,
+    4, 1). The paper does not say its metric; `radar_square` is the other reading."""
+    return _centre_rings(n, lambda dr, dc: math.ceil(math.hypot(dr, dc) - 1e-9))
+
+
+def radar_square(n: int) -> tuple[tuple[int, ...], ...]:
+    """RadAR's rings as Chebyshev squares around the centre token: 9 steps on 16x16 (1, 8, 16,
+    ..., 56, and the last row and column's 31)."""
+    return _centre_rings(n, lambda dr, dc: max(abs(dr), abs(dc)))
+
+
 _BUILDERS: dict[str, Callable[[int], tuple[tuple[int, ...], ...]]] = {
     "arms": arms, "rings": rings, "raster": raster, "radial": radial,
+    "radar": radar, "radar-square": radar_square,
 }
 
 
 @cache
 def make_schedule(name: str, grid: int) -> Schedule:
     if name not in _BUILDERS:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {name!r}")
+        raise ValueError(f"schedule must be one of {', '.join(ORDERS)}; got {name!r}")
     _check_grid(grid)
     return Schedule(name=name, grid=grid, groups=_BUILDERS[name](grid))

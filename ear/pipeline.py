@@ -64,6 +64,13 @@ class Frame:
         `ear.serving`): what a live view's share of the server's time is divided by."""
         return max(1, self.state.requests_in_flight) if isinstance(self.state, ServedState) else 1
 
+    def decoded(self) -> list[Image.Image]:
+        """The step with every known cell decoded, whatever the decode budget: what a stopped run
+        shows (once) instead of the pending tiles of its latest sketch."""
+        if self._renderer is None or self.state.done:
+            return self.images
+        return self._renderer.render(self.state, decode=True)
+
     def sketch(self) -> list[Image.Image]:
         """The step drawn without a tokenizer call: the pixels last decoded in this stream, the
         cells known since then as "pending" tiles (the images themselves once drawn, and the
@@ -448,8 +455,9 @@ class EARPipeline:
         for state in states:
             caption = (f"step {state.step} / {state.num_steps} · {state.num_known} / {cells} tokens · "
                        f"{state.elapsed:.2f} s")
-            if isinstance(state, ServedState):  # a shared batch: say how busy the server is
-                caption += f" · {state.rows_in_flight} row{'s' * (state.rows_in_flight != 1)} in flight"
+            others = state.requests_in_flight - 1 if isinstance(state, ServedState) else 0
+            if others > 0:  # a batch shared with other visitors: why it may take longer
+                caption += f" · shared with {others} other visitor{'s' * (others != 1)}"
             yield Frame(state, None, caption, renderer)
 
 

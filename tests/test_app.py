@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import io
+import itertools
 import os
 import re
 import sys
@@ -44,6 +45,8 @@ from ear.app_support import (
 from ear.growth import GrowthAnimation, PreviewPacer
 from ear.order import SCHEDULES, make_schedule
 from ear.pipeline import EARPipeline
+from ear.preview import PENDING_RGB
+from ear.stops import RunStopped
 from tests.helpers import CLASS_NAMES, same_picture, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,18 +86,24 @@ def states_of_a_run(app: types.ModuleType) -> list:
 
 
 def generate(app: types.ModuleType, class_name: Any = "cat", num_images: Any = 1, model: Any = None,
-             fmt: Any = "gif", style: Any = "Any", **sampling: Any) -> list[tuple]:
+             fmt: Any = "gif", style: Any = "Any", pace: str = "fast", **sampling: Any) -> list[tuple]:
+    return list(generating(app, class_name, num_images, model, fmt, style, pace, **sampling))
+
+
+def generating(app: types.ModuleType, class_name: Any = "cat", num_images: Any = 1, model: Any = None,
+               fmt: Any = "gif", style: Any = "Any", pace: str = "fast", **sampling: Any) -> Iterator[list]:
     args = {**SAMPLING, **sampling}
-    return list(app.generate(class_name, num_images, args["seed"], args["cfg_scale"], args["temperature"],
-                             args["top_k"], args["top_p"], model or app.MODELS.default, fmt, style))
+    return app.generate(class_name, num_images, args["seed"], args["cfg_scale"], args["temperature"],
+                        args["top_k"], args["top_p"], model or app.MODELS.default, fmt, style, pace)
 
 
 def extend(app: types.ModuleType, image: Any, keep: Any = 4, class_name: Any = UNCONDITIONAL,
-           rounds: Any = 0, model: Any = None, fmt: Any = "gif", **sampling: Any) -> list[tuple]:
+           rounds: Any = 0, model: Any = None, fmt: Any = "gif", pace: str = "fast",
+           **sampling: Any) -> list[tuple]:
     args = {**SAMPLING, **sampling}
     return list(app.extend(image, keep, class_name, rounds, args["seed"], args["cfg_scale"],
                            args["temperature"], args["top_k"], args["top_p"],
-                           model or app.MODELS.default, fmt))
+                           model or app.MODELS.default, fmt, "Any", pace))
 
 
 def upload(path: Path) -> dict[str, Any]:
@@ -153,13 +162,16 @@ def files(app: types.ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
 def test_visitors_at_once_share_the_scheduler_and_keep_their_own_pictures(
         app: types.ModuleType, files: OutputFiles) -> None:
-    """Handlers served by the batching scheduler (the default): captions say how many rows were in
-    flight, and each visitor's pictures are those of its own seed alone."""
+    """Handlers served by the batching scheduler (the default): captions say when a run shared its
+    batch with other visitors (and no serving jargon), and each visitor's pictures are those of
+    its own seed alone."""
     assert app.SCHEDULER is not None and app.SCHEDULER.max_rows == app.CONCURRENCY_LIMIT
     with ThreadPoolExecutor(3) as pool:
         runs = list(pool.map(lambda seed: generate(app, num_images=2, seed=seed), [11, 12, 11]))
     for outs in runs:
-        assert re.search(r"· \d+ rows? in flight · done$", outs[-1][1]), outs[-1][1]
+        caption = outs[-1][1]
+        assert re.search(r"· \d+\.\d\d s( · shared with \d other visitors?)? · done$", caption), caption
+        assert "in flight" not in caption
     alone = [pixels(path) for path in generate(app, num_images=2, seed=11)[-2][2]]
     for outs, same in zip(runs, (True, False, True), strict=True):
         finals = [pixels(path) for path in outs[-2][2]]
@@ -173,14 +185,18 @@ def test_generate_streams_every_step_then_images_and_gif(app: types.ModuleType, 
     captions = [o[1] for o in outs]
     assert captions[0].startswith(f"step 1 / {steps} · ")
     assert f"step {steps} / {steps}" in captions[-1] and captions[-1].endswith("done")
-    assert outs[0][2] is None and outs[0][3] is None  # the first update clears the last run
-    # later updates leave both as the first left them: None (cheaper for Gradio than gr.skip())
-    assert all(o[2] is None and o[3] is None for o in outs[1:-2])
+    assert outs[0][2:] == [None, None, None]  # the first update clears the last run
+    # later updates leave them as the first left them: None (cheaper for Gradio than gr.skip())
+    assert all(o[2:] == [None, None, None] for o in outs[1:-2])
     assert "writing the animation" in captions[-2] and outs[-2][3] is None  # results before the GIF
     finals, animation = outs[-2][2], outs[-1][3]
     assert outs[-1][:3] == [outs[-2][0], captions[-1], finals]  # the last update is the whole result
-    ready = {"__type__": "update", "interactive": True}
-    assert app.after_run(captions[-1], animation) == [captions[-1], ready]
+    key = outs[-1][4]
+    assert outs[-2][4] == key and isinstance(key, str)  # the playback key (a State: not in the API)
+    on, off = ({"__type__": "update", "interactive": state} for state in (True, False))
+    assert app.after_run(captions[-1], key) == [captions[-1], off, on]  # Stop greys out, Replay is there
+    assert app.after_run(captions[-1], None) == [captions[-1], off, off]
+    assert app._downloadable(animation) == on and app._downloadable(None) == off
     assert len(finals) == 4 and all(pixels(path).shape == (256, 256, 3) for path in finals)
     with Image.open(finals[0]) as image:
         assert image.format == "PNG"  # finished pictures stay lossless
@@ -255,7 +271,14 @@ def test_compare_streams_every_order_side_by_side(app: types.ModuleType, every_s
     outs = list(app.compare("fish", 5, app.MODELS.default))
     pipe = app.MODELS.get(None)
     steps = {s: make_schedule(s, pipe.grid).num_steps for s in SCHEDULES}
-    assert len(outs) == max(steps.values()) and all(len(o) == 2 * len(SCHEDULES) for o in outs)
+    # a canvas per step of the longest order, then the result (every order's picture and caption)
+    assert len(outs) == max(steps.values()) + 1 and all(len(o) == 2 * len(SCHEDULES) + 1 for o in outs)
+    assert all(o[-1] is None for o in outs[:-1]) and isinstance(outs[-1][-1], str)
+    result = outs[-1]
+    for i, name in enumerate(SCHEDULES):
+        shown = next(o[2 * i] for o in outs if caption_of(o, name).endswith("done"))
+        assert result[2 * i] == shown and result[2 * i + 1].endswith("done")  # at Fast: no playback
+    outs = outs[:-1]
     trained = pipe.model.config.schedule
     captions = {name: [o[2 * i + 1] for o in outs if not is_skip(o[2 * i + 1])]
                 for i, name in enumerate(SCHEDULES)}
@@ -273,9 +296,134 @@ def test_compare_streams_every_order_side_by_side(app: types.ModuleType, every_s
 def test_compare_paced_still_shows_every_result(app: types.ModuleType,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(app, "PreviewPacer", functools.partial(PreviewPacer, share=0.0, max_gap=60.0))
-    outs = list(app.compare("fish", 5, app.MODELS.default))
+    outs = list(app.compare("fish", 5, app.MODELS.default))[:-1]  # (the last: the result)
     finished = [o for o in outs for name in SCHEDULES if caption_of(o, name).endswith("done")]
     assert len(finished) == len(SCHEDULES) and len(outs) < 10
+
+
+# ---- playback at a human pace -------------------------------------------------------------------
+
+@pytest.fixture
+def few_canvases(app: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pacer of a model faster than the eye: only the first canvas is shown live."""
+    monkeypatch.setattr(app, "PreviewPacer", functools.partial(PreviewPacer, share=0.0, max_gap=60.0))
+
+
+def gif_timing(path: str) -> tuple[int, list[int], bool]:
+    """Frames, per-frame durations (ms) and whether the GIF loops."""
+    with Image.open(path) as gif:
+        durations = []
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            durations.append(gif.info["duration"])
+        return gif.n_frames, durations, "loop" in gif.info
+
+
+def test_watch_pace_replays_a_fast_run_once_on_the_canvas(app: types.ModuleType, steps: int,
+                                                           few_canvases: None, files: OutputFiles) -> None:
+    outs = generate(app, num_images=4, pace="watch")
+    canvas, caption, finals, animation, key = outs[-1]
+    assert caption.endswith("done") and len(finals) == 4 and Path(animation).suffix == ".gif"
+    assert outs[-2][0] == canvas  # the playback starts with the final images, before the animation file
+    frames, durations, loops = gif_timing(canvas)
+    assert frames == steps and not loops  # the whole growth, played once, its last frame kept
+    assert durations[:-1] == [round(1000 * app.PLAYBACK_STEP_S)] * (steps - 1) and durations[-1] > 1000
+    with Image.open(canvas) as gif:
+        assert gif.size[1] > gif.size[0]  # a step counter under the 2 x 2 grid
+    again = app.replay(key)
+    assert again != canvas and Path(again).read_bytes() == Path(canvas).read_bytes()  # a new URL
+    fast = generate(app, num_images=4, pace="fast")[-1]
+    assert fast[0].endswith(".png") and fast[0] != fast[2][0]  # the grid, no playback
+    assert gif_timing(app.replay(fast[4]))[0] == steps  # Replay works at the Fast pace too
+
+
+def test_a_run_watched_live_is_not_replayed(app: types.ModuleType, every_step: None) -> None:
+    outs = generate(app, num_images=1, pace="watch")
+    assert outs[-1][0] == outs[-1][2][0]  # every step was on screen: the canvas keeps the picture
+
+
+def test_a_zoom_out_plays_back_as_one_continuous_growth(app: types.ModuleType, few_canvases: None) -> None:
+    outs = extend(app, upload(REPO / "assets" / "examples" / "smiley.png"), keep=4, rounds=3, pace="watch")
+    canvas, caption, _final, animation, _key = outs[-1]
+    assert caption.startswith("zoom 3 / 3") and caption.endswith("done")
+    frames, durations, loops = gif_timing(canvas)
+    assert frames == gif_timing(animation)[0] and not loops  # every round and bridge, once
+    assert sum(durations[:-1]) <= 1000 * app.MAX_PLAYBACK_S
+
+
+def test_replay_without_a_run_is_one_sentence(app: types.ModuleType) -> None:
+    for key in (None, "no-such-run", 3):
+        assert_user_error(lambda key=key: app.replay(key), "no recent run to replay")
+
+
+@pytest.mark.parametrize("pace", ["fast", "watch"])
+def test_a_stopped_run_shows_and_plays_what_it_got_to(app: types.ModuleType, steps: int, pace: str,
+                                                       every_step: None, monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    monkeypatch.setattr(app, "_played", lambda pace, live, growth: pace == "watch")  # (the rule: above)
+    run = generating(app, num_images=2, pace=pace)
+    for _ in range(3):
+        next(run)
+    canvas, caption, finals, animation, key = run.throw(RunStopped())  # what ear.stops does
+    with pytest.raises(StopIteration):
+        next(run)
+    assert re.fullmatch(rf"stopped at step 3 / {steps} · \d+ / \d+ tokens", caption), caption
+    assert finals is None and stopped_caption(caption) == caption
+    assert gif_timing(animation)[0] == 3  # downloadable: the growth up to the stop
+    assert gif_timing(app.replay(key))[0] == 3
+    if pace == "fast":  # the cells made so far, decoded at the stop: no grey pending tiles
+        picture = pixels(canvas)
+        pending = [np.all(picture == rgb, axis=-1) for rgb in PENDING_RGB]
+        assert picture.shape[1] > 256 and not any(p.any() for p in pending)
+    else:
+        assert gif_timing(canvas)[0] == 3
+
+
+def test_a_stop_once_the_pictures_are_there_still_gives_the_animation(app: types.ModuleType) -> None:
+    run = generating(app, num_images=1)
+    updates = list(itertools.takewhile(lambda u: "writing the animation" not in u[1], run))
+    last = run.throw(RunStopped())
+    assert updates and last[1].endswith("done") and Path(last[3]).is_file()
+
+
+def test_compare_at_the_watch_pace_plays_every_order_side_by_side(app: types.ModuleType,
+                                                                   few_canvases: None) -> None:
+    outs = list(app.compare("fish", 5, app.MODELS.default, "watch"))
+    pipe = app.MODELS.get(None)
+    steps = {s: make_schedule(s, pipe.grid).num_steps for s in SCHEDULES}
+    result = outs[-1]
+    together = sorted(steps.values())[-2]
+    for i, name in enumerate(SCHEDULES):
+        frames, durations, loops = gif_timing(result[2 * i])
+        assert not loops and result[2 * i + 1].endswith("done")
+        assert durations[0] == round(1000 * app.PLAYBACK_STEP_S)
+        if steps[name] <= together:
+            assert frames == steps[name]  # one step per frame, the same pace for all
+        else:  # the long one keeps pace until the others are done, then goes faster, labelled
+            assert together < frames <= together + app.COMPARE_TAIL_FRAMES + 1
+        assert sum(durations) < 10_000
+    assert len(app.replay(result[-1])) == len(SCHEDULES)
+
+
+def test_a_stopped_compare_plays_what_each_order_got_to(app: types.ModuleType, every_step: None) -> None:
+    run = app.compare("fish", 5, app.MODELS.default, "watch")
+    for _ in range(4):
+        next(run)
+    result = run.throw(RunStopped())
+    for i, name in enumerate(SCHEDULES):
+        steps = make_schedule(name, app.MODELS.get(None).grid).num_steps
+        frames = gif_timing(result[2 * i])[0]
+        assert frames == min(4, steps), name
+        assert ("stopped at step 4" in result[2 * i + 1]) == (steps > 4)
+
+
+def test_a_blank_seed_means_a_random_one_said_in_the_caption(app: types.ModuleType) -> None:
+    runs = [generate(app, seed=blank)[-1] for blank in (None, "", " ")]
+    seeds = [int(re.search(r"· random seed (\d+) · done$", run[1]).group(1)) for run in runs]
+    assert len(set(seeds)) > 1  # (a 1 in 2^31 chance of two alike)
+    again = generate(app, seed=seeds[0])[-1]
+    assert "random seed" not in again[1]
+    assert np.array_equal(pixels(again[2][0]), pixels(runs[0][2][0]))  # the seed said makes it again
 
 
 def test_model_info_panel(app: types.ModuleType, tiny: str) -> None:
@@ -414,9 +562,8 @@ def test_a_refusal_after_a_run_clears_it_and_is_said_once(app: types.ModuleType)
     with pytest.raises(gr.Error) as info:
         updates.extend(app.generate("cat", 1, 0, 1.5, 1.0, 0, 7.0, app.MODELS.default, "gif"))
     assert len(updates) == 1
-    canvas, caption, finals, download = updates[0]
-    assert canvas is None and finals is None and download == {"__type__": "update", "value": None,
-                                                               "interactive": False}  # the last run goes
+    canvas, caption, finals, download, key = updates[0]
+    assert canvas is finals is download is key is None  # the last run goes (download and Replay grey out)
     assert caption == f"⚠️ {info.value.message}" and "Top-p must be between" in caption
     assert info.value.visible is False  # API clients get the error; the page shows no second copy
 
@@ -439,6 +586,19 @@ def test_unreadable_upload_is_refused_as_it_arrives(app: types.ModuleType, tmp_p
     assert image is None and "not an image format" in note and str(tmp_path) not in note
     image, note = app.check_upload(upload(REPO / "assets" / "examples" / "heart.png"))
     assert is_skip(image) and note == ""
+
+
+def test_uploads_a_browser_cannot_show_or_of_odd_sizes_are_explained(app: types.ModuleType,
+                                                                      tmp_path: Path) -> None:
+    ramp = np.linspace(0.0, 1.0, 64 * 64, dtype=np.float32).reshape(64, 64)
+    tiff = saved(tmp_path, Image.fromarray(ramp, "F"), "scan.tif")
+    image, note = app.check_upload(tiff)
+    assert isinstance(image, str) and Image.open(image).format == "PNG" and note == ""  # shown as a PNG
+    image, note = app.check_upload(saved(tmp_path, Image.new("RGB", (1, 1), "red"), "dot.png"))
+    assert is_skip(image) and "1 x 1 px" in note and "blocky" in note
+    image, note = app.check_upload(saved(tmp_path, Image.new("RGB", (5000, 40), "blue"), "strip.png"))
+    assert is_skip(image) and "centred 40 x 40 px square of this 5000 x 40 px picture" in note
+    assert note.startswith("ℹ️") and "\n" not in note
 
 
 @pytest.mark.parametrize(("field", "value", "fragment"), [

@@ -9,6 +9,9 @@ Screenshots and the downloaded animation land in artifacts/ (gitignored).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import os
 import re
@@ -20,7 +23,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from ear.order import SCHEDULES
+from ear.growth import PLAYBACK_STEP_S
+from ear.order import SCHEDULES, make_schedule
 from ear.pipeline import EARPipeline
 from tests.app_server import REPO, running_app, server_model
 
@@ -132,6 +136,8 @@ def test_page_opens_on_the_models_best_with_nothing_to_download_yet(page: Any,
         assert page.get_by_label("Style").first.input_value() == "Any"
     download = page.locator("#gen-download")
     assert download.is_disabled()  # item 5: nothing to download before a run
+    assert page.locator("#gen-stop").is_disabled() and page.locator("#gen-replay").is_disabled()
+    assert page.get_by_label("Watch").is_checked()  # the pace a visitor can follow
     page.screenshot(path=ARTIFACTS / "browser-open.png", full_page=True)
 
 
@@ -174,25 +180,96 @@ def test_generate_streams_its_growth_and_downloads_every_step(page: Any, steps: 
          "animation_ready_ms": round(captions[-1][1]), "canvases_seen": len(srcs)}, indent=1))
 
 
+def stages(page: Any, selector: str, seconds: float) -> tuple[int, float, float]:
+    """Element screenshots back to back for `seconds`: how many distinct stages were on screen
+    (a screenshot shrunk to 48 x 48 grey, hashed), the mean time between screenshots and when
+    (seconds from the start) the last new stage was seen."""
+    seen, shots, start, last_new = set(), 0, time.perf_counter(), 0.0
+    while time.perf_counter() - start < seconds:
+        png = page.locator(selector).screenshot()
+        stage = hashlib.sha1(Image.open(io.BytesIO(png)).convert("L").resize((48, 48)).tobytes()).digest()
+        if stage not in seen:
+            seen.add(stage)
+            last_new = time.perf_counter() - start
+        shots += 1
+    return len(seen), (time.perf_counter() - start) / shots, last_new
+
+
+def assert_watched(distinct: int, interval: float, steps: int) -> None:
+    """At least 15 stages of a 31-step growth, when screenshots come about every 100 ms as here;
+    on a machine too busy for that, at least every other screenshot a new stage."""
+    playback = steps * PLAYBACK_STEP_S
+    enough = min(15, steps) if interval <= 0.13 else min(15, steps, int(0.5 * playback / interval))
+    assert distinct >= enough, (distinct, interval)
+
+
+def gif_of(page: Any, selector: str) -> Image.Image:
+    """The animated image an <img> under `selector` shows, fetched as the page fetched it."""
+    src = page.locator(f"{selector} img").first.get_attribute("src")
+    assert src and src.split("?")[0].endswith(".gif"), src
+    return Image.open(io.BytesIO(page.request.get(src).body()))
+
+
+def played_ms(gif: Image.Image) -> int:
+    total = 0
+    for i in range(gif.n_frames):
+        gif.seek(i)
+        total += gif.info["duration"]
+    return total
+
+
+@pytest.mark.parametrize("images", [1, 4])
+def test_generate_is_seen_growing_at_a_human_pace(page: Any, steps: int, images: int) -> None:
+    open_tab(page, "Generate")
+    set_images(page, images)
+    page.click("#gen-run")
+    distinct, interval, ended = stages(page, "#gen-canvas", 5.0)
+    assert_watched(distinct, interval, steps)
+    assert ended < 4 + 2 * interval  # from the first cell to the finished picture within 4 s of the click
+    wait_caption(page, "#gen-caption", "done")
+    gif = gif_of(page, "#gen-canvas")
+    assert gif.n_frames == steps and "loop" not in gif.info  # played once, the last frame held
+    assert page.locator("#gen-final img").count() == images and page.locator("#gen-download").is_enabled()
+    page.locator("#gen-canvas").screenshot(path=ARTIFACTS / f"browser-playback-{images}.png")
+    (ARTIFACTS / f"browser-playback-{images}.json").write_text(json.dumps(
+        {"distinct_stages": distinct, "screenshot_interval_s": round(interval, 3),
+         "last_stage_s": round(ended, 2)}))
+    if images == 4:  # Replay plays it again, from a fresh URL
+        before = page.locator("#gen-canvas img").get_attribute("src")
+        page.click("#gen-replay")
+        page.wait_for_function("([sel, src]) => document.querySelector(sel + ' img').src !== src",
+                               arg=["#gen-canvas", before])
+        distinct, interval, _ = stages(page, "#gen-canvas", 2.8)
+        assert_watched(distinct, interval, steps)
+
+
 def test_stop_says_where_the_run_stopped(page: Any, steps: int) -> None:
     open_tab(page, "Generate")
     set_images(page, 8)
-    running = ("() => { const text = document.querySelector('#gen-caption').innerText;"
-               " return /^step \\d+ \\//.test(text) && !text.includes('done'); }")
-    for _attempt in range(3):  # a fast machine may finish before Stop lands: try again
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    # (captions this run showed: the page still shows the last run's until the first update)
+    ended = "window.__seen.captions.some(([text]) => /stopped|done/.test(text))"
+    stoppable = ("window.__seen.captions.length > 0 && !document.querySelector('#gen-stop').disabled"
+                 " && /^step \\d+ \\//.test(window.__seen.captions.at(-1)[0])")
+    for _attempt in range(5):  # a fast machine may finish before Stop lands: try again
+        watch(page, "gen")
         page.click("#gen-run")
-        page.wait_for_function(running, polling=10)
-        page.click("#gen-stop")
-        page.wait_for_function("() => /stopped|done/.test(document.querySelector('#gen-caption').innerText)",
-                               polling=50, timeout=20_000)
+        page.wait_for_function(f"() => ({stoppable}) || ({ended})", polling=10)
+        with contextlib.suppress(PlaywrightTimeout):  # (the run ended first: Stop greyed out again)
+            page.click("#gen-stop", timeout=2_000)
+        page.wait_for_function(f"() => {ended}", polling=50, timeout=20_000)
+        page.wait_for_function("() => document.querySelector('#gen-stop').disabled")  # the run has ended
         caption = page.inner_text("#gen-caption")
         if "done" not in caption:
             break
-    assert (re.match(rf"stopped at step \d+ / {steps} · \d+ / \d+ tokens$", caption)
-            or caption.endswith("stopped before the animation was written")), caption
+    assert re.match(rf"stopped at step \d+ / {steps} · \d+ / \d+ tokens$", caption), \
+        (caption, page.evaluate("window.__seen.captions"))
     time.sleep(1.0)
     assert page.inner_text("#gen-caption") == caption  # nothing streams after a Stop
-    assert page.locator("#gen-download").is_disabled()  # item 5: a stopped run has no animation
+    # what it got to: decoded on the canvas (played back when it went by too fast), downloadable
+    assert_image_loaded(page, "#gen-canvas")
+    assert page.locator("#gen-download").is_enabled() and page.locator("#gen-stop").is_disabled()
     assert "Error" not in page.inner_text("#gen-canvas")
     page.screenshot(path=ARTIFACTS / "browser-generate-stopped.png", full_page=True)
     set_images(page, 4)
@@ -221,6 +298,8 @@ def test_extend_grows_a_border_and_a_later_error_clears_it(page: Any, steps: int
     assert f"step {steps} / {steps}" in seen["captions"][-1][0]
     for selector in ("#ext-canvas", "#ext-final"):
         assert_image_loaded(page, selector)
+    gif = gif_of(page, "#ext-canvas")  # the border's growth, played back once
+    assert 2 < gif.n_frames < steps and "loop" not in gif.info
     page.screenshot(path=ARTIFACTS / "browser-extend.png", full_page=True)
     # Item 2: an error after that success replaces it, said once, in the caption.
     page.locator("#ext-image button[aria-label='Remove Image']").first.click()
@@ -232,9 +311,14 @@ def test_extend_grows_a_border_and_a_later_error_clears_it(page: Any, steps: int
     assert "Error" not in page.inner_text("#ext-caption") + page.inner_text("#ext-final")
     assert page.locator("#ext-download").is_disabled()
     page.screenshot(path=ARTIFACTS / "browser-error-after-success.png", full_page=True)
+    # A cached example's result can be downloaded like any other.
+    page.locator("#ext-examples tbody tr").first.click()
+    page.wait_for_function("() => document.querySelector('#ext-caption').innerText.includes('done')")
+    page.wait_for_function("() => !document.querySelector('#ext-download').disabled")
 
 
-def test_compare_shows_every_order_as_it_goes_and_stop_frees_the_worker(page: Any, steps: int) -> None:
+def test_compare_shows_every_order_as_it_goes_and_stop_frees_the_worker(page: Any, steps: int,
+                                                                        server: tuple[str, str]) -> None:
     open_tab(page, "Compare orders")
     raster = "#cmp-raster-caption"
     page.click("#cmp-run")
@@ -255,6 +339,16 @@ def test_compare_shows_every_order_as_it_goes_and_stop_frees_the_worker(page: An
             assert done[name] <= done["raster"], done
         assert progress[name] >= 2, progress
     assert "off-distribution" in page.inner_text(raster)
+    # Then every order plays side by side at one pace per step; raster's long tail goes faster.
+    page.wait_for_function("() => document.querySelector('#cmp-stop').disabled")  # the run has ended
+    grid = EARPipeline.from_pretrained(server[1]).grid
+    orders = {name: make_schedule(name, grid).num_steps for name in SCHEDULES}
+    together = sorted(orders.values())[-2]
+    for name, count in orders.items():
+        gif = gif_of(page, f"#cmp-{name}-canvas")
+        assert "loop" not in gif.info and played_ms(gif) < 10_000, name
+        assert gif.n_frames == count if count <= together else together < gif.n_frames < count
+    time.sleep(1.0)
     page.screenshot(path=ARTIFACTS / "browser-compare.png", full_page=True)
 
 

@@ -384,7 +384,7 @@ def brush(size: int, box: tuple[int, int, int, int]) -> Image.Image:
 def test_the_edit_tab_regrows_the_painted_region(page) -> None:
     picture = stripes(64)
     updates = run_edit(page, {"background": picture, "layers": [brush(64, (10, 10, 30, 30))]})
-    _, caption, result, animation = updates[-1]
+    _, caption, result, animation, _ = updates[-1]
     assert caption.endswith("· done") and result and animation
     pipe = page.MODELS.get(None)
     want = list(pipe.edit(picture, brush(64, (10, 10, 30, 30)), "cat", seed=3, cfg_scale=1.5,
@@ -425,13 +425,13 @@ def test_extend_tab_places_the_picture(page, tmp_path: Path) -> None:
     stripes(64).save(tmp_path / "pic.png")
     upload = {"path": str(tmp_path / "pic.png"), "orig_name": "pic.png", "meta": {"_type": "gradio.FileData"}}
     args = (4, "cat", 0, 3, 1.5, 1.0, 0, 1.0, page.MODELS.default, "gif", "Any")
-    updates = list(page.extend(upload, *args, "top right"))
+    updates = list(page.extend(upload, *args, page.FAST, "top right"))
     pipe = page.MODELS.get(None)
     want = list(pipe.extend(stripes(64), 4, "cat", place="top right", seed=3, cfg_scale=1.5,
                             temperature=1.0, top_k=0, top_p=1.0))[-1].images[0]
     assert same_picture(Image.open(updates[-1][2]).convert("RGB"), want)
     with pytest.raises(gr.Error):
-        list(page.extend(upload, 4, "cat", 2, *args[3:], "left"))  # zoom-out is centre-only
+        list(page.extend(upload, 4, "cat", 2, *args[3:], page.FAST, "left"))  # zoom-out is centre-only
 
 
 # ---- in a real browser -------------------------------------------------------------------------

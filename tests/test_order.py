@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ear.order import SCHEDULES, SPIRAL_SCHEDULES, make_schedule, spiral_order
+from ear.order import ORDERS, RADAR_SCHEDULES, SPIRAL_SCHEDULES, make_schedule, spiral_order
 
 
 def _neighbours(cell: int, n: int) -> set[int]:
@@ -15,7 +15,7 @@ def _neighbours(cell: int, n: int) -> set[int]:
 
 @pytest.mark.parametrize("n", range(2, 65))
 def test_every_schedule_is_a_permutation(n):
-    for name in SCHEDULES:
+    for name in ORDERS:
         schedule = make_schedule(name, n)
         assert sorted(schedule.order) == list(range(n * n))
         assert schedule.boundaries[-1] == n * n
@@ -24,7 +24,7 @@ def test_every_schedule_is_a_permutation(n):
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 15, 16, 31, 32, 64])
 def test_spiral_schedules_start_centred_and_grow_from_known_cells(n):
     centre = {(n - 1) // 2, n // 2}
-    for name in SPIRAL_SCHEDULES:
+    for name in (*SPIRAL_SCHEDULES, *RADAR_SCHEDULES):
         schedule = make_schedule(name, n)
         first = schedule.order[0]
         assert first // n in centre and first % n in centre
@@ -68,10 +68,22 @@ def test_radial_groups_by_distance():
     assert schedule.num_steps < 16
 
 
+def test_radar_rings_around_the_centre_token():
+    """RadAR's 13 steps (ceil-Euclidean) and 9 (Chebyshev) on 16x16, centred where EAR starts."""
+    radar, square = make_schedule("radar", 16), make_schedule("radar-square", 16)
+    assert radar.sizes == (1, 4, 8, 16, 20, 32, 32, 36, 46, 36, 20, 4, 1)
+    assert square.sizes == (1, 8, 16, 24, 32, 40, 48, 56, 31)
+    assert radar.order[0] == square.order[0] == make_schedule("arms", 16).order[0] == 7 * 16 + 7
+    for k, ring in enumerate(square.groups):  # a Chebyshev ring is the border of a square
+        assert {max(abs(c // 16 - 7), abs(c % 16 - 7)) for c in ring} == {k}
+    assert set(square.square_steps()) == {1, 3, 5, 7, 9, 11, 13, 15, 16}  # Extend keeps odd squares
+    assert radar.groups[1] == (7 * 16 + 8, 8 * 16 + 7, 7 * 16 + 6, 6 * 16 + 7)  # clockwise from the right
+
+
 def test_bad_arguments_name_the_allowed_range():
     with pytest.raises(ValueError, match=r"\[2, 64\]"):
         spiral_order(1)
-    with pytest.raises(ValueError, match="arms, rings, raster, radial"):
+    with pytest.raises(ValueError, match="arms, rings, raster, radial, radar, radar-square"):
         make_schedule("zigzag", 16)
     with pytest.raises(ValueError, match="step boundary"):
         make_schedule("arms", 16).steps_for_prefix(3)

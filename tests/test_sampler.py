@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from ear.draw import RowSettings, filter_rows
-from ear.order import SCHEDULES, make_schedule
+from ear.order import ORDERS, make_schedule
 from ear.sampler import UNKNOWN, decode, generate, sample
 from tests.helpers import noisy_model
 
 
 @pytest.mark.parametrize("adaln", [True, False])
 @pytest.mark.parametrize("rope", ["sequence", "true2d"])
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("name", ORDERS)
 def test_cached_decode_matches_training_forward(name, rope, adaln):
     model = noisy_model(rope=rope, adaln=adaln, grid_size=6)
     schedule = make_schedule(name, 6)

@@ -247,10 +247,24 @@ def test_a_pipeline_served_by_a_scheduler_streams_the_same_pictures(tmp_path, ma
     assert [f.state.step for f in served] == [f.state.step for f in direct]
     assert torch.equal(served[-1].state.tokens, direct[-1].state.tokens)
     assert served[-1].caption == f"{direct[-1].caption.rsplit(' · ', 1)[0]} · " \
-        f"{served[-1].state.elapsed:.2f} s · 2 rows in flight"
+        f"{served[-1].state.elapsed:.2f} s"  # alone: nothing said about sharing
     assert direct[0].sharing == 1 and served[0].sharing == 1  # one request (of two rows) alone
     extended = list(pipe.extend(served[-1].images[0], keep=4, class_id="cat", seed=1))
     assert extended[-1].state.done and extended[0].state.step > 1  # the prefix, then the rest
+
+
+@pytest.mark.parametrize(("requests", "said"), [(1, ""), (2, " · shared with 1 other visitor"),
+                                                (4, " · shared with 3 other visitors")])
+def test_captions_say_in_words_when_others_share_the_batch(tmp_path, requests, said):
+    pipe = EARPipeline.from_pretrained(str(write_tiny_model(tmp_path / "model")))
+    g = pipe.grid
+    known = torch.zeros(g, g, dtype=torch.bool)
+    known[0, :3] = True
+    state = ServedState(2, 9, torch.zeros(1, g, g, dtype=torch.long), known, known, 0.5,
+                        batch_rows=6, rows_in_flight=6, requests_in_flight=requests)
+    frame = next(pipe._frames(iter([state]), pipe.renderer()))
+    assert frame.caption == f"step 2 / 9 · 3 / {g * g} tokens · 0.50 s{said}"
+    assert frame.sharing == requests
 
 
 def test_a_finished_batch_is_decoded_once_for_all_its_requests(tmp_path, make_scheduler, monkeypatch):

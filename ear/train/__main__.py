@@ -13,6 +13,8 @@ import argparse
 import shlex
 from pathlib import Path
 
+from ear.order import ORDERS
+
 
 def add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="emoji",
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     ear.add_argument("--n-layer", type=int, default=4)
     ear.add_argument("--n-head", type=int, default=4)
     ear.add_argument("--multiple-of", type=int, default=64, help="SwiGLU hidden width rounding")
-    ear.add_argument("--schedule", default="arms")
+    ear.add_argument("--schedule", default="arms", choices=ORDERS, help="the generation order trained")
     ear.add_argument("--rope", default="sequence", choices=["sequence", "true2d"])
     ear.add_argument("--no-adaln", dest="adaln", action="store_false")
     ear.add_argument("--class-dropout", type=float, default=0.1)

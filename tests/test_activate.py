@@ -1,0 +1,102 @@
+"""Dynamic activation (ear.activate): experts are an exact partition of each FFN, all experts on is
+the dense model bit for bit, routers learn the experts' norms, and what is stored loads strictly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ear.activate import (
+    ACTIVATION_FILE,
+    Activation,
+    ActivationConfig,
+    balanced_groups,
+    ffn_inputs,
+    train_routers,
+)
+from ear.model import FeedForward
+from ear.sampler import generate
+from tests.helpers import noisy_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return noisy_model(grid_size=6).eval()
+
+
+@pytest.fixture(scope="module")
+def samples(model):
+    """The model's own samples (the distillation's data: no data set needed)."""
+    classes = torch.arange(8) % 10
+    return generate(model, classes.tolist(), seed=0, temperature=1.0).reshape(8, -1), classes
+
+
+def test_experts_partition_each_ffn_into_equal_groups(model) -> None:
+    weight = model.layers[0].feed_forward.w1.weight
+    groups = balanced_groups(weight, 4)
+    assert groups.shape == (4, weight.shape[0] // 4)
+    assert sorted(groups.flatten().tolist()) == list(range(weight.shape[0]))
+    assert torch.equal(groups, balanced_groups(weight, 4))  # deterministic
+    with pytest.raises(ValueError, match="equal experts"):
+        balanced_groups(weight, 5)
+
+
+def test_similar_neurons_share_an_expert() -> None:
+    base = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    weight = torch.cat([row + 0.01 * torch.randn(8, 16) for row in base])  # 4 clusters of 8 rows
+    groups = sorted(tuple(sorted(g.tolist())) for g in balanced_groups(weight, 4))
+    assert groups == [tuple(range(8 * i, 8 * i + 8)) for i in range(4)]
+
+
+def test_every_expert_on_is_the_dense_model_bit_for_bit(model, samples) -> None:
+    tokens, classes = samples
+    activation = Activation(model, ActivationConfig(experts=4, tau=1.0))
+    with torch.no_grad():
+        dense = model(tokens, classes)
+        with activation.applied(model) as ffns:
+            activated = model(tokens, classes)
+        assert all(ffn.active_share == [1.0] for ffn in ffns)
+    assert torch.equal(dense, activated)
+    assert all(type(block.feed_forward) is FeedForward for block in model.layers)  # dense again
+
+
+def test_routers_learn_the_expert_norms_and_fewer_experts_run(model, samples) -> None:
+    tokens, classes = samples
+    activation = Activation(model, ActivationConfig(experts=4, router_hidden=32, tau=0.5))
+    inputs = ffn_inputs(model, tokens, classes)
+    assert len(inputs) == len(model.layers) and inputs[0].shape[-1] == model.config.dim
+
+    def error(layer: int) -> float:
+        x = inputs[layer].reshape(-1, model.config.dim)
+        with torch.no_grad():
+            target = torch.log1p(activation.expert_norms(layer, model, x))
+            return float(nn.functional.mse_loss(activation.routers[layer](x), target))
+
+    before = [error(i) for i in range(len(model.layers))]
+    train_routers(activation, model, tokens, classes, steps=150)
+    after = [error(i) for i in range(len(model.layers))]
+    assert all(a < 0.5 * b for a, b in zip(after, before, strict=True)), (before, after)
+    with torch.no_grad():
+        dense = model(tokens, classes).argmax(-1)
+        with activation.applied(model) as ffns:
+            activated = model(tokens, classes).argmax(-1)
+    share = sum(s for ffn in ffns for s in ffn.active_share) / len(ffns)
+    assert share < 1.0  # fewer experts than all of them ran
+    assert (dense == activated).float().mean() > 0.5
+
+
+def test_the_activation_file_loads_strictly(model, tmp_path) -> None:
+    activation = Activation(model, ActivationConfig(experts=2, router_hidden=8, tau=0.3))
+    path = activation.save(tmp_path)
+    assert path.name == ACTIVATION_FILE
+    loaded = Activation.load(tmp_path, model)
+    assert loaded.config == activation.config
+    assert all(torch.equal(a, b) for a, b in zip(loaded.groups, activation.groups, strict=True))
+    x = torch.randn(5, model.config.dim)
+    assert torch.equal(loaded.routers[0](x), activation.routers[0](x))
+    other = noisy_model(grid_size=6, dim=32, n_head=2)  # another shape: refused in one sentence
+    with pytest.raises(ValueError, match="do not fit this model"):
+        Activation.load(tmp_path, other)
+    with pytest.raises(ValueError, match="tau >= 0"):
+        ActivationConfig(tau=-1)
