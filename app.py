@@ -35,6 +35,7 @@ from ear.app_support import (
     CFG,
     MAX_UPLOAD_BYTES,
     NUM_IMAGES,
+    REFINE_ROUNDS,
     SEED,
     TEMPERATURE,
     TOP_K,
@@ -48,8 +49,10 @@ from ear.app_support import (
     Range,
     check_format,
     check_keep,
+    check_place,
     check_style,
     default_keep,
+    edit_upload,
     examples_cache,
     info_markdown,
     keep_choices,
@@ -66,7 +69,7 @@ from ear.app_support import (
 )
 from ear.growth import FULL, PLAYBACK_STEP_S, SKETCH, GrowthAnimation, PreviewPacer
 from ear.order import SCHEDULES
-from ear.pipeline import EARPipeline, Frame
+from ear.pipeline import PLACES, EARPipeline, Frame
 from ear.preview import make_grid
 from ear.serving import ProcessScheduler, attach, from_environment, log_batches
 from ear.stops import RunStopped, Stops
@@ -282,25 +285,53 @@ def generate(class_name: str, num_images: int, seed: int, cfg_scale: float, temp
 @gpu
 def extend(image: Any, keep: int, class_name: str, zoom_rounds: int, seed: int, cfg_scale: float,
            temperature: float, top_k: int, top_p: float, model: str,
-           animation_format: str, style: str = ANY_STYLE, pace: str = FAST) -> Iterator[list[Any]]:
-    """Grow a border around an uploaded picture (kept as the central keep x keep tokens); with
-    zoom-out rounds > 0, shrink the result into the centre and extend again, as one zoom-out."""
+           animation_format: str, style: str = ANY_STYLE, pace: str = FAST,
+           place: str = "centre") -> Iterator[list[Any]]:
+    """Grow the canvas around an uploaded picture (kept as keep x keep tokens in the centre or a
+    corner, or a band keep tokens deep along a side); with zoom-out rounds > 0 (centre only),
+    shrink the result into the centre and extend again, as one zoom-out."""
     try:
         pipe = MODELS.get(model)
         picture = load_upload(image)
         keep = check_keep(pipe, keep)
+        place = check_place(place)
         class_id = resolve_class(pipe, class_name, required=False)
         rounds = ZOOM_ROUNDS.check(zoom_rounds)
+        if rounds and place != "centre":
+            raise ValueError("Zoom-out shrinks the picture into the centre: set the placement to centre.")
         kwargs = sampling_kwargs(pipe, seed, cfg_scale, temperature, top_k, top_p)
         kwargs["style"] = check_style(pipe, style)
         fmt = check_format(animation_format)
         frames = (pipe.zoom_out(picture, rounds, keep, class_id, **kwargs) if rounds
-                  else pipe.extend(picture, keep, class_id, **kwargs))
+                  else pipe.extend(picture, keep, class_id, place=place, **kwargs))
     except ValueError as err:
         yield from _refuse(err, [None, _warning(err), None, None, None])
-    for canvas, caption, finals, download, key in _play(frames, "ear-extend", fmt, pace,
-                                                        note=seed_note(seed, kwargs["seed"])):
+    yield from _play_one(frames, "ear-extend", fmt, pace, seed_note(seed, kwargs["seed"]))
+
+
+def _play_one(frames: Iterator[Frame], stem: str, fmt: str, pace: Any, note: str) -> Iterator[list[Any]]:
+    """`_play` for a tab whose result is one picture (Extend, Edit)."""
+    for canvas, caption, finals, download, key in _play(frames, stem, fmt, pace, note=note):
         yield [canvas, caption, finals[0] if isinstance(finals, list) else finals, download, key]
+
+
+@gpu
+def edit(picture: Any, class_name: str, refine_rounds: int, seed: int, cfg_scale: float, temperature: float,
+         top_k: int, top_p: float, model: str, animation_format: str, style: str = ANY_STYLE,
+         pace: str = FAST) -> Iterator[list[Any]]:
+    """Redraw what is painted on the picture (the image editor's value: the picture as its
+    background, the paint on its layers), in the model's order; the rest stays as it is."""
+    try:
+        pipe = MODELS.get(model)
+        image, mask = edit_upload(picture)
+        class_id = resolve_class(pipe, class_name, required=False)
+        kwargs = sampling_kwargs(pipe, seed, cfg_scale, temperature, top_k, top_p)
+        kwargs["style"] = check_style(pipe, style)
+        fmt = check_format(animation_format)
+        frames = pipe.edit(image, mask, class_id, refine=REFINE_ROUNDS.check(refine_rounds), **kwargs)
+    except ValueError as err:
+        yield from _refuse(err, [None, _warning(err), None, None, None])
+    yield from _play_one(frames, "ear-edit", fmt, pace, seed_note(seed, kwargs["seed"]))
 
 
 def extend_example(image: Any, keep: int, class_name: str) -> Iterator[list[Any]]:
@@ -617,8 +648,13 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list[g
             note = gr.Markdown(elem_id="ext-upload-note")
             image.upload(check_upload, image, [image, note], queue=False, preprocess=False,
                          show_progress="hidden", api_visibility="private")
-            keep = gr.Dropdown(keep_choices(pipe), value=default_keep(pipe), label="Kept centre",
-                               info="how much of the final canvas your picture covers")
+            with gr.Row():
+                place = gr.Dropdown(list(PLACES), value="centre", label="Placement", filterable=False,
+                                    elem_id="ext-place", info="where your picture sits; the canvas grows "
+                                    "around it (a side: grows the other way)")
+                keep = gr.Dropdown(keep_choices(pipe), value=default_keep(pipe), label="Kept canvas",
+                                   info="how much of the final canvas your picture covers (a side: "
+                                   "how deep its band is)")
             klass = gr.Dropdown([UNCONDITIONAL, *pipe.class_names], value=UNCONDITIONAL, label="Class",
                                 info="optional; type to search")
             style = _style_picker(pipe, "ext")
@@ -635,9 +671,63 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list[g
                     inputs=[image, keep, klass], outputs=outputs[:4], fn=extend_example, cache_examples=True,
                     cache_mode="lazy", preprocess=False, label="Examples (results cached, default model)",
                     elem_id="ext-examples")
-    _wire(run, buttons, "ext", extend, [image, keep, klass, rounds, *sampling, model, fmt, style, pace],
-          outputs, [outputs[1]], outputs[4], [outputs[0]], api_name="extend", show_progress_on=outputs[0])
+    _wire(run, buttons, "ext", extend,
+          [image, keep, klass, rounds, *sampling, model, fmt, style, pace, place], outputs, [outputs[1]],
+          outputs[4], [outputs[0]], api_name="extend", show_progress_on=outputs[0])
     return [klass, style, keep, *refilled]
+
+
+def _with_editor(editor: gr.ImageEditor, run: Callable[..., Iterator[list[Any]]]
+                 ) -> Callable[..., Iterator[list[Any]]]:
+    """`run` given the editor's value as pictures: handlers take their inputs unprocessed (HEAVY),
+    and the browser sends the editor's pictures as blobs that only the component can find."""
+    @functools.wraps(run)
+    def with_pictures(value: Any, *args: Any) -> Iterator[list[Any]]:
+        try:
+            value = editor.preprocess(gr.components.image_editor.EditorData.model_validate(value))
+        except Exception:  # not an editor's value: `edit_upload` says what is missing
+            value = None
+        yield from run(value, *args)
+
+    return with_pictures
+
+
+def last_generated(gallery: Any) -> Any:
+    """The first picture of the Generate tab's results, as the editor's new background."""
+    first = gallery[0] if isinstance(gallery, list) and gallery else None
+    picture = first[0] if isinstance(first, tuple | list) else first
+    if picture is None:
+        gr.Warning("Generate a picture first: there is none to edit yet.")
+        return gr.skip()
+    return {"background": picture, "layers": [], "composite": picture}
+
+
+def _edit_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State,
+              generated: gr.Gallery | None) -> list[gr.components.Component]:
+    with gr.Row():
+        with gr.Column(scale=1):
+            editor = gr.ImageEditor(label="Your picture: paint over what to redraw", type="pil",
+                                    image_mode="RGBA", sources=["upload", "clipboard"], format="png",
+                                    transforms=(), layers=False, elem_id="edit-image",
+                                    brush=gr.Brush(default_size=24, colors=["#ff00ff"], color_mode="fixed"))
+            take = gr.Button("Use the last generated picture", size="sm", elem_id="edit-take")
+            klass = gr.Dropdown([UNCONDITIONAL, *pipe.class_names], value=UNCONDITIONAL, label="Class",
+                                info="optional; type to search")
+            style = _style_picker(pipe, "edit")
+            refine = gr.Slider(REFINE_ROUNDS.lo, REFINE_ROUNDS.hi, value=0, step=1, label=REFINE_ROUNDS.label,
+                               info="redraw n more times, keep the draw that fits the rest best")
+            sampling, _ = _sampling_controls(pipe, model)
+            fmt = _format_picker()
+            run, *buttons = _buttons("Redraw", "edit")
+        with gr.Column(scale=2):
+            outputs = _outputs("edit", gr.Image(label="Result", format="png", interactive=False,
+                                                render=False, elem_id="edit-final"))
+    if generated is not None:
+        take.click(last_generated, generated, editor, queue=False, api_visibility="private")
+    _wire(run, buttons, "edit", _with_editor(editor, edit),
+          [editor, klass, refine, *sampling, model, fmt, style, pace], outputs, [outputs[1]], outputs[4],
+          [outputs[0]], api_name="edit", show_progress_on=outputs[0])
+    return [klass, style]
 
 
 def _compare_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list[gr.components.Component]:
@@ -683,7 +773,8 @@ def _model_updates(pipe: EARPipeline, name: str) -> list[Any]:
     return [gr.Dropdown(choices=names, value=pipe.default_class), style, *sliders,
             gr.Dropdown(choices=[UNCONDITIONAL, *names], value=UNCONDITIONAL), style,
             gr.Dropdown(choices=keep_choices(pipe), value=default_keep(pipe)), *sliders,
-            gr.Dropdown(choices=names, value=pipe.default_class), *model_info(name)]
+            gr.Dropdown(choices=names, value=pipe.default_class), *model_info(name),
+            gr.Dropdown(choices=[UNCONDITIONAL, *names], value=UNCONDITIONAL), style]
 
 
 def select_model(name: str, previous: str) -> list[Any]:
@@ -698,11 +789,16 @@ def select_model(name: str, previous: str) -> list[Any]:
 
 
 HEAVY: dict[str, Any] = {"concurrency_id": "ear", "preprocess": False}
-MODEL_DEPENDENT = 18  # outputs of _model_updates: class and style pickers, presets, sliders, keep sizes, info
+MODEL_DEPENDENT = 20  # outputs of _model_updates: class and style pickers, presets, sliders, keep sizes, info
 
 
 def _same(value: Any) -> Any:
     return value
+
+
+def _by_id(blocks: gr.Blocks, elem_id: str) -> Any:
+    """A component built so far, found by its element id (tabs share components this way)."""
+    return next((b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == elem_id), None)
 
 
 def build_demo() -> gr.Blocks:
@@ -728,10 +824,13 @@ def build_demo() -> gr.Blocks:
             dependent = _generate_tab(pipe, model, pace)
         with gr.Tab("Extend"):
             dependent += _extend_tab(pipe, model, pace)
+        with gr.Tab("Edit"):
+            edit_dependent = _edit_tab(pipe, model, pace, _by_id(demo, "gen-final"))
         with gr.Tab("Compare orders"):
             dependent += _compare_tab(pipe, model, pace)
         with gr.Tab("Model info"):
             dependent += _info_tab(model)
+        dependent += edit_dependent  # last in `_model_updates` too
         # `select`, not `input` (Gradio 6's dropdown fires that twice per pick) nor `change` (also
         # fired when a failed load puts the previous model back)
         model.select(select_model, [model, loaded], [model, loaded, *dependent], api_visibility="private",

@@ -34,7 +34,7 @@ from ear import hub
 from ear.engine import configure
 from ear.model import EAR, EARConfig
 from ear.order import make_schedule
-from ear.sampler import decode, generate, sample
+from ear.sampler import UNKNOWN, decode, generate, sample
 from tests.helpers import noisy_weights
 
 VIEWS = frozenset({"view", "_unsafe_view", "transpose", "expand", "slice", "select", "unsqueeze", "squeeze",
@@ -132,11 +132,19 @@ def teacher_forced(model: EAR, cfg: float, ids: list[int],
 VARIANTS = ("auto", "plain", "packed", "onednn", "int8", "bf16")  # CPU runner variants
 
 
-def _variants(model: EAR, device: torch.device, dtype: torch.dtype,
-              linears: list[str]) -> list[tuple[str, EAR, str, dict]]:
-    """(label, model, linear mode, sample kwargs): the reference, the default runner and, on a
-    float32 CPU, the runner with each kernel of `linears` (bf16: a bfloat16 copy of the model)."""
+def _variants(model: EAR, device: torch.device, dtype: torch.dtype, linears: list[str],
+              known: bool = False) -> list[tuple[str, EAR, str, dict]]:
+    """(label, model, linear mode, sample kwargs): the reference, the default runner, with `known`
+    the runner given an all-UNKNOWN grid (plain generation) and one known cell (the select runs),
+    and, on a float32 CPU, the runner with each kernel of `linears` (bf16: a bfloat16 copy)."""
     out = [("reference", model, "auto", {"engine": "reference"}), ("runner", model, "auto", {})]
+    if known:
+        g = model.config.grid_size
+        empty = torch.full((g, g), UNKNOWN)
+        one = empty.clone().flatten()
+        one[model.schedule.order[-1]] = 0
+        out += [("runner empty mask", model, "auto", {"known": empty}),
+                ("runner 1 known cell", model, "auto", {"known": one.view(g, g)})]
     if device.type == "cpu" and dtype == torch.float32:
         for linear in linears:
             if linear == "bf16":
@@ -151,7 +159,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype
     change in the machine's load hits them all alike; the rest runs path by path."""
     model, cfg = build(name, device, dtype)
     repeats = args.repeats if name == "emoji" else max(1, args.repeats // 2)
-    variants = _variants(model, device, dtype, args.linears)
+    variants = _variants(model, device, dtype, args.linears, args.known)
     runners = {label: configure(m, linear=linear) for label, m, linear, _ in variants}
     samples: dict[str, list[tuple[float, float]]] = {label: [] for label, *_ in variants}
     for i in range(repeats + 1):  # round 0 warms every path up (and captures graphs)
@@ -233,6 +241,8 @@ def main() -> None:
     parser.add_argument("--agreement-classes", type=int, default=None,
                         help="images in the agreement checks (default 8 on CUDA, 2 on a CPU)")
     parser.add_argument("--count-ops", action="store_true", help="count ops on CUDA too")
+    parser.add_argument("--known", action="store_true", help="also time the runner with an empty "
+                        "known mask and with one known cell (edits), interleaved with the others")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default="bench/engine_results.md")
     args = parser.parse_args()

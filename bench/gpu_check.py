@@ -37,7 +37,7 @@ from ear import bulk, hub, startup
 from ear.draw import RowSettings, row_keys
 from ear.engine import configure, runner_for
 from ear.model import EAR, EARConfig
-from ear.sampler import generate
+from ear.sampler import UNKNOWN, generate
 from ear.serving import Scheduler
 from tests.helpers import noisy_model, noisy_weights
 
@@ -190,6 +190,32 @@ def check_prefix(ctx: Context, name: str) -> str:
         raise AssertionError(f"prefix decode, graphs on vs off: {_differ(extended, eager)}")
     same = (extended == full).float().mean().item()
     return f"prefix of {prefix.shape[1]} tokens kept; graphs on == off; {same:.1%} of cells as the full run"
+
+
+def check_known(ctx: Context, name: str) -> str:
+    """Known cells of different shapes per row (an edit): kept exactly, graphs on == off, and
+    each row of the mixed batch as it comes alone."""
+    model, cfg = ctx.model(name)
+    ids = _ids(model, 4)
+    g = model.config.grid_size
+    full = generate(model, ids, greedy=True, cfg_scale=cfg)
+    masks = torch.zeros(len(ids), g, g, dtype=torch.bool)
+    masks[0, :, : g // 2] = True  # the left half known
+    masks[1, : g // 2] = True  # the top half
+    masks[2, g // 4: 3 * g // 4, g // 4: 3 * g // 4] = True  # the centre
+    known = torch.where(masks, full, torch.full_like(full, UNKNOWN))  # row 3: nothing known
+    edited = generate(model, ids, greedy=True, cfg_scale=cfg, known=known)
+    if not torch.equal(edited[masks], full[masks]):
+        raise AssertionError("a known cell changed")
+    with _graphs(model, False):
+        eager = generate(model, ids, greedy=True, cfg_scale=cfg, known=known)
+    if not torch.equal(edited, eager):
+        raise AssertionError(f"known-cell decode, graphs on vs off: {_differ(edited, eager)}")
+    for r in range(len(ids)):
+        alone = generate(model, ids[r:r + 1], greedy=True, cfg_scale=cfg, known=known[r:r + 1])
+        if not torch.equal(alone[0], edited[r]):
+            raise AssertionError(f"row {r} alone vs among mixed masks: {_differ(alone[0], edited[r])}")
+    return "left/top/centre/no known cells in one batch: kept exactly; graphs on == off; rows == alone"
 
 
 @contextlib.contextmanager
@@ -407,8 +433,7 @@ def plan(cuda: bool, quick: bool) -> list[Spec]:
     specs += [Spec(f"per-row randomness: alone == among 7 others · {n}", check_per_row, n, cap) for n in xl]
     specs += [Spec(f"prefix (extension) decode · {n}", check_prefix, n, cap) for n in two]
     specs += [Spec(f"two streams interleaved on one runner · {n}", check_interleaved, n, cap) for n in two]
-    specs.append(Spec("known-cell and refinement decodes", None, "", 0,
-                      "no known-cell or refinement decode exists in this version"))
+    specs += [Spec(f"known-cell (edit) decode, mixed masks · {n}", check_known, n, cap) for n in two]
     specs += [Spec(f"graph capture time and memory per bucket 1/2/16/128 · {n}", check_capture, n, 2 * cap,
                    "graphs are captured on CUDA only") for n in xl]
     specs += [Spec(f"speed: ms/img b1, img/s at larger batches · {n}", check_speed, n, 2 * cap) for n in big]

@@ -1,4 +1,4 @@
-"""Command line: `python -m ear models | download | generate | extend | sample` (each has --help).
+"""Command line: `python -m ear models | download | generate | extend | edit | sample` (each has --help).
 
 Bad input of any kind (unreadable image, unknown model or class, bad --keep, corrupt checkpoint,
 offline without a cached model) ends with one line on stderr and exit code 2, never a traceback.
@@ -21,8 +21,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ear import hub
-from ear.images import load_image, save_image
-from ear.pipeline import MAX_BATCH, EARPipeline, Frame
+from ear.images import load_image, load_mask, save_image
+from ear.pipeline import MAX_BATCH, MAX_REFINE, PLACES, EARPipeline, Frame
 from ear.preview import ANIMATION_SUFFIXES, make_grid, save_animation
 
 EXIT_BAD_INPUT = 2
@@ -99,12 +99,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extend", help="grow a picture outward from your image")
     _add_model_flags(p)
-    p.add_argument("--image", required=True, type=Path, help="the picture to keep in the centre")
-    p.add_argument("--keep", required=True, type=int, help="centre size in tokens (see the error "
-                                                           "message for the allowed sizes)")
+    p.add_argument("--image", required=True, type=Path, help="the picture to keep")
+    p.add_argument("--keep", required=True, type=int, help="how much canvas the picture keeps, in tokens: "
+                   "the square's side, or the band's depth for a side (see the error message for the "
+                   "allowed sizes)")
+    p.add_argument("--place", default="centre", choices=PLACES, metavar="WHERE",
+                   help=f"where the picture sits: {', '.join(PLACES)} (default centre; a side keeps a "
+                        "band spanning the canvas and grows the other way)")
     _add_class_flags(p, required=False)
     p.add_argument("--zoom-out", type=int, default=0, metavar="N",
                    help="repeat N times: shrink the result into the centre and extend again")
+    _add_sampling_flags(p)
+    _add_output_flags(p)
+
+    p = sub.add_parser("edit", help="redraw the painted part of a picture, keep the rest")
+    _add_model_flags(p)
+    p.add_argument("--image", required=True, type=Path, help="the picture to edit")
+    p.add_argument("--mask", required=True, type=Path,
+                   help="a picture of the same size: where it is opaque (if it has transparency) or "
+                        "light (white), the cells are redrawn")
+    _add_class_flags(p, required=False)
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help=f"draw the region N more times and keep the draw that fits the kept cells best "
+                        f"(0-{MAX_REFINE}, default 0)")
     _add_sampling_flags(p)
     _add_output_flags(p)
 
@@ -176,7 +193,7 @@ def _load(args: argparse.Namespace) -> EARPipeline:
     return EARPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, **_overrides(args))
 
 
-def _run_frames(frames: Iterator[Frame], total: int, args: argparse.Namespace, keep_frames: bool
+def _run_frames(frames: Iterator[Frame], total: int | None, args: argparse.Namespace, keep_frames: bool
                 ) -> tuple[Frame, list[Image.Image]]:
     """Consume frames with a progress bar; keep grid images only when an animation is wanted."""
     shown: list[Image.Image] = []
@@ -225,6 +242,8 @@ def cmd_extend(args: argparse.Namespace) -> None:
     _check_outputs(args)
     if args.zoom_out < 0:
         raise ValueError(f"--zoom-out must be 0 (no zoom) or a number of rounds, got {args.zoom_out}.")
+    if args.zoom_out and args.place != "centre":
+        raise ValueError("--zoom-out shrinks the picture into the centre: leave --place at centre.")
     image = load_image(args.image)  # before the model: a bad image should fail fast
     pipe = _load(args)
     class_id = None if args.class_ is None else pipe.class_id(args.class_)
@@ -233,9 +252,21 @@ def cmd_extend(args: argparse.Namespace) -> None:
     if args.zoom_out:
         frames = pipe.zoom_out(image, args.zoom_out, args.keep, class_id, **extra)
     else:
-        frames = pipe.extend(image, args.keep, class_id, **extra)
-    total = pipe.frame_count(args.keep, max(1, args.zoom_out))
+        frames = pipe.extend(image, args.keep, class_id, place=args.place, **extra)
+    total = pipe.frame_count(args.keep, max(1, args.zoom_out), place=args.place)
     last, shown = _run_frames(frames, total, args, keep_frames=args.animation is not None)
+    _write(args, make_grid(last.images), shown)
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    _check_outputs(args)
+    image = load_image(args.image)  # before the model: a bad image or mask should fail fast
+    mask = load_mask(args.mask, image.size)
+    pipe = _load(args)
+    class_id = None if args.class_ is None else pipe.class_id(args.class_)
+    frames = pipe.edit(image, mask, class_id, refine=args.refine, display_size=args.size,
+                       outline=args.outline, **_sampling(args, pipe))
+    last, shown = _run_frames(frames, None, args, keep_frames=args.animation is not None)
     _write(args, make_grid(last.images), shown)
 
 
@@ -309,7 +340,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"models": cmd_models, "download": cmd_download, "generate": cmd_generate,
-            "extend": cmd_extend, "sample": cmd_sample}
+            "extend": cmd_extend, "edit": cmd_edit, "sample": cmd_sample}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from PIL import Image
 
 from ear import hub
 from ear.growth import GrowthAnimation
-from ear.images import atomic_output, load_image
+from ear.images import atomic_output, load_image, load_mask
 from ear.preview import preview_factor
 
 T = TypeVar("T")
@@ -83,6 +84,7 @@ TOP_K = Range("Top-k", 0, 1 << 16, integer=True)  # checked against the model's 
 TOP_P = Range("Top-p", 0.05, 1.0)
 NUM_IMAGES = Range("Number of images", 1, 8, integer=True)
 ZOOM_ROUNDS = Range("Zoom-out rounds", 0, 6, integer=True)
+REFINE_ROUNDS = Range("Refinement rounds", 0, 4, integer=True)
 
 
 def is_blank(value: Any) -> bool:
@@ -161,6 +163,43 @@ def default_keep(pipeline: Any) -> int:
     """Half the canvas width where possible: enough picture to steer, enough border to watch grow."""
     sizes = pipeline.keep_sizes()
     return min(sizes, key=lambda k: abs(k - pipeline.grid / 2))
+
+
+def check_place(value: Any) -> str:
+    """Where Extend puts the picture: one of `ear.pipeline.PLACES`."""
+    from ear.pipeline import PLACES
+
+    if not isinstance(value, str) or value.strip().lower() not in PLACES:
+        raise InputError(f"Placement must be one of {', '.join(PLACES)}, got {str(value)[:40]!r}.")
+    return value.strip().lower()
+
+
+def edit_upload(value: Any) -> tuple[Image.Image, Any]:
+    """The image editor's picture (its background) and mask (everything painted on its layers,
+    as `ear.images.load_mask` reads it), or InputError saying what is missing."""
+    background = value.get("background") if isinstance(value, Mapping) else None
+    if background is None:
+        raise InputError("Upload a picture first (or send the last generated one), then paint over "
+                         "the part to redraw.")
+    picture = load_image(background) if isinstance(background, Image.Image) else load_upload(background)
+    painted = np.zeros((picture.height, picture.width), dtype=np.uint8)
+    for layer in value.get("layers") or []:  # a brush layer paints wherever it is not transparent
+        alpha = np.asarray(load_layer(layer).convert("RGBA"))[..., 3]
+        painted |= load_mask(np.where(alpha > 0, 255, 0).astype(np.uint8), picture.size)
+    return picture, painted
+
+
+def load_layer(layer: Any) -> Image.Image:
+    """One editor layer (a picture, or a file Gradio saved) with its transparency."""
+    if isinstance(layer, Image.Image):
+        return layer
+    path = layer.get("path") if isinstance(layer, Mapping) else layer
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (OSError, TypeError, ValueError):
+        raise InputError("A painted layer could not be read; please paint it again.") from None
 
 
 def load_upload(payload: Any) -> Image.Image:

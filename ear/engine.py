@@ -226,6 +226,9 @@ class _Slot:
     mods: list[torch.Tensor]  # per layer (6, rows, 1, dim): gamma1, gamma2, scale1, scale2, shift1, shift2
     weights: _Weights  # what its steps (and graphs) read, kept even if the runner rebuilds
     codes: torch.Tensor
+    known: torch.Tensor  # (bucket, n) bool generation order: cells that take `given`, never drawn
+    given: torch.Tensor  # (bucket, n) their tokens
+    masked: bool = False  # some known cell lies after the prefix (else the select is skipped)
     settings: RowSettings | None = None
     host: torch.Tensor | None = None  # pinned copy of `tokens` (CUDA)
     # graphed steps: per key the graph and the plan whose tensors it reads (kept alive with it)
@@ -339,6 +342,8 @@ class DecodeRunner:
                      weights=self.weights, codes=self.codes,
                      tokens=torch.zeros(bucket, n, dtype=torch.long, device=dev),
                      streams=torch.zeros(bucket, n, dtype=torch.long, device=dev),
+                     known=torch.zeros(bucket, n, dtype=torch.bool, device=dev),
+                     given=torch.zeros(bucket, n, dtype=torch.long, device=dev),
                      cond=torch.zeros(rows, 1, c.dim, dtype=self.dtype, device=dev),
                      mods=[torch.zeros(6, rows, 1, c.dim, dtype=self.dtype, device=dev)
                            for _ in range(c.n_layer)] if c.adaln else [])
@@ -379,8 +384,9 @@ class DecodeRunner:
     # ---- one generation ------------------------------------------------------------------------
 
     def _start(self, slot: _Slot, class_ids: torch.Tensor, rows: RowSettings, prefix: torch.Tensor,
-               order: torch.Tensor) -> None:
-        """Write this generation's classes, modulation, settings, prefix and noise streams."""
+               known: torch.Tensor | None, order: torch.Tensor) -> None:
+        """Write this generation's classes, modulation, settings, prefix, known cells and noise
+        streams (into the slot's own tensors: captured graphs read them)."""
         w, batch = slot.weights, class_ids.shape[0]
         pad = slot.bucket - batch
         ids = torch.cat([class_ids, class_ids[:1].expand(pad)]) if pad else class_ids
@@ -403,6 +409,12 @@ class DecodeRunner:
             slot.settings.greedy = settings.greedy
         if prefix.shape[1]:
             slot.tokens[:batch, : prefix.shape[1]].copy_(prefix)
+        slot.masked = known is not None and bool((known[:, prefix.shape[1]:] >= 0).any())
+        if slot.masked:
+            assert known is not None
+            slot.known.zero_()
+            slot.known[:batch].copy_(known >= 0)
+            slot.given[:batch].copy_(known.clamp_min(0))
         slot.streams.copy_(cell_streams(slot.settings.keys, order.numel())[:, order.to(self.device)])
 
     def _inputs(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
@@ -459,7 +471,8 @@ class DecodeRunner:
 
     def _step(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
         logits = self._forward(slot, plan)
-        slot.tokens[:, plan.out] = draw(logits, slot.settings, slot.streams[:, plan.out], slot.codes)
+        slot.tokens[:, plan.out] = _kept(slot, plan, draw(logits, slot.settings, slot.streams[:, plan.out],
+                                                          slot.codes))
         return logits
 
     def _graphed_step(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
@@ -471,7 +484,7 @@ class DecodeRunner:
         """Step `plan` as a CUDA graph, captured on first use (see docs/cuda-graphs.md for the
         rules this follows). Returns the logits, in the slot's own buffer for this step's parity."""
         s = slot.settings
-        key = (plan.k, plan.start, s.filtered, s.greedy)
+        key = (plan.k, plan.start, s.filtered, s.greedy, slot.masked)
         if key not in slot.graphs:
             with _CAPTURE_LOCK:  # one capture at a time in a process
                 started = time.perf_counter()
@@ -492,9 +505,10 @@ class DecodeRunner:
         return slot.logits[plan.k % 2][:, : plan.num_queries]
 
     def decode(self, class_ids: torch.Tensor, rows: RowSettings, *, prefix: torch.Tensor,
-               schedule: Schedule | None = None, pick: Picker | None = None
-               ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+               known: torch.Tensor | None = None, schedule: Schedule | None = None,
+               pick: Picker | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Yield (step k, guided logits (B, m, V), tokens (B, m)) for every step after the prefix.
+        `known` (B, n) in generation order, UNKNOWN (-1) where drawn: those cells take their token.
         Logits stay valid until the next step is asked for; tokens are the consumer's to keep.
         `pick(k, logits)` replaces the draw (teacher forcing); otherwise tokens are drawn on the
         device and, on CUDA, arrive through pinned memory one step behind the device."""
@@ -508,7 +522,8 @@ class DecodeRunner:
             slot = self._acquire(key, sched, bucket, rows.guided)
         try:
             with torch.inference_mode():
-                self._start(slot, class_ids, rows, prefix.to(self.device), layout.order)
+                self._start(slot, class_ids, rows, prefix.to(self.device),
+                            None if known is None else known.to(self.device), layout.order)
             yield from self._run(slot, layout, first, batch, pick)
         finally:  # also when the consumer stops early: the slot goes back for the next stream
             self._give_back(key, slot)
@@ -518,7 +533,9 @@ class DecodeRunner:
         pending = None
         for k in range(first, layout.schedule.num_steps):
             plan = self._step_plan(layout, k, first)
-            if pick is not None:  # eager; the picker runs outside inference mode, as user code
+            if pick is not None:  # eager; the picker runs outside inference mode, as user code (and
+                # comes with a prefix only: `ear.sampler.decode`)
+                assert not slot.masked, "teacher forcing takes a prefix, not known cells"
                 with torch.inference_mode():
                     logits = self._forward(slot, plan)[:batch]
                 tokens = pick(k, logits).to(device=self.device, dtype=torch.long)
@@ -543,6 +560,13 @@ class DecodeRunner:
             pending = (k, logits, ready, plan)
         if pending is not None:
             yield _arrived(*pending, slot, batch)
+
+
+def _kept(slot: _Slot, plan: _Plan, drawn: torch.Tensor) -> torch.Tensor:
+    """This step's tokens: the known cells' own where the slot has any (a select, same shapes)."""
+    if not slot.masked:
+        return drawn
+    return torch.where(slot.known[:, plan.out], slot.given[:, plan.out], drawn)
 
 
 def _arrived(k: int, logits: torch.Tensor, ready: torch.cuda.Event, plan: _Plan, slot: _Slot,

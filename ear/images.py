@@ -14,8 +14,9 @@ import os
 import struct
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,12 +28,17 @@ ImageSource = str | os.PathLike | bytes | bytearray | Image.Image
 
 def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode `source` (a path, raw file bytes or a PIL image) into a loaded RGB image."""
+    return _load(source, max_pixels, _to_rgb)
+
+
+def _load(source: ImageSource, max_pixels: int, finish: Callable[[Image.Image], Any]) -> Any:
+    """Decode `source` safely and hand the loaded, upright first frame to `finish`."""
     if isinstance(source, Image.Image):
-        return _normalise(source, "the image", max_pixels)
+        return _normalise(source, "the image", max_pixels, finish)
     if isinstance(source, bytes | bytearray):
         if not source:
             raise ValueError("The uploaded image is empty (0 bytes).")
-        return _decode(io.BytesIO(source), "the uploaded image", max_pixels)
+        return _decode(io.BytesIO(source), "the uploaded image", max_pixels, finish)
     path = Path(source)
     label = f"'{path}'"
     if path.is_dir():
@@ -45,7 +51,7 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
         data = path.read_bytes()
     except OSError as err:
         raise ValueError(f"The image file {label} cannot be read ({err.strerror}).") from None
-    return _decode(io.BytesIO(data), f"the image file {label}", max_pixels)
+    return _decode(io.BytesIO(data), f"the image file {label}", max_pixels, finish)
 
 
 def _sentence(label: str) -> str:
@@ -53,7 +59,7 @@ def _sentence(label: str) -> str:
     return label[:1].upper() + label[1:]
 
 
-def _decode(stream: io.BytesIO, label: str, max_pixels: int) -> Image.Image:
+def _decode(stream: io.BytesIO, label: str, max_pixels: int, finish: Callable[[Image.Image], Any]) -> Any:
     """Open (header only), check the pixel budget, then decode the first frame."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -68,11 +74,11 @@ def _decode(stream: io.BytesIO, label: str, max_pixels: int) -> Image.Image:
         except OSError as err:
             raise ValueError(f"{_sentence(label)} cannot be read ({err}).") from None
         with img:
-            return _normalise(img, label, max_pixels)
+            return _normalise(img, label, max_pixels, finish)
 
 
-def _normalise(img: Image.Image, label: str, max_pixels: int) -> Image.Image:
-    """Size checks before decoding, then first frame, EXIF rotation and conversion to RGB."""
+def _normalise(img: Image.Image, label: str, max_pixels: int, finish: Callable[[Image.Image], Any]) -> Any:
+    """Size checks before decoding, then first frame, EXIF rotation and `finish` (to RGB)."""
     width, height = img.size
     if width == 0 or height == 0:
         raise ValueError(f"{_sentence(label)} has no pixels ({width}x{height}).")
@@ -85,7 +91,7 @@ def _normalise(img: Image.Image, label: str, max_pixels: int) -> Image.Image:
             img.seek(0)
         img.load()
         img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        return finish(img)
     except (OSError, SyntaxError, ValueError, EOFError, KeyError, TypeError, struct.error) as err:
         # Pillow reports damaged data through many exception types (struct.error from headers).
         raise ValueError(f"{_sentence(label)} is truncated or corrupt ({err}).") from None
@@ -112,6 +118,40 @@ def _deep_grey_to_l(img: Image.Image) -> Image.Image:
     elif arr.size and arr.max() > 255:  # mode "I" holding 16-bit data (how Pillow opens some PNGs)
         arr = arr / 257.0
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def load_mask(source: ImageSource | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A mask painted on a picture of `size` (width, height) -> (height, width) uint8, 255 where
+    painted: where it is opaque if it has transparency (a brush layer), else where it is light.
+    A mask of another size is refused: it would not line up with the picture."""
+    if not isinstance(source, np.ndarray):
+        return _sized(_load(source, MAX_PIXELS, _painted), size)
+    array = source
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        alpha = array[..., 3] if array.shape[2] == 4 else None
+        array = alpha if alpha is not None and (alpha < alpha.max(initial=0)).any() else array[..., :3].max(2)
+    if array.ndim != 2:
+        raise ValueError(f"A mask is a picture or a 2-D array, got an array of shape {array.shape}.")
+    light = array > 0 if array.dtype == np.bool_ else array > (0.5 if array.dtype.kind == "f" else 127)
+    return _sized(np.where(light, 255, 0).astype(np.uint8), size)
+
+
+def _painted(img: Image.Image) -> np.ndarray:
+    """Opaque pixels of a picture with transparency, else light ones: 255 where painted."""
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        alpha = np.asarray(img.convert("RGBA"))[..., 3]
+        if (alpha < 255).any():
+            return np.where(alpha > 0, 255, 0).astype(np.uint8)
+    grey = np.asarray(_to_rgb(img).convert("L"))
+    return np.where(grey > 127, 255, 0).astype(np.uint8)
+
+
+def _sized(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    height, width = mask.shape
+    if (width, height) != tuple(size):
+        raise ValueError(f"The mask is {width}x{height} pixels but the picture is {size[0]}x{size[1]}: "
+                         "paint the mask on the picture itself.")
+    return mask
 
 
 def center_crop_resize(img: Image.Image, size: int | tuple[int, int]) -> Image.Image:

@@ -17,20 +17,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ear import hub
-from ear.images import ImageSource, center_crop_resize, load_image, to_tensor
+from ear.images import ImageSource, center_crop_resize, load_image, load_mask, to_tensor
 from ear.model import EAR
 from ear.order import Schedule, make_schedule
 from ear.preview import PreviewRenderer, module_device, neutral_token
-from ear.sampler import SamplingParams, StepState, sample
+from ear.sampler import UNKNOWN, SamplingParams, StepState, known_log_likelihood, sample, state_count
 from ear.serving import ServedState
 from ear.tokenizer import Tokenizer
 
 MAX_BATCH = 64
 MAX_ZOOM_ROUNDS = 32
 ZOOM_TRANSITION = 8  # bridge frames between zoom-out rounds
+MAX_REFINE = 8
+# Where extension puts the picture: a keep x keep square (centre, corners) or a band keep cells
+# deep along one side, spanning the canvas (the side the picture sits on; it grows the other way).
+PLACES = ("centre", "left", "right", "top", "bottom", "top left", "top right", "bottom left", "bottom right")
 
 
 class Frame:
@@ -194,10 +198,16 @@ class EARPipeline:
         exactly that square, and something must be left to generate."""
         return sorted(k for k in self.model.schedule.square_steps() if k < self.grid)
 
-    def frame_count(self, keep: int | None = None, times: int = 1, transition: int = ZOOM_TRANSITION) -> int:
+    def frame_count(self, keep: int | None = None, times: int = 1, transition: int = ZOOM_TRANSITION,
+                    place: str = "centre") -> int:
         """Frames that stream (keep=None), extend (times=1) or zoom_out yield: for progress bars."""
-        steps = self.model.schedule.num_steps
-        per_round = steps if keep is None else steps - self._keep_steps(keep) + 1
+        if keep is None:
+            per_round = self.model.schedule.num_steps
+        else:
+            left, top, right, bottom = self.place_box(place, keep)
+            known = torch.full((1, self.grid, self.grid), UNKNOWN)
+            known[:, top:bottom, left:right] = 0
+            per_round = state_count(known.flatten(1), self.model.schedule)
         return times * per_round + (times - 1) * transition
 
     # ---- generation ----------------------------------------------------------------------------
@@ -225,21 +235,66 @@ class EARPipeline:
         return renderer.final(_last(self.states(class_ids, **sampling)).tokens)
 
     def extend(self, image: ImageSource, keep: int, class_id: int | str | None = None, *,
-               display_size: int = 256, outline: bool = True, **sampling: Any) -> Iterator[Frame]:
-        """Grow a picture outward from `image`: it is centre-cropped into the central keep x keep
-        token square, encoded, and those tokens become the spiral's first steps. `class_id=None`
-        samples unconditionally (the null class, no guidance)."""
-        self._keep_steps(keep)
-        if class_id is None:
-            if self.model.cls_embedding.embedding_table.num_embeddings <= self.model.null_class:
-                raise ValueError(f"{self.name} has no unconditional class: pass a class to extend with.")
-            ids = [self.model.null_class]
-            sampling = {**sampling, "cfg_scale": 1.0}
-        else:
-            ids = [self.class_id(class_id)]
-        prefix = self.encode_centre(load_image(image), keep)
-        states = self._states(ids, prefix=prefix, **sampling)
+               place: str = "centre", display_size: int = 256, outline: bool = True,
+               **sampling: Any) -> Iterator[Frame]:
+        """Grow a picture outward from `image`: it is cropped into the region `place_box(place,
+        keep)` (the central keep x keep square by default, whose tokens are the spiral's first
+        steps), encoded, and the rest of the canvas is drawn around it. `class_id=None` samples
+        unconditionally (the null class, no guidance)."""
+        box = self.place_box(place, keep)
+        ids, sampling = self._conditioning(class_id, sampling, "extend")
+        known = self.encode_region(load_image(image), box)
+        states = self._states(ids, known=known, **sampling)
         return self._frames(states, self.renderer(display_size, outline))
+
+    def edit(self, image: ImageSource, mask: Any, class_id: int | str | None = None, *,
+             refine: int = 0, display_size: int = 256, outline: bool = True,
+             **sampling: Any) -> Iterator[Frame]:
+        """Redraw the painted part of a picture, the rest kept token for token. `mask` is a (g, g)
+        bool array of cells or a picture of the image's size (painted where opaque, or white where
+        it has no transparency); every cell with a painted pixel is redrawn, in the model's order,
+        each seeing the known cells that come before it. `refine=r` draws the region r more times
+        (seeds seed+1...) and keeps the draw under which the known cells are likeliest (so cells
+        later in the order count too: the only context a centre hole can have); its frames play
+        each round, the last frame is the one kept. `class_id=None`: the null class, no guidance."""
+        if isinstance(refine, bool) or not isinstance(refine, int | np.integer) \
+                or not 0 <= refine <= MAX_REFINE:
+            raise ValueError(f"refine must be an integer in [0, {MAX_REFINE}] rounds, got {refine!r}")
+        picture = load_image(image)
+        redraw = self.mask_cells(mask, picture.size)
+        ids, sampling = self._conditioning(class_id, sampling, "edit")
+        known = self.encode_region(picture, (0, 0, self.grid, self.grid))
+        known[redraw] = UNKNOWN
+        renderer = self.renderer(display_size, outline)
+        if not refine:
+            return self._frames(self._states(ids, known=known, **sampling), renderer)
+        seed = sampling.pop("seed", None)
+        self._states(ids, known=known, seed=seed, **sampling)  # checks every argument now
+        return self._refined(ids, known, int(refine), random.randrange(2**62) if seed is None else seed,
+                             sampling, renderer)
+
+    def _refined(self, ids: list[int], known: torch.Tensor, refine: int, seed: int,
+                 sampling: dict[str, Any], renderer: PreviewRenderer) -> Iterator[Frame]:
+        """Round r draws the region with seed + r; the draw whose known cells are likeliest wins.
+        Every round keeps the style round 0 would have (styles alternate with the seed)."""
+        if sampling.get("style") is None and self.styles:
+            sampling = {**sampling, "style": seed % len(self.styles)}
+        best: tuple[float, int, StepState] | None = None
+        labels = self.labels(ids, sampling.get("style"), seed)
+        for r in range(refine + 1):
+            last = None
+            for frame in self._frames(self._states(ids, known=known, seed=seed + r, **sampling), renderer):
+                last = frame.with_caption(f"round {r + 1} / {refine + 1} · {frame.caption}")
+                yield last
+            assert last is not None
+            fit = float(known_log_likelihood(self.model, labels, last.state.tokens, known,
+                                             schedule=self._schedule(sampling.get("schedule")))[0])
+            if best is None or fit > best[0]:
+                best = (fit, r, last.state)
+        assert best is not None
+        fit, r, state = best
+        yield Frame(state, None, f"kept round {r + 1} of {refine + 1} (its known cells are likeliest: "
+                    f"{fit:.1f} nats)", renderer)
 
     def zoom_out(self, image: ImageSource, times: int, keep: int, class_id: int | str | None = None, *,
                  seed: int | None = None, transition: int = ZOOM_TRANSITION, display_size: int = 256,
@@ -283,6 +338,46 @@ class EARPipeline:
             self._fill_token = neutral_token(self.tokenizer)
         return PreviewRenderer(self.tokenizer, display_size, outline, self._fill_token)
 
+    def place_box(self, place: str, keep: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) in grid cells of the region extension keeps the picture in:
+        the central keep x keep square (a size the spiral passes through), a corner's, or a band
+        keep cells deep along a side."""
+        if place not in PLACES:
+            raise ValueError(f"place must be one of {', '.join(PLACES)}; got {place!r}")
+        if place == "centre":
+            return self.centre_box(keep)
+        g = self.grid
+        if isinstance(keep, bool) or not isinstance(keep, int | np.integer) or not 1 <= keep < g:
+            raise ValueError(f"keep must be an integer in [1, {g - 1}] cells for {self.name}, got {keep!r}")
+        keep = int(keep)
+        left = g - keep if "right" in place else 0
+        top = g - keep if "bottom" in place else 0
+        if place in ("left", "right"):
+            return left, 0, left + keep, g
+        if place in ("top", "bottom"):
+            return 0, top, g, top + keep
+        return left, top, left + keep, top + keep
+
+    def mask_cells(self, mask: Any, size: tuple[int, int]) -> torch.Tensor:
+        """(g, g) bool cells to redraw from a mask of cells or of the picture's pixels (`size`,
+        width x height): the mask is cropped as the picture is, and a cell with any painted pixel
+        is redrawn. An empty mask or one covering every cell is refused in one sentence."""
+        g = self.grid
+        if isinstance(mask, np.ndarray | torch.Tensor) and tuple(mask.shape) == (g, g) and mask.dtype in (
+                np.bool_, torch.bool):
+            cells = torch.as_tensor(np.asarray(mask)).bool()
+        else:
+            s = self.tokenizer.image_size
+            # the picture's crop; a box filter keeps every painted pixel's trace, however small
+            fitted = ImageOps.fit(Image.fromarray(load_mask(mask, size)), (s, s), Image.Resampling.BOX)
+            cells = torch.from_numpy(np.asarray(fitted).reshape(g, s // g, g, s // g).any(axis=(1, 3)))
+        if not cells.any():
+            raise ValueError("The mask paints no cell: paint over the part of the picture to redraw.")
+        if cells.all():
+            raise ValueError("The mask covers the whole picture: leave some of it unpainted to keep "
+                             "(Generate draws a picture from nothing).")
+        return cells
+
     def centre_box(self, keep: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) in grid cells of the keep x keep square the spiral fills first."""
         cells = self.model.schedule.order[: self.model.schedule.prefix_len(self._keep_steps(keep))]
@@ -291,21 +386,37 @@ class EARPipeline:
         return min(cols), min(rows), max(cols) + 1, max(rows) + 1
 
     def encode_centre(self, image: Image.Image, keep: int) -> torch.Tensor:
-        """The generation-order prefix that shows `image` in the central keep x keep square.
+        """The generation-order prefix that shows `image` in the central keep x keep square."""
+        box = self.centre_box(keep)
+        order = torch.tensor(self.model.schedule.order[: (box[2] - box[0]) * (box[3] - box[1])])
+        return self.encode_region(image, box).flatten()[order]
 
-        The picture is cropped and resized to exactly that square's pixels; the rest of the
+    def encode_region(self, image: Image.Image, box: tuple[int, int, int, int]) -> torch.Tensor:
+        """(g, g) tokens showing `image` in `box` (left, top, right, bottom cells), UNKNOWN around.
+
+        The picture is cropped and resized to exactly that region's pixels; the rest of the
         tokenizer's canvas is filled by mirroring it, so encoders with a wide receptive field see
         natural surroundings rather than a hard border."""
-        left, top, right, bottom = self.centre_box(keep)
+        left, top, right, bottom = box
         size, cell = self.tokenizer.image_size, self.tokenizer.image_size // self.grid
-        centre = np.asarray(center_crop_resize(image, keep * cell))
+        region = np.asarray(center_crop_resize(image, ((right - left) * cell, (bottom - top) * cell)))
         pads = ((top * cell, size - bottom * cell), (left * cell, size - right * cell), (0, 0))
-        canvas = Image.fromarray(np.pad(centre, pads, mode="symmetric"))
+        canvas = Image.fromarray(np.pad(region, pads, mode="symmetric"))
         device = module_device(self.tokenizer)
         with torch.no_grad():
-            grid = self.tokenizer.encode(to_tensor(canvas)[None].to(device)).flatten().cpu()
-        order = torch.tensor(self.model.schedule.order[: (right - left) * (bottom - top)])
-        return grid[order]
+            grid = self.tokenizer.encode(to_tensor(canvas)[None].to(device))[0].cpu().long()
+        out = torch.full_like(grid, UNKNOWN)
+        out[top:bottom, left:right] = grid[top:bottom, left:right]
+        return out
+
+    def _conditioning(self, class_id: int | str | None, sampling: dict[str, Any],
+                      what: str) -> tuple[list[int], dict[str, Any]]:
+        """The class row and sampling values: `None` is the null class without guidance."""
+        if class_id is not None:
+            return [self.class_id(class_id)], sampling
+        if self.model.cls_embedding.embedding_table.num_embeddings <= self.model.null_class:
+            raise ValueError(f"{self.name} has no unconditional class: pass a class to {what} with.")
+        return [self.model.null_class], {**sampling, "cfg_scale": 1.0}
 
     def _keep_steps(self, keep: int) -> int:
         sizes = self.keep_sizes()
@@ -328,7 +439,7 @@ class EARPipeline:
     def _states(self, ids: list[int], *, seed: int | None = None, cfg_scale: float | None = None,
                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                 schedule: str | Schedule | None = None, style: str | int | None = None,
-                prefix: torch.Tensor | None = None) -> Iterator[StepState]:
+                known: torch.Tensor | None = None) -> Iterator[StepState]:
         """Checked arguments -> the sampler's generator (which itself starts work lazily)."""
         settings = self.default_settings.merged(cfg_scale=cfg_scale, temperature=temperature,
                                                 top_k=top_k, top_p=top_p)
@@ -337,7 +448,7 @@ class EARPipeline:
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
         seed = None if seed is None else int(seed)  # numpy integers too
         return self.sampler(self.model, self.labels(ids, style, seed), **asdict(settings), seed=seed,
-                            prefix=prefix, schedule=self._schedule(schedule))
+                            known=known, schedule=self._schedule(schedule))
 
     def _frames(self, states: Iterator[StepState], renderer: PreviewRenderer) -> Iterator[Frame]:
         cells = self.grid * self.grid

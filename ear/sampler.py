@@ -98,6 +98,71 @@ def _as_prefix(model: EAR, prefix: torch.Tensor | None, batch: int, schedule: Sc
     return prefix.long()
 
 
+def _as_known(model: EAR, known: torch.Tensor | None, prefix: torch.Tensor | None, batch: int,
+              schedule: Schedule) -> torch.Tensor | None:
+    """`known=` (or `prefix=`, its special case) as a checked (batch, g*g) raster grid of tokens,
+    UNKNOWN where a cell is drawn; None when no cell is known (plain generation)."""
+    n = schedule.num_tokens
+    if prefix is not None:
+        if known is not None:
+            raise ValueError("give either prefix or known, not both (a prefix is a known mask "
+                             "covering the first steps)")
+        given = _as_prefix(model, prefix, batch, schedule)
+        grid = torch.full((batch, n), UNKNOWN, dtype=torch.long)
+        grid[:, torch.tensor(schedule.order[: given.shape[1]], dtype=torch.long)] = given
+        return grid if given.shape[1] else None
+    if known is None:
+        return None
+    known = torch.as_tensor(known)
+    if known.dtype.is_floating_point or known.dtype == torch.bool:
+        raise ValueError(f"known must hold integer token ids (UNKNOWN = {UNKNOWN} where a cell is "
+                         f"drawn), got {known.dtype}")
+    g = schedule.grid
+    if known.shape not in ((g, g), (n,), (batch, g, g), (batch, n)):
+        raise ValueError(f"known must have shape ({g}, {g}) or ({batch}, {g}, {g}) (UNKNOWN where a "
+                         f"cell is drawn), got {tuple(known.shape)}")
+    grid = known.long().reshape(-1, n).expand(batch, n).clone()
+    given = grid >= 0
+    if (grid < UNKNOWN).any():
+        raise ValueError(f"known must hold token ids or UNKNOWN ({UNKNOWN}), found {int(grid.min())}")
+    model.check_tokens(grid.clamp_min(0))
+    if bool(given.all(dim=1).any()):
+        raise ValueError("known covers every cell of a row: leave at least one cell to draw")
+    return grid if bool(given.any()) else None
+
+
+def lead_steps(known: torch.Tensor | None, schedule: Schedule) -> int:
+    """How many first steps of the order are known in every row: the engine feeds those at once
+    as a prefix (exactly what `prefix=` did) and draws from the step after."""
+    if known is None:
+        return 0
+    order = torch.tensor(schedule.order, dtype=torch.long)
+    lead = int((known[:, order] >= 0).all(dim=0).long().cumprod(0).sum())
+    return max(k for k, b in enumerate(schedule.boundaries) if b <= lead)
+
+
+def last_drawn_step(known: torch.Tensor | None, schedule: Schedule) -> int:
+    """The last step with a cell to draw in some row: after it every cell is known, so sampling
+    stops there (a hole near the centre needs only the first steps' forwards)."""
+    if known is None:
+        return schedule.num_steps - 1
+    drawn = (known < 0).any(dim=0)
+    return max(k for k, group in enumerate(schedule.groups) if drawn[list(group)].any())
+
+
+def state_count(known: torch.Tensor | None, schedule: Schedule) -> int:
+    """How many StepStates `sample` yields for these known cells (a checked grid or None)."""
+    last = last_drawn_step(known, schedule)
+    opening = int(known is not None)
+    return opening + last + 1 - lead_steps(known, schedule) + int(last < schedule.num_steps - 1)
+
+
+def _in_order(known: torch.Tensor, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefix (B, P) of the lead steps, known grid (B, N) in generation order) for the engine."""
+    ordered = known[:, torch.tensor(schedule.order, dtype=torch.long)]
+    return ordered[:, : schedule.boundaries[lead_steps(known, schedule)]], ordered
+
+
 ENGINES = ("runner", "reference")
 Value = float | Sequence[float]
 
@@ -115,29 +180,35 @@ def decode(model: EAR, class_ids: torch.Tensor, pick: Picker, *, cfg_scale: floa
     keys = torch.zeros(ids.shape[0], dtype=torch.long)  # unused: `pick` chooses
     rows = RowSettings.build(ids.shape[0], model.config.vocab_size, cfg_scale=cfg_scale, temperature=0.0,
                              top_k=0, top_p=1.0, greedy=True, keys=keys)
-    yield from _steps(model, ids, rows, pick, prefix, schedule, use_cache, engine)
+    sched = model.layout(schedule).schedule
+    known = _as_known(model, None, prefix, ids.shape[0], sched)
+    yield from _steps(model, ids, rows, pick, known, sched, use_cache, engine)
 
 
 def _steps(model: EAR, class_ids: torch.Tensor, rows: RowSettings, pick: Picker | None,
-           prefix: torch.Tensor | None, schedule: Schedule | None, use_cache: bool,
+           known: torch.Tensor | None, sched: Schedule, use_cache: bool,
            engine: str) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The decode loop on either engine; `known` is a checked raster grid (`_as_known`)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    sched = model.layout(schedule).schedule
-    known = _as_prefix(model, prefix, class_ids.shape[0], sched)
+    batch = class_ids.shape[0]
+    prefix, ordered = (torch.zeros(batch, 0, dtype=torch.long), None) if known is None \
+        else _in_order(known, sched)
     if use_cache and engine == "runner":
-        return runner_for(model).decode(class_ids, rows, prefix=known, schedule=sched, pick=pick)
-    return _reference_steps(model, class_ids, rows, pick, known, sched, use_cache)
+        return runner_for(model).decode(class_ids, rows, prefix=prefix, known=ordered, schedule=sched,
+                                        pick=pick)
+    return _reference_steps(model, class_ids, rows, pick, prefix, ordered, sched, use_cache)
 
 
 def _reference_steps(model: EAR, class_ids: torch.Tensor, rows: RowSettings, pick: Picker | None,
-                     known: torch.Tensor, sched: Schedule,
+                     prefix: torch.Tensor, ordered: torch.Tensor | None, sched: Schedule,
                      use_cache: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Step by step through the readable model (the path the runner is checked against)."""
     layout = model.layout(sched)
     device = model.output.weight.device
     rows = rows.to(device)
-    known = known.to(device)
+    known = prefix.to(device)
+    ordered = None if ordered is None else ordered.to(device)
     first = sched.steps_for_prefix(known.shape[1])
     ids = class_ids.to(device)
     if rows.guided:
@@ -162,6 +233,9 @@ def _reference_steps(model: EAR, class_ids: torch.Tensor, rows: RowSettings, pic
             cells = torch.tensor(sched.groups[k], device=device)
             tokens = (pick(k, logits) if pick is not None
                       else draw(logits, rows, streams[:, cells], codes)).to(device=device, dtype=torch.long)
+            if ordered is not None:  # known cells take their token, whatever was drawn
+                given = ordered[:, bounds[k]:bounds[k + 1]]
+                tokens = torch.where(given >= 0, given, tokens)
             known = torch.cat([known, tokens], dim=1)
         yield k, logits, tokens
 
@@ -170,12 +244,17 @@ def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_sca
            temperature: Value = 1.0, top_k: int | Sequence[int] = 0, top_p: Value = 1.0,
            seed: int | Sequence[int] | None = None, row_ids: Sequence[int] | torch.Tensor | None = None,
            greedy: bool | Sequence[bool] = False, prefix: torch.Tensor | None = None,
-           schedule: Schedule | None = None, use_cache: bool = True,
+           known: torch.Tensor | None = None, schedule: Schedule | None = None, use_cache: bool = True,
            engine: str = "runner") -> Iterator[StepState]:
-    """Yield a StepState after every step (after the prefix, if one is given, a first state shows
-    it). Every sampling value is one for all rows or one per row. Row i's randomness comes only from
+    """Yield a StepState after every step (with a prefix or known cells, a first state shows
+    them). Every sampling value is one for all rows or one per row. Row i's randomness comes only from
     (seed_i, row_ids[i]) (row ids default to 0..B-1): same seed and settings -> same image, whatever
-    else shares the batch. `schedule` runs another order of the same grid."""
+    else shares the batch. `schedule` runs another order of the same grid.
+
+    `known` is a (g, g) or (B, g, g) raster grid of tokens, UNKNOWN (-1) where a cell is to be
+    drawn: at every step a known cell takes its token (fed as content, never drawn) and the others
+    are drawn, so rows may mix masks. `prefix` (the first steps' tokens in generation order) is
+    the special case of known cells that form the first steps."""
     if model.training:
         raise ValueError("the model is in training mode (dropout, label drop): call model.eval() first")
     ids = _as_class_ids(model, class_ids)
@@ -183,32 +262,65 @@ def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_sca
     rows = RowSettings.build(batch, model.config.vocab_size, cfg_scale=cfg_scale, temperature=temperature,
                              top_k=top_k, top_p=top_p, greedy=greedy, keys=row_keys(seed, row_ids, batch))
     sched = model.layout(schedule).schedule
-    steps = _steps(model, ids, rows, None, prefix, sched, use_cache, engine)
+    given = _as_known(model, known, prefix, batch, sched)
+    steps = _steps(model, ids, rows, None, given, sched, use_cache, engine)
     grid = torch.full((batch, g * g), UNKNOWN, dtype=torch.long)
-    known = torch.zeros(g * g, dtype=torch.bool)
-    order = torch.tensor(sched.order)
+    shown = torch.zeros(g * g, dtype=torch.bool)
     started = time.perf_counter()
 
-    def state(step: int, cells: torch.Tensor) -> StepState:
-        new = torch.zeros(g * g, dtype=torch.bool)
-        new[cells] = True
-        return StepState(step, sched.num_steps, grid.view(batch, g, g).clone(), known.view(g, g).clone(),
+    def state(step: int, new: torch.Tensor) -> StepState:
+        return StepState(step, sched.num_steps, grid.view(batch, g, g).clone(), shown.view(g, g).clone(),
                          new.view(g, g), time.perf_counter() - started)
 
-    if prefix is not None:
-        given = _as_prefix(model, prefix, batch, sched)
-        cells = order[: given.shape[1]]
-        grid[:, cells] = given
-        known[cells] = True
-        yield state(sched.steps_for_prefix(given.shape[1]), cells)
+    if given is not None:  # the opening state: the known cells (shown where every row knows them)
+        grid.copy_(given)
+        shown = (given >= 0).all(dim=0)
+        yield state(lead_steps(given, sched), shown.clone())
+    last = last_drawn_step(given, sched)
     try:
         for k, _logits, tokens in steps:
             cells = torch.tensor(sched.groups[k])
             grid[:, cells] = tokens.cpu()
-            known[cells] = True
-            yield state(k + 1, cells)
+            new = torch.zeros(g * g, dtype=torch.bool)
+            new[cells] = True
+            if given is not None:  # known cells were shown from the start
+                new &= ~shown
+            shown[cells] = True
+            yield state(k + 1, new)
+            if k == last and k < sched.num_steps - 1:  # the rest is known: no forward needed
+                new, shown = ~shown, torch.ones_like(shown)
+                yield state(sched.num_steps, new)
+                return
     finally:  # a stream stopped early hands its cache back at once
         steps.close()
+
+
+def known_log_likelihood(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, tokens: torch.Tensor,
+                         known: torch.Tensor, *, cfg_scale: float = 1.0,
+                         schedule: Schedule | None = None) -> torch.Tensor:
+    """(B,) log-probability (nats) the model gives the known cells of finished (B, g, g) `tokens`,
+    each given every cell before it in the order (one teacher-forced pass). A draw of the other
+    cells under which the known ones are likely agrees with the known cells that come *after* it
+    in the order, which the draw itself could not see: refinement keeps the likeliest draw."""
+    ids = _as_class_ids(model, class_ids)
+    sched = model.layout(schedule).schedule
+    given = _as_known(model, known, None, ids.shape[0], sched)
+    order = torch.tensor(sched.order, dtype=torch.long)
+    ordered = tokens.reshape(ids.shape[0], -1)[:, order]
+    counted = torch.zeros_like(ordered, dtype=torch.bool) if given is None else given[:, order] >= 0
+    total = torch.zeros(ids.shape[0], dtype=torch.float64)
+    bounds = sched.boundaries
+
+    def pick(k: int, logits: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        step = ordered[:, bounds[k]:bounds[k + 1]].to(logits.device)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, step[..., None])[..., 0]
+        total = total + (logp.cpu().double() * counted[:, bounds[k]:bounds[k + 1]]).sum(dim=1)
+        return step
+
+    for _ in decode(model, ids, pick, cfg_scale=cfg_scale, schedule=sched):
+        pass
+    return total
 
 
 def generate(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, **kwargs) -> torch.Tensor:

@@ -13,9 +13,10 @@ takes one request (its classes, seed and sampling settings) with the signature o
   such batches (2) wait for one to finish. First come, first served; at most `max_rows` rows in
   flight; a request bigger than that runs alone.
 * Rows share a forward only when the engine can run them as one batch: same model, schedule,
-  prefix length (Extend) and guidance on or off (cfg 1 rows in a guided batch would double their
-  cost and add a rounding step). Batches of different kinds run side by side, one step of each in
-  turn, so an Extend or a Compare never waits for a long Generate batch to finish.
+  known cells (none, or some with the same first steps known: Extend, Edit) and guidance on or
+  off (cfg 1 rows in a guided batch would double their cost and add a rounding step). Batches of
+  different kinds run side by side, one step of each in turn, so an Extend or a Compare never
+  waits for a long Generate batch to finish.
 * Every row keeps its own settings and randomness: row i of a request with seed s is drawn from
   (s, i) (`ear.draw`), so its image is the same whoever else shares the batch, as long as the
   batch's shape does not change the rounding of the forward (on a CPU in float32 no token of the
@@ -61,7 +62,16 @@ import torch
 
 from ear.model import EAR, EARConfig
 from ear.order import Schedule
-from ear.sampler import Decoded, SamplingParams, StepState, _as_class_ids, _as_prefix, sample
+from ear.sampler import (
+    Decoded,
+    SamplingParams,
+    StepState,
+    _as_class_ids,
+    _as_known,
+    lead_steps,
+    sample,
+    state_count,
+)
 
 log = logging.getLogger("ear.serving")  # also in the worker process, where this runs as __main__
 
@@ -160,7 +170,7 @@ class _Request:
     class_ids: torch.Tensor  # (n,)
     params: SamplingParams
     seed: int
-    prefix: torch.Tensor  # (n, P) generation order, P may be 0
+    known: torch.Tensor | None  # (n, g*g) raster, UNKNOWN where drawn (`ear.sampler._as_known`)
     schedule: Schedule
     submitted: float = field(default_factory=time.perf_counter)
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
@@ -169,6 +179,10 @@ class _Request:
     began: float | None = None  # when its first batch started
     bundle: list[ServedState] = field(default_factory=list)  # computed, not yet handed over
     handed: float = 0.0  # when the last bundle went out
+    lead: int = field(init=False)  # first steps known in every row: fed at once, as a prefix
+
+    def __post_init__(self) -> None:
+        self.lead = lead_steps(self.known, self.schedule)
 
     def hand_over(self, state: ServedState, now: float) -> None:
         self.bundle.append(state)
@@ -185,18 +199,19 @@ class _Request:
     @property
     def key(self) -> tuple:
         """What must match for rows to share a forward."""
-        return (self.model, self.schedule.name, self.prefix.shape[1], self.params.guided)
+        return (self.model, self.schedule.name, self.lead, self.known is None, self.params.guided)
 
 
 def _new_request(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, params: SamplingParams,
-                 seed: int | None, prefix: torch.Tensor | None, schedule: Schedule | None) -> _Request:
+                 seed: int | None, prefix: torch.Tensor | None, known: torch.Tensor | None,
+                 schedule: Schedule | None) -> _Request:
     """A request with every argument checked (before anything is queued)."""
     if model.training:
         raise ValueError("the model is in training mode (dropout, label drop): call model.eval() first")
     ids = _as_class_ids(model, class_ids)
     seed = secrets.randbits(63) if seed is None else _whole(seed)
     sched = model.layout(schedule).schedule
-    return _Request(model, ids, params, seed, _as_prefix(model, prefix, ids.shape[0], sched), sched)
+    return _Request(model, ids, params, seed, _as_known(model, known, prefix, ids.shape[0], sched), sched)
 
 
 def _whole(seed: object) -> int:
@@ -242,18 +257,16 @@ class _Batch:
         first = requests[0]
         per_row = [(r, i) for r in requests for i in range(r.rows)]
         params = [r.params for r, _ in per_row]
-        prefix = torch.cat([r.prefix for r in requests])
+        known = None if first.known is None else torch.cat([r.known for r in requests if r.known is not None])
         self._states = sample(
             first.model, torch.cat([r.class_ids for r in requests]),
             cfg_scale=[p.cfg_scale for p in params], temperature=[p.temperature for p in params],
             top_k=[p.top_k for p in params], top_p=[p.top_p for p in params],
             greedy=[p.greedy for p in params], seed=[r.seed for r, _ in per_row],
-            row_ids=[i for _, i in per_row], prefix=prefix if prefix.shape[1] else None,
-            schedule=first.schedule)
+            row_ids=[i for _, i in per_row], known=known, schedule=first.schedule)
         self.offsets = list(itertools.accumulate([r.rows for r in requests], initial=0))
         self.produced = 0  # states this batch has computed
-        self.num_states = first.schedule.num_steps - first.schedule.steps_for_prefix(first.prefix.shape[1]) \
-            + int(first.prefix.shape[1] > 0)
+        self.num_states = state_count(known, first.schedule)
 
     def close(self) -> None:
         self._states.close()  # hands the engine's cache back at once
@@ -333,12 +346,12 @@ class Scheduler:
     def sample(self, model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_scale: float = 1.0,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
                seed: int | None = None, prefix: torch.Tensor | None = None,
-               schedule: Schedule | None = None) -> Iterator[ServedState]:
+               known: torch.Tensor | None = None, schedule: Schedule | None = None) -> Iterator[ServedState]:
         """`ear.sampler.sample` for one request, served in a shared batch: the same states, the
         same tokens (row i drawn from (seed, i)). Arguments are checked now; the request joins the
         queue when the first state is asked for, and leaves it when the iterator is closed."""
         params = SamplingParams(cfg_scale, temperature, top_k, top_p, greedy)
-        return self._follow(_new_request(model, class_ids, params, seed, prefix, schedule))
+        return self._follow(_new_request(model, class_ids, params, seed, prefix, known, schedule))
 
     def _follow(self, request: _Request) -> Iterator[ServedState]:
         self._submit(request)
@@ -523,10 +536,10 @@ class ProcessScheduler:
     def sample(self, model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_scale: float = 1.0,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
                seed: int | None = None, prefix: torch.Tensor | None = None,
-               schedule: Schedule | None = None) -> Iterator[ServedState]:
+               known: torch.Tensor | None = None, schedule: Schedule | None = None) -> Iterator[ServedState]:
         """As `Scheduler.sample`."""
         params = SamplingParams(cfg_scale, temperature, top_k, top_p, greedy)
-        request = _new_request(model, class_ids, params, seed, prefix, schedule)
+        request = _new_request(model, class_ids, params, seed, prefix, known, schedule)
         return self._follow(request) if _on_cpu(model) else self._local._follow(request)
 
     def _follow(self, request: _Request) -> Iterator[ServedState]:
@@ -602,7 +615,8 @@ class _Worker:
                     torch.save(request.model.state_dict(), weights)
                     self._send(("model", model, asdict(request.model.config), weights.getvalue()))
                 self._send(("sample", number, model, request.class_ids.numpy(), request.params,
-                            request.seed, request.prefix.numpy(), request.schedule))
+                            request.seed, None if request.known is None else request.known.numpy(),
+                            request.schedule))
         except BaseException:
             self._requests.pop(number, None)
             raise
@@ -726,10 +740,10 @@ def _worker_main(read_fd: int, write_fd: int, settings: dict[str, Any]) -> None:
             model.load_weights(state)
             models[number] = model.to(next(iter(state.values())).dtype).eval()
         elif kind == "sample":
-            model_number, class_ids, params, seed, prefix, schedule = rest
+            model_number, class_ids, params, seed, known, schedule = rest
             try:
                 request = _Request(models[model_number], torch.from_numpy(class_ids), params, seed,
-                                   torch.from_numpy(prefix), schedule)
+                                   None if known is None else torch.from_numpy(known), schedule)
                 request.out = _Outbox(number, send)
                 scheduler._submit(request)
             except Exception as err:  # a bug, not the input (checked in the parent): this request fails

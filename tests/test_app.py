@@ -459,16 +459,16 @@ def test_select_model_refills_controls_or_goes_back(app: types.ModuleType,
 
 def test_every_tab_is_a_named_endpoint_behind_a_bounded_queue(app: types.ModuleType) -> None:
     names = {f.api_name: f for f in app.demo.fns.values()}
-    for name in ("generate", "extend", "compare", "model_info"):
+    for name in ("generate", "extend", "edit", "compare", "model_info"):
         assert name in names and names[name].api_visibility == "public"
-    for name in ("generate", "extend", "compare"):
+    for name in ("generate", "extend", "edit", "compare"):
         assert names[name].concurrency_id == "ear" and not names[name].preprocess
     assert app.demo._queue.max_size == app.QUEUE_SIZE
     assert app.demo._queue.default_concurrency_limit == app.CONCURRENCY_LIMIT
     cancels = [f for f in app.demo.fns.values() if f.cancels]
-    assert len(cancels) == 3  # after each Stop asked its run to end itself (ear.stops): a queued run
+    assert len(cancels) == 4  # after each Stop asked its run to end itself (ear.stops): a queued run
     stops = [f for f in app.demo.fns.values() if f.name == "stop_run"]
-    assert len(stops) == 3 and not any(f.queue for f in stops + cancels)
+    assert len(stops) == 4 and not any(f.queue for f in stops + cancels)
     assert all(f.api_visibility == "private" for f in stops)
 
 
@@ -492,7 +492,7 @@ def test_zerogpu_decorator_used_when_spaces_exists(tiny: str) -> None:
     with mock.patch.dict(sys.modules, {"spaces": fake}), \
             mock.patch.dict(os.environ, {"EAR_STUDIO_MODEL": tiny}):
         spec.loader.exec_module(module)
-    assert sorted(durations) == ["compare", "extend", "generate"]
+    assert sorted(durations) == ["compare", "edit", "extend", "generate"]
     one = durations["generate"]("cat", 1, 0, 1.5, 1.0, 0, 1.0, tiny, "gif")
     assert durations["generate"]("cat", 8, 0, 1.5, 1.0, 0, 1.0, tiny, "gif") > one
     assert durations["compare"]("cat", 0, tiny) > one  # every order, raster included

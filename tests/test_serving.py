@@ -342,7 +342,7 @@ def drain(request: serving._Request) -> list[ServedState]:
 
 def request(model, ids: list[int], seed: int) -> serving._Request:
     return serving._Request(model, torch.tensor(ids), serving.SamplingParams(cfg_scale=1.5), seed,
-                            torch.zeros(len(ids), 0, dtype=torch.long), model.schedule)
+                            None, model.schedule)
 
 
 @pytest.mark.parametrize(("done", "overlap", "placed"),
