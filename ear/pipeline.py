@@ -231,7 +231,7 @@ class EARPipeline:
         samples unconditionally (the null class, no guidance)."""
         self._keep_steps(keep)
         if class_id is None:
-            if self.model.cls_embedding.embedding_table.num_embeddings <= self.model.null_class:
+            if not self.model.cls_embedding.has_null:
                 raise ValueError(f"{self.name} has no unconditional class: pass a class to extend with.")
             ids = [self.model.null_class]
             sampling = {**sampling, "cfg_scale": 1.0}
