@@ -241,6 +241,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--classes", default="familiar", dest="class_set")
     p.add_argument("--min-class-size", type=int, default=20)
+    p.add_argument("--sets", default="twitter,google", help="emoji image sets (as for training)")
     p.add_argument("--out", default="runs/eval", help="where metrics.json goes")
     p.add_argument("--samples-per-class", type=int, default=4)
     p.add_argument("--fid-dims", type=int, default=64)
