@@ -247,14 +247,16 @@ def ear_metrics(pipe: EARPipeline, data: ImageDataset, seed: int) -> dict[str, f
             "unigram_train_nats_per_token": float(-logp[train_tokens.flatten().long()].mean())}
 
 
-def sheet(pipe: EARPipeline, data: ImageDataset, classes: list[int], settings: dict[str, Any], seed: int,
-          per_row: int = 4, size: int = 80, columns: int = 2) -> Any:
-    """Per emoji: its name, the Twemoji and Noto renderings (left of the bar), then `per_row`
-    generated samples; emoji laid out in `columns` blocks."""
+def sheet(pipe: EARPipeline, data: ImageDataset, classes: list[int], settings: dict[str, Any],
+          per_row: int = VARIETY_SEEDS, size: int = 80, columns: int = 1) -> Any:
+    """Per emoji: its name, one rendering per image set (left of the bar), then what seeds
+    0..per_row-1 give (one image each, style "Any": the page's Generate by seed); emoji laid out
+    in `columns` blocks."""
     from PIL import Image, ImageDraw
 
     gap, label_h, bar = 4, 14, 8
-    block_w = (2 + per_row) * (size + gap) + bar
+    sets = list(dict.fromkeys(data.sources.tolist()))
+    block_w = (len(sets) + per_row) * (size + gap) + bar
     rows = -(-len(classes) // columns)
     row_h = label_h + size + gap
     page = Image.new("RGB", (columns * block_w + gap * (columns + 1), rows * row_h + gap), "white")
@@ -262,15 +264,13 @@ def sheet(pipe: EARPipeline, data: ImageDataset, classes: list[int], settings: d
     for n, c in enumerate(classes):
         x0, y = gap + (n // rows) * (block_w + gap), gap + (n % rows) * row_h
         draw.text((x0, y), pipe.class_names[c], fill=(30, 30, 30))
-        real = [data.images[(data.labels == c) & (data.sources == s)][:1] for s in ("twitter", "google")]
-        real = np.concatenate(real) if sum(map(len, real)) else data.images[data.labels == c][:2]
-        # an even seed: with styles, the samples alternate from the first style, as the real ones
-        fakes = pipe.generate([c] * per_row, seed=2 * (seed + c), display_size=size, **settings)
-        tiles = [Image.fromarray(r).resize((size, size), Image.Resampling.LANCZOS) for r in real]
-        for i, tile in enumerate([*tiles, *fakes]):
-            x = x0 + i * (size + gap) + (bar if i >= len(tiles) else 0)
+        real = np.concatenate([data.images[(data.labels == c) & (data.sources == s)][:1] for s in sets])
+        fakes = seed_images(pipe, [c], settings, None, per_row)[0]
+        tiles = [Image.fromarray(r).resize((size, size), Image.Resampling.LANCZOS) for r in [*real, *fakes]]
+        for i, tile in enumerate(tiles):
+            x = x0 + i * (size + gap) + (bar if i >= len(real) else 0)
             page.paste(tile.convert("RGB"), (x, y + label_h))
-        bx = x0 + len(tiles) * (size + gap) + bar // 2 - 2
+        bx = x0 + len(real) * (size + gap) + bar // 2 - 2
         draw.rectangle((bx - 1, y + label_h, bx + 1, y + label_h + size), fill=(150, 150, 150))
     return page
 
@@ -280,7 +280,7 @@ def write_media(pipe: EARPipeline, data: ImageDataset, folder: Path, settings: d
     """samples.png (real renderings next to generated ones) and growth.gif (four classes growing)."""
     from ear.preview import make_grid, save_animation
 
-    page = sheet(pipe, data, classes, settings, seed)
+    page = sheet(pipe, data, classes, settings)
     tmp = folder / "samples.tmp.png"
     page.save(tmp)
     tmp.replace(folder / "samples.png")
