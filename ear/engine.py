@@ -177,7 +177,7 @@ class _Weights:
                 ada=(block.ada_lin[1].weight.detach(), block.ada_lin[1].bias.detach()) if adaln else None,
                 gains=(g1, g2)))
         self.head = _prepared((model.output.weight * model.norm.weight).detach(), mode)
-        self.classes = model.cls_embedding.embedding_table.weight.detach()
+        self.classes = model.cls_embedding.table().detach()  # every label's vector, styles added
         self.dim, self.eps = dim, model.config.norm_eps
 
 

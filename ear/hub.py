@@ -137,7 +137,8 @@ class LoadedModel:
     # The class the page opens on, and old or familiar names that still find a class ("heart").
     default_class: str = ""
     class_aliases: dict[str, str] = field(default_factory=dict)
-    # Image sets the model draws each class in (one class embedding per class and style), e.g.
+    # Image sets the model draws each class in (one class embedding per class and style, or one per
+    # class shared by every style plus a style embedding: EARConfig.num_styles), e.g.
     # ["Twemoji", "Noto"]; empty for a model with one embedding per class.
     styles: list[str] = field(default_factory=list)
 
@@ -339,11 +340,15 @@ def load_own_format(files: dict[str, Path], name: str, source: str,
             or len(set(styles)) != len(styles):
         raise ValueError(f"The model config '{files['config']}' has styles {styles!r}: expected a list of "
                          f"distinct names.")
-    n, per_class = ear_config.num_classes, max(1, len(styles))
+    shared = ear_config.num_styles
+    if shared and len(styles) != shared:
+        raise ValueError(f"The model config '{files['config']}' has a shared embedding for {shared} style(s) "
+                         f"(num_styles) but names {len(styles)} style(s): give one name per style.")
+    n, per_class = ear_config.num_labels, max(1, len(styles))
     class_names = list(config.get("class_names") or [f"class {i}" for i in range(n // per_class)])
     if len(class_names) * per_class != n:
         raise ValueError(f"The model config '{files['config']}' names {len(class_names)} classes in "
-                         f"{per_class} style(s) but the model has {n} class embeddings.")
+                         f"{per_class} style(s) but the model has {n} class labels.")
     presets = config.get("presets") or {"default": {}}
     default_class = config.get("default_class", class_names[0])
     aliases = dict(config.get("class_aliases") or {})

@@ -28,6 +28,11 @@ class EARConfig:
     n_head: int = 12
     vocab_size: int = 8192
     num_classes: int = 1000
+    # 0: one class embedding per label (the official layout; a styled asset then has one label per
+    # (class, style)). n > 0: one embedding per class shared by n styles plus a style embedding
+    # added to it, label = style * num_classes + class, so what a class looks like is learnt from
+    # every style's drawings and each style is learnt from every class.
+    num_styles: int = 0
     grid_size: int = 16
     schedule: str = "arms"
     adaln: bool = True
@@ -50,11 +55,19 @@ class EARConfig:
             raise ValueError(f"rope must be one of {ROPE_MODES}, got {self.rope!r}")
         if min(self.dim, self.n_layer, self.vocab_size, self.num_classes) < 1:
             raise ValueError("dim, n_layer, vocab_size and num_classes must be positive")
+        if isinstance(self.num_styles, bool) or not isinstance(self.num_styles, int) or self.num_styles < 0:
+            raise ValueError(f"num_styles must be a whole number >= 0 (0: no shared style embedding), "
+                             f"got {self.num_styles!r}")
         make_schedule(self.schedule, self.grid_size)  # validates both
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_head
+
+    @property
+    def num_labels(self) -> int:
+        """Class labels the model is conditioned on (the null class is the next one)."""
+        return self.num_classes * max(1, self.num_styles)
 
     @property
     def ffn_hidden(self) -> int:
@@ -179,18 +192,40 @@ class Block(nn.Module):
 
 
 class ClassEmbedding(nn.Module):
-    """Class table with one extra row, the null class used for classifier-free guidance."""
+    """Class table with one extra row, the null class used for classifier-free guidance. With
+    styles (config.num_styles > 0) a label s * num_classes + c is class row c plus style row s;
+    the null label (num_labels) is the null row alone."""
 
-    def __init__(self, num_classes: int, dim: int, dropout_prob: float) -> None:
+    def __init__(self, config: EARConfig) -> None:
         super().__init__()
-        self.num_classes, self.dropout_prob = num_classes, dropout_prob
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
+        self.num_classes, self.dropout_prob = config.num_classes, config.class_dropout_prob
+        self.num_labels = config.num_labels
+        self.embedding_table = nn.Embedding(config.num_classes + int(self.dropout_prob > 0), config.dim)
+        self.style_table = nn.Embedding(config.num_styles, config.dim) if config.num_styles else None
+
+    @property
+    def has_null(self) -> bool:
+        return self.embedding_table.num_embeddings > self.num_classes
 
     def forward(self, class_ids: torch.Tensor) -> torch.Tensor:
         if self.training and self.dropout_prob > 0:
             drop = torch.rand(class_ids.shape, device=class_ids.device) < self.dropout_prob
-            class_ids = torch.where(drop, self.num_classes, class_ids)
-        return self.embedding_table(class_ids)
+            class_ids = torch.where(drop, self.num_labels, class_ids)
+        return self.lookup(class_ids)
+
+    def lookup(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """The conditioning vector of each label, no label dropout."""
+        if self.style_table is None:
+            return self.embedding_table(class_ids)
+        null = class_ids == self.num_labels
+        rows = torch.where(null, self.num_classes, class_ids % self.num_classes)
+        styles = torch.where(null, 0, class_ids // self.num_classes)
+        return self.embedding_table(rows) + self.style_table(styles) * (~null)[..., None]
+
+    def table(self) -> torch.Tensor:
+        """(num_labels [+ 1 null], dim): every label's vector, what a fast path indexes."""
+        ids = torch.arange(self.num_labels + int(self.has_null), device=self.embedding_table.weight.device)
+        return self.lookup(ids)
 
 
 class _Layout:
@@ -238,7 +273,7 @@ class EAR(nn.Module):
         self.config = config
         self.schedule = make_schedule(config.schedule, config.grid_size)
         self.mask_token = nn.Embedding(1, config.dim)
-        self.cls_embedding = ClassEmbedding(config.num_classes, config.dim, config.class_dropout_prob)
+        self.cls_embedding = ClassEmbedding(config)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.token_dropout = nn.Dropout(config.token_dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
@@ -268,7 +303,7 @@ class EAR(nn.Module):
 
     @property
     def null_class(self) -> int:
-        return self.config.num_classes
+        return self.config.num_labels
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Strict load that names every missing, unexpected or mis-shaped key."""
@@ -297,7 +332,7 @@ class EAR(nn.Module):
     # ---- checks -------------------------------------------------------------------------------
 
     def check_class_ids(self, class_ids: torch.Tensor, allow_null: bool = False) -> None:
-        top = self.config.num_classes + int(allow_null) - 1
+        top = self.config.num_labels + int(allow_null) - 1
         if class_ids.ndim != 1:
             raise ValueError(f"class_ids must be 1-D (batch,), got shape {tuple(class_ids.shape)}")
         if class_ids.numel() and (int(class_ids.min()) < 0 or int(class_ids.max()) > top):

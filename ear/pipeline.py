@@ -414,7 +414,7 @@ class EARPipeline:
         """The class row and sampling values: `None` is the null class without guidance."""
         if class_id is not None:
             return [self.class_id(class_id)], sampling
-        if self.model.cls_embedding.embedding_table.num_embeddings <= self.model.null_class:
+        if not self.model.cls_embedding.has_null:
             raise ValueError(f"{self.name} has no unconditional class: pass a class to {what} with.")
         return [self.model.null_class], {**sampling, "cfg_scale": 1.0}
 

@@ -217,7 +217,7 @@ def _reference_steps(model: EAR, class_ids: torch.Tensor, rows: RowSettings, pic
     streams = cell_streams(rows.keys, sched.num_tokens)
     codes = vocab_codes(model.config.vocab_size, device)
     with torch.no_grad():
-        cond = model.cls_embedding.embedding_table(ids).unsqueeze(1)
+        cond = model.cls_embedding.lookup(ids).unsqueeze(1)
         cache: list[KVCache] | None = model.new_cache(ids.shape[0]) if use_cache else None
     for k in range(first, sched.num_steps):
         with torch.no_grad():

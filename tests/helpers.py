@@ -67,12 +67,16 @@ def tiny_conv_vq(grid: int = 8, codebook: int = 32, seed: int = 0) -> ConvVQ:
 
 
 def write_tiny_model(folder: Path, grid: int = 8, codebook: int = 32, seed: int = 0,
-                     styles: list[str] | None = None) -> Path:
+                     styles: list[str] | None = None, shared: bool = False, model: EAR | None = None) -> Path:
     """A complete random model folder in our format; returns the folder. With `styles`, one class
-    embedding per (class, style)."""
+    embedding per (class, style), or with `shared` one per class plus one per style. `model`
+    replaces the random EAR."""
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_conv_vq(grid, codebook, seed)
-    model = tiny_ear(codebook, grid, num_classes=len(CLASS_NAMES) * max(1, len(styles or [])), seed=seed)
+    count = len(styles or [])
+    labels = len(CLASS_NAMES) * (1 if shared else max(1, count))
+    model = model or tiny_ear(codebook, grid, seed=seed, num_classes=labels,
+                              num_styles=count if shared else 0)
     config = {
         "name": "tiny-test", "format": "ear-studio/1", "model": model.config.to_dict(),
         "tokenizer": {"type": "conv_vq", **tokenizer.config.to_dict()}, "class_names": CLASS_NAMES,

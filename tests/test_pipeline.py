@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from ear import hub
+from ear.model import EAR, EARConfig
 from ear.pipeline import EARPipeline, Frame
 from ear.preview import OUTLINE_RGB
 from ear.sampler import SamplingParams
@@ -252,6 +254,52 @@ def test_style_decides_the_picture(styled: EARPipeline) -> None:
     flat, shaded = (styled.generate("cat", seed=0, style=s, **greedy)[0] for s in ("Flat", "Shaded"))
     assert same_picture(both[0], flat) and same_picture(both[1], shaded)  # batch of 2 vs alone
     assert not np.array_equal(np.asarray(flat), np.asarray(shaded))
+
+
+def test_shared_class_and_style_embedding_draws_as_the_per_style_table(styled: EARPipeline,
+                                                                         tmp_path: Path) -> None:
+    """A shared model (class row + style row) and a per-(class, style) model whose rows are those
+    sums, other weights equal, draw the same tokens for every label the pipeline gives, on the fast
+    engine and the reference path; the null class is the null row alone."""
+    from ear.sampler import sample
+
+    config = {**styled.model.config.to_dict(), "num_classes": 3, "num_styles": 2}
+    shared = EAR(EARConfig.from_dict(config)).eval()
+    state = {k: v for k, v in styled.model.state_dict().items() if not k.startswith("cls_embedding.")}
+    gen = torch.Generator().manual_seed(1)
+    classes, styles = torch.randn(4, 32, generator=gen), torch.randn(2, 32, generator=gen)
+    shared.load_weights({**state, "cls_embedding.embedding_table.weight": classes,
+                         "cls_embedding.style_table.weight": styles})
+    pipe = EARPipeline.from_pretrained(str(write_tiny_model(tmp_path / "shared", styles=["Flat", "Shaded"],
+                                                            shared=True, model=shared)))
+    loaded = pipe.model.cls_embedding  # weights as stored (float16), class + style added in float32
+    rows = loaded.embedding_table.weight.detach()
+    table = torch.cat([(loaded.style_table.weight.detach()[:, None] + rows[:3]).reshape(6, 32), rows[3:]])
+    assert torch.equal(loaded.table(), table)
+    per_style = EAR(styled.model.config).eval()
+    per_style.load_weights({**{k: v for k, v in pipe.model.state_dict().items() if not k.startswith("cls_")},
+                            "cls_embedding.embedding_table.weight": table})
+    assert pipe.model.config.num_styles == 2 and pipe.model.null_class == 6
+    labels = pipe.labels([0, 1, 2, 0], seed=1) + pipe.labels([2], "Shaded") + [pipe.model.null_class]
+    assert labels == [*styled.labels([0, 1, 2, 0], seed=1), 5, 6]
+    for engine in ("runner", "reference"):
+        a, b = (deque(sample(m, labels, seed=3, cfg_scale=1.5, engine=engine), maxlen=1)[0].tokens
+                for m in (pipe.model, per_style))
+        assert torch.equal(a, b)
+
+
+def test_shared_styles_are_validated_at_load(tmp_path: Path) -> None:
+    folder = write_tiny_model(tmp_path / "m", styles=["A", "B"], shared=True)
+    config = json.loads((folder / "config.json").read_text())
+    for styles in (["A"], []):  # one name per shared style
+        (folder / "config.json").write_text(json.dumps({**config, "styles": styles}))
+        with pytest.raises(ValueError, match=r"num_styles\) but names"):
+            EARPipeline.from_pretrained(str(folder))
+    for bad in (-1, 1.5, "2", True):
+        model = {**config["model"], "num_styles": bad}
+        (folder / "config.json").write_text(json.dumps({**config, "model": model}))
+        with pytest.raises(ValueError, match="num_styles must be a whole number"):
+            EARPipeline.from_pretrained(str(folder))
 
 
 def test_style_errors(styled: EARPipeline, pipe: EARPipeline, tmp_path: Path) -> None:

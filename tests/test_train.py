@@ -19,12 +19,15 @@ from ear.train.data import (
     bare_code,
     build_folder_dataset,
     fetch_npm_package,
+    fluent_slug,
     is_heldout,
     load_dataset,
+    parse_sets,
     read_name_list,
     style_labels,
 )
-from ear.train.stage_ear import class_balanced, ear_split, tile_class_table
+from ear.train.evaluate import distinct_count, novelty
+from ear.train.stage_ear import class_balanced, ear_split, split_class_table, tile_class_table
 
 # (category, subcategory, number of distinct emoji)
 FAKE_SUBCATEGORIES = [("Smileys & Emotion", "face-smiling", 4), ("Smileys & Emotion", "face-hat", 1),
@@ -194,6 +197,62 @@ def test_style_classes_label_each_image_set_and_start_from_the_class_row(tmp_pat
     assert torch.equal(table[:3], before[:3]) and torch.equal(table[3:6], before[:3])
     assert torch.equal(table[6], before[3])  # the null class row
     assert not tile_class_table(new, tmp_path / "ear.safetensors", 3)  # 6 + 1 rows are not 3 x 3 + 1
+
+
+def test_shared_style_table_starts_from_a_styled_table(tmp_path: Path) -> None:
+    """Split warm start: class row = mean of its styles' rows, style row = the mean offset; a table
+    that is exactly class + style comes back exactly, a third (new) style starts at zero."""
+    from safetensors.torch import save_file
+
+    from ear.model import EAR, EARConfig
+
+    small = {"dim": 32, "n_layer": 1, "n_head": 2, "vocab_size": 16, "grid_size": 4}
+    old = EAR(EARConfig(num_classes=6, **small))  # 3 classes x 2 styles + null
+    classes, styles = torch.randn(3, 32), torch.randn(2, 32)
+    styles -= styles.mean(0)
+    with torch.no_grad():
+        old.cls_embedding.embedding_table.weight[:6] = (styles[:, None] + classes).reshape(6, 32)
+    save_file(old.state_dict(), str(tmp_path / "ear.safetensors"))
+    new = EAR(EARConfig(num_classes=3, num_styles=3, **small))
+    assert split_class_table(new, tmp_path / "ear.safetensors")
+    emb = new.cls_embedding
+    assert torch.allclose(emb.table()[:6], old.cls_embedding.embedding_table.weight[:6], atol=1e-5)
+    assert torch.equal(emb.style_table.weight[2], torch.zeros(32))
+    assert torch.equal(emb.table()[-1], old.cls_embedding.embedding_table.weight[6])  # null row
+    for classes, count in ((4, 3), (2, 2)):  # 6 rows are not 4 classes x k styles, nor 2 x <= 2
+        assert not split_class_table(EAR(EARConfig(num_classes=classes, num_styles=count, **small)),
+                                     tmp_path / "ear.safetensors")
+
+
+def test_fluent_sets_are_opt_in_and_named_by_cldr() -> None:
+    assert parse_sets("fluent-color, twitter") == ("twitter", "fluent-color")  # style order
+    with pytest.raises(ValueError, match="emoji sets"):
+        parse_sets("apple")
+    with pytest.raises(ValueError, match="including twitter or google"):
+        parse_sets("fluent-flat")
+    assert fluent_slug("smiling face with heart-eyes") == "smiling-face-with-heart-eyes"
+    assert fluent_slug("woman’s hat") == "womans-hat" and fluent_slug("flag: Japan") == "flag-japan"
+
+
+def test_variety_counts_distinct_pictures_greedily() -> None:
+    white = np.full((8, 8, 3), 255, np.uint8)
+    near = white - 5  # 5/255 from white: the same picture
+    far = white - 11  # 11/255 from white, 6/255 from near: differs from white but not from near
+    black = np.zeros_like(white)
+    assert distinct_count(np.stack([white] * 8)) == 1
+    assert distinct_count(np.stack([white, near, black, white, black])) == 2
+    assert distinct_count(np.stack([white, far])) == 2
+    assert distinct_count(np.stack([white, near, far])) == 1  # far is within 10/255 of near
+    assert distinct_count(np.stack([white, black, white - 128])) == 3
+
+
+def test_novelty_compares_samples_with_the_training_set_s_own_spacing() -> None:
+    train = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (0, 51, 102, 204)])  # gaps 0.2, 0.2, 0.4
+    copies = novelty(train[[0, 1]] + 1, train)
+    assert copies["copies"] == 1.0 and copies["sample_to_train_median"] == pytest.approx(1 / 255)
+    assert copies["train_to_train_median"] == pytest.approx(0.2)
+    new = novelty(np.full((2, 4, 4, 3), 153, np.uint8), train)
+    assert new["copies"] == 0.0 and new["ratio"] == pytest.approx(1.0)
 
 
 def test_fetch_unpacks_an_npm_tarball_without_network(tmp_path: Path) -> None:

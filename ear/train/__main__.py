@@ -27,6 +27,9 @@ def add_data(p: argparse.ArgumentParser) -> None:
                         '"subcategory" (broad Unicode subcategories) or a file of CLDR names')
     p.add_argument("--min-class-size", type=int, default=20,
                    help="distinct emoji a subcategory needs to be its own class (--classes subcategory)")
+    p.add_argument("--sets", default="twitter,google",
+                   help="emoji image sets, comma-separated: twitter, google, fluent-flat, fluent-color "
+                        "(Fluent: npm fluentui-emoji SVGs, needs PyPI cairosvg)")
 
 
 def add_common(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
@@ -89,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     ear.add_argument("--style-classes", action="store_true",
                      help="one class embedding per (class, image set): samples follow one artist's drawing "
                           "(the page picks or alternates the style)")
+    ear.add_argument("--shared-styles", action="store_true",
+                     help="one class embedding per class shared by every image set, plus a style embedding "
+                          "added to it (config num_styles): labels as with --style-classes")
     ear.add_argument("--name", default="ear-emoji")
 
     prep = sub.add_parser("prepare", help="build the data set once (CPU) as one .npz to carry to a GPU")

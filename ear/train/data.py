@@ -5,6 +5,11 @@ Sources
   (Noto Emoji, Apache-2.0), fetched with `npm pack` (the registry is reachable, GitHub is not) or
   given as already unpacked folders. The Apple and Facebook sets are never read: their images are
   not openly licensed.
+- npm package `fluentui-emoji` 1.3.0 (Microsoft's Fluent Emoji, MIT), opt-in with
+  `sets` (`--sets twitter,google,fluent-flat,fluent-color`): its "flat" and "modern" (colour)
+  SVGs, rasterised offline with PyPI `cairosvg`, matched to an emoji by its CLDR name ("cat face"
+  -> cat-face.svg, skin tones -> thumbs-up-light.svg ...). Fluent draws no flags. Its
+  high-contrast (monochrome) drawings are not used.
 - A generic folder `root/<class>/*.png|jpg|...` (one sub-folder per class).
 
 - npm package `emojibase-data` (MIT; names from Unicode CLDR) for each emoji's CLDR short name
@@ -35,8 +40,10 @@ The prepared dataset is cached as one compressed uint8 .npz so later runs load i
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import subprocess
 import tarfile
 import zlib
@@ -49,9 +56,14 @@ import numpy as np
 from PIL import Image
 
 ALLOWED_SETS = ("twitter", "google")  # never "apple" / "facebook" (not openly licensed)
-STYLE_NAMES = {"twitter": "Twemoji", "google": "Noto"}  # what the page calls each set's drawings
+FLUENT_SETS = {"fluent-flat": "flat", "fluent-color": "modern"}  # set -> folder in FLUENT_PACKAGE
+EMOJI_SETS = (*ALLOWED_SETS, *FLUENT_SETS)  # style order: an older model's styles keep their index
+STYLE_NAMES = {"twitter": "Twemoji", "google": "Noto", "fluent-flat": "Fluent Flat",
+               "fluent-color": "Fluent Color"}  # what the page calls each set's drawings
 NPM_PACKAGES = {s: f"emoji-datasource-{s}" for s in ALLOWED_SETS}
 NAMES_PACKAGE = "emojibase-data"
+FLUENT_PACKAGE = "fluentui-emoji@1.3.0"
+FLUENT_TONES = ("default", "light", "medium-light", "medium", "medium-dark", "dark")
 FAMILIAR_LIST = Path(__file__).with_name("familiar_emoji.txt")
 CLASS_SETS = ("familiar", "all", "subcategory")
 
@@ -86,6 +98,9 @@ LICENCES = {
                 "(https://creativecommons.org/licenses/by/4.0/)."),
     "google": ("Noto Emoji graphics Copyright Google LLC, https://github.com/googlefonts/noto-emoji, "
                "licensed under the Apache License 2.0 (https://www.apache.org/licenses/LICENSE-2.0)."),
+    "fluent": ("Fluent Emoji graphics Copyright (c) Microsoft Corporation, "
+               "https://github.com/microsoft/fluentui-emoji, MIT License; as packaged on npm in "
+               "fluentui-emoji 1.3.0, Copyright (c) 2022 Mohammad Abu Mattar, MIT License."),
 }
 METADATA_LICENCE = ("Emoji metadata (code points, categories) from emoji-datasource by Cal Henderson "
                     "(https://github.com/iamcal/emoji-data), MIT License; emoji names (Unicode CLDR short "
@@ -133,12 +148,12 @@ class ImageDataset:
 
 def style_labels(data: ImageDataset) -> tuple[np.ndarray, list[str]]:
     """Model labels when every (class, image set) pair gets its own class embedding: label =
-    style * num_classes + class, styles in the order of ALLOWED_SETS. Why: one class drawn by two
+    style * num_classes + class, styles in the order of EMOJI_SETS. Why: one class drawn by two
     artists is two pictures, and a model that predicts several tokens per step in parallel mixes
     them into one blotchy picture; told which artist to follow, each step's tokens agree (see
     ear.pipeline.EARPipeline.labels). A data set from one image set (a folder) has no styles: its
     labels come back unchanged with an empty list."""
-    present = [s for s in (*ALLOWED_SETS, "folder") if (data.sources == s).any()]
+    present = [s for s in (*EMOJI_SETS, "folder") if (data.sources == s).any()]
     if len(present) < 2:
         return data.labels, []
     style = np.array([present.index(s) for s in data.sources.tolist()], dtype=np.int64)
@@ -151,8 +166,9 @@ def is_heldout(key: str, fraction: float) -> bool:
 
 
 def load_rgb(path: Path, size: int) -> np.ndarray:
-    """Any mode -> RGB uint8 (size, size, 3) with transparency composited on white."""
-    with Image.open(path) as im:
+    """Any mode (or an SVG, rasterised at `size`) -> RGB uint8 (size, size, 3) with transparency
+    composited on white."""
+    with _open_image(path, size) as im:
         im = im.convert("RGBA")
         canvas = Image.new("RGBA", im.size, (255, 255, 255, 255))
         canvas.alpha_composite(im)
@@ -162,20 +178,34 @@ def load_rgb(path: Path, size: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
+def _open_image(path: Path, size: int) -> Image.Image:
+    if path.suffix.lower() != ".svg":
+        return Image.open(path)
+    try:
+        import cairosvg
+    except (ImportError, OSError) as err:  # cairosvg needs the system's libcairo too
+        raise RuntimeError(f"SVG emoji sets need PyPI cairosvg ({err}): pip install cairosvg") from None
+    png = cairosvg.svg2png(url=str(path), output_width=size, output_height=size)
+    return Image.open(io.BytesIO(png))
+
+
 # what to unpack from each package: (file proving it is unpacked, path prefixes to keep)
 _IMAGE_FILES = ("emoji.json",
                 ("package/emoji.json", "package/LICENSE", "package/package.json", "package/img/"))
 _NAME_FILES = ("en/data.json", ("package/en/data.json", "package/LICENSE", "package/package.json"))
+_FLUENT_FILES = ("LICENSE", ("package/LICENSE", "package/package.json", "package/README.md",
+                             *(f"package/icons/{f}/" for f in FLUENT_SETS.values())))
 
 
 def fetch_npm_package(name: str, cache_dir: Path) -> Path:
     """`npm pack` the package into cache_dir once and unpack what we need; returns the package dir."""
-    marker, wanted = _NAME_FILES if name == NAMES_PACKAGE else _IMAGE_FILES
+    marker, wanted = {NAMES_PACKAGE: _NAME_FILES, FLUENT_PACKAGE: _FLUENT_FILES}.get(name, _IMAGE_FILES)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / name
+    bare, _, version = name.partition("@")
+    target = cache_dir / bare
     if (target / marker).is_file():
         return target
-    tarballs = sorted(cache_dir.glob(f"{name}-[0-9]*.tgz"))
+    tarballs = sorted(cache_dir.glob(f"{bare}-{version or '[0-9]'}*.tgz"))
     if not tarballs:
         try:
             result = subprocess.run(["npm", "pack", name, "--json", "--pack-destination", str(cache_dir)],
@@ -183,7 +213,7 @@ def fetch_npm_package(name: str, cache_dir: Path) -> Path:
         except (OSError, subprocess.CalledProcessError) as e:
             raise RuntimeError(f"could not fetch {name} with npm pack: {e}") from e
         tarballs = [cache_dir / json.loads(result.stdout)[0]["filename"]]
-    tmp = cache_dir / f".{name}.partial"
+    tmp = cache_dir / f".{bare}.partial"
     with tarfile.open(tarballs[-1]) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(wanted)
                    and ("/img/" not in m.name or "/64/" in m.name)]
@@ -234,6 +264,33 @@ def emoji_records(package_dir: Path) -> list[Record]:
     return records
 
 
+def fluent_slug(name: str) -> str:
+    """A CLDR name as fluentui-emoji names its files: "smiling face with heart-eyes" ->
+    smiling-face-with-heart-eyes, "woman’s hat" -> womans-hat."""
+    return re.sub(r"[^a-z0-9]+", "-", re.sub(r"[’']", "", name.lower())).strip("-")
+
+
+def fluent_records(package_dir: Path, sets: tuple[str, ...], base: list[Record], names: dict[str, str]
+                   ) -> list[Record]:
+    """Records of the Fluent sets for every emoji of `base` (emoji-datasource records, which give
+    category, subcategory and key) that Fluent draws: its default drawing, or its default and the
+    five uniform skin tones where Fluent has them (as for the other sets)."""
+    info = {}
+    for r in base:
+        name = names.get(bare_code(r[3]))
+        if name:
+            info.setdefault(name, r[1:4])
+    records = []
+    for s in (s for s in FLUENT_SETS if s in sets):
+        folder = package_dir / "icons" / FLUENT_SETS[s]
+        for name, (category, subcategory, key) in info.items():
+            slug = fluent_slug(name)
+            paths = [folder / f"{slug}.svg"] if (folder / f"{slug}.svg").is_file() else \
+                [p for p in (folder / f"{slug}-{t}.svg" for t in FLUENT_TONES) if p.is_file()]
+            records += [(s, category, subcategory, key, p) for p in paths]
+    return records
+
+
 def choose_classes(records: list[Record], min_class_size: int) -> dict[tuple[str, str], str]:
     """(category, subcategory) -> class name, following the merge rule in the module docstring."""
     sub_counts = Counter((cat, sub) for cat, sub, _ in {(r[1], r[2], r[3]) for r in records})
@@ -265,11 +322,17 @@ def subcategory_classes(records: list[Record], min_class_size: int) -> tuple[lis
 
 def build_emoji_dataset(package_dirs: list[Path], image_size: int = 64, min_class_size: int = 20,
                         heldout_fraction: float = 0.05, class_set: str = "familiar",
-                        names_dir: Path | None = None) -> ImageDataset:
-    """class_set: see the module docstring; per-emoji sets need names_dir (emojibase-data)."""
-    records = [r for d in package_dirs for r in emoji_records(d)]
+                        names_dir: Path | None = None, sets: tuple[str, ...] = ALLOWED_SETS,
+                        fluent_dir: Path | None = None) -> ImageDataset:
+    """class_set: see the module docstring; per-emoji sets need names_dir (emojibase-data), the
+    Fluent sets also fluent_dir (an unpacked fluentui-emoji) and names_dir."""
+    records = [r for d in package_dirs for r in emoji_records(d) if r[0] in sets]
     if not records:
         raise ValueError(f"no twitter/google emoji images found under {package_dirs}")
+    if any(s in FLUENT_SETS for s in sets):
+        if fluent_dir is None or names_dir is None:
+            raise ValueError("the Fluent sets need an unpacked fluentui-emoji package and emojibase-data")
+        records += fluent_records(fluent_dir, sets, records, cldr_names(names_dir))
     if class_set == "subcategory":
         class_names, record_classes = subcategory_classes(records, min_class_size)
     else:
@@ -309,39 +372,58 @@ def build_folder_dataset(root: Path, image_size: int = 64, heldout_fraction: flo
     )
 
 
+def parse_sets(text: str | tuple[str, ...]) -> tuple[str, ...]:
+    """"twitter,google,fluent-flat" -> the sets in EMOJI_SETS order (their style order)."""
+    wanted = {s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()}
+    unknown = sorted(wanted - set(EMOJI_SETS))
+    if unknown or not wanted & set(ALLOWED_SETS):
+        raise ValueError(f"emoji sets must be some of {', '.join(EMOJI_SETS)}, including twitter or "
+                         f"google, got {','.join(sorted(wanted)) or 'none'}")
+    return tuple(s for s in EMOJI_SETS if s in wanted)
+
+
 def load_dataset(source: str | Path = "emoji", cache_dir: Path | None = None, image_size: int = 64,
                  min_class_size: int = 20, heldout_fraction: float = 0.05,
-                 class_set: str = "familiar") -> ImageDataset:
+                 class_set: str = "familiar", sets: str | tuple[str, ...] = ALLOWED_SETS) -> ImageDataset:
     """source: "emoji" (fetch both npm image sets and emojibase-data), a prepared .npz, an image
     folder `root/<class>/...`, or unpacked emoji-datasource packages (folders holding emoji.json)
     plus an unpacked emojibase-data (a folder holding en/data.json), joined with os.pathsep.
-    class_set applies to emoji sources (see the module docstring). Builds are cached as .npz."""
+    class_set and sets (image sets, EMOJI_SETS) apply to emoji sources (see the module docstring).
+    Builds are cached as .npz."""
     cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+    sets = parse_sets(sets)
     text = str(source)
     if text.endswith(".npz"):
         return ImageDataset.load(Path(text))
     if class_set not in CLASS_SETS and not Path(class_set).is_file():
         raise ValueError(f"class set must be one of {', '.join(CLASS_SETS)} or a file of emoji names, "
                          f"got {class_set!r}")
+    fluent_dir = None
     if text == "emoji":
-        package_dirs = [fetch_npm_package(NPM_PACKAGES[s], cache_dir) for s in ALLOWED_SETS]
-        names_dir = None if class_set == "subcategory" else fetch_npm_package(NAMES_PACKAGE, cache_dir)
+        package_dirs = [fetch_npm_package(NPM_PACKAGES[s], cache_dir) for s in ALLOWED_SETS if s in sets]
+        fluent = any(s in FLUENT_SETS for s in sets)
+        names_dir = None if class_set == "subcategory" and not fluent else \
+            fetch_npm_package(NAMES_PACKAGE, cache_dir)
+        fluent_dir = fetch_npm_package(FLUENT_PACKAGE, cache_dir) if fluent else None
         tag = "emoji"
     else:
         parts = [Path(p) for p in text.split(os.pathsep)]
         package_dirs = [p for p in parts if (p / "emoji.json").is_file()]
         names_dir = next((p for p in parts if (p / "en" / "data.json").is_file()), None)
+        fluent_dir = next((p for p in parts if (p / "icons" / "flat").is_dir()), None)
         tag = f"{parts[0].name}-{_fingerprint(parts):08x}"
     classes = class_set
     if class_set not in ("all", "subcategory"):  # a name list: the cache follows its content
         names_file = FAMILIAR_LIST if class_set == "familiar" else Path(class_set)
         classes = f"list{zlib.crc32(names_file.read_bytes()):08x}"
+    if sets != ALLOWED_SETS:  # the two original sets keep their old cache name
+        tag += "-" + "+".join(sets)
     cached = cache_dir / f"{tag}-{image_size}px-{classes}-min{min_class_size}-h{heldout_fraction}.npz"
     if cached.is_file():
         return ImageDataset.load(cached)
     if package_dirs:
         data = build_emoji_dataset(package_dirs, image_size, min_class_size, heldout_fraction, class_set,
-                                   names_dir)
+                                   names_dir, sets, fluent_dir)
     else:
         data = build_folder_dataset(Path(text), image_size, heldout_fraction)
     data.save(cached)
@@ -349,9 +431,9 @@ def load_dataset(source: str | Path = "emoji", cache_dir: Path | None = None, im
 
 
 def dataset_from_args(args: Any) -> ImageDataset:
-    """The data set the CLI flags (--data, --cache-dir, --classes, --min-class-size) describe."""
+    """The data set the CLI flags (--data, --cache-dir, --classes, --min-class-size, --sets) describe."""
     return load_dataset(args.data, args.cache_dir, min_class_size=args.min_class_size,
-                        class_set=args.class_set)
+                        class_set=args.class_set, sets=getattr(args, "sets", ALLOWED_SETS))
 
 
 def _fingerprint(paths: list[Path]) -> int:
@@ -364,6 +446,8 @@ def _fingerprint(paths: list[Path]) -> int:
 def attribution_text(sources: set[str]) -> str:
     """The notices that must travel with anything trained on these images."""
     lines = [LICENCES[s] for s in ALLOWED_SETS if s in sources]
+    if any(s in FLUENT_SETS for s in sources):
+        lines.append(LICENCES["fluent"])
     if lines:
         lines.append(METADATA_LICENCE)
     return " ".join(lines)

@@ -16,6 +16,15 @@ What is measured and why:
 - "emoji FID": Fréchet distance, in the feature space reduced by PCA to `--fid-dims` (fitted on
   the real renderings), between one generated image per class and the default Twemoji and Noto
   renderings; its real-vs-real baseline is Twemoji against Noto (the gap between two artists);
+- variety: per class, how many of 8 seeds (one image each, as the page's Random button gives)
+  draw distinct pictures, a greedy count: a sample is new if its mean absolute difference from
+  every earlier sample exceeds 10/255 at the model's resolution; the mean over classes, for style
+  "Any" (the default, which alternates styles over seeds) and within each fixed style (variety
+  that is not only a change of artist);
+- novelty: each "Any" sample's mean absolute difference to its nearest training image, against
+  the training images' own nearest-neighbour distances (each to its nearest other one); samples
+  within 10/255 of a training image count as copies. A memorising model has sample distances far
+  below the training set's own and a copy share near 1;
 - speed: seconds per image at batch 1 (all steps + decode) with the default settings.
 """
 
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -130,6 +140,71 @@ def generate_images(pipe: EARPipeline, class_ids: list[int], settings: dict[str,
     return np.stack(out)
 
 
+VARIETY_SEEDS = 8
+DISTINCT = 10 / 255  # mean absolute difference (pixels in [0, 1]) above which two pictures differ
+
+
+def mean_abs_diff(a: np.ndarray, b: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """(N, M) mean absolute difference between uint8 images a (N, ...) and b (M, ...), in [0, 1]."""
+    x = torch.from_numpy(a.reshape(len(a), -1)).float() / 255
+    y = torch.from_numpy(b.reshape(len(b), -1)).float() / 255
+    out = [torch.cdist(x[i:i + chunk], y, p=1) / x.shape[1] for i in range(0, len(x), chunk)]
+    return torch.cat(out).numpy() if out else np.zeros((0, len(b)))
+
+
+def distinct_count(images: np.ndarray, threshold: float = DISTINCT) -> int:
+    """Greedy count over images in order: one is new if it differs (mean absolute difference >
+    threshold) from every earlier image."""
+    d = mean_abs_diff(images, images)
+    return sum(1 for i in range(len(images)) if (d[i, :i] > threshold).all())
+
+
+def seed_images(pipe: EARPipeline, class_ids: list[int], settings: dict[str, Any], style: str | None,
+                seeds: int = VARIETY_SEEDS, batch: int = 64) -> np.ndarray:
+    """uint8 (C, seeds, S, S, 3): for each class the single image that seeds 0..seeds-1 give (what
+    `pipe.generate([c], seed=s, style=style)` draws), batched with per-row seeds."""
+    size, renderer = pipe.tokenizer.image_size, pipe.renderer(pipe.tokenizer.image_size)
+    rows = [(c, s) for c in class_ids for s in range(seeds)]
+    out = []
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        labels = [pipe.labels([c], style, seed=s)[0] for c, s in chunk]
+        states = pipe.sampler(pipe.model, labels, **settings, seed=[s for _, s in chunk],
+                              row_ids=[0] * len(chunk))
+        out += [np.asarray(im.convert("RGB")) for im in renderer.final(deque(states, maxlen=1)[0].tokens)]
+    return np.stack(out).reshape(len(class_ids), seeds, size, size, 3)
+
+
+def variety(pipe: EARPipeline, class_ids: list[int], settings: dict[str, Any], seeds: int = VARIETY_SEEDS
+            ) -> tuple[dict[str, Any], np.ndarray]:
+    """Mean distinct pictures per class among `seeds` seeds for style "Any" and each fixed style,
+    and the "Any" samples (C, seeds, S, S, 3) for the novelty measure."""
+    any_style = seed_images(pipe, class_ids, settings, None, seeds)
+    result: dict[str, Any] = {"seeds": seeds, "threshold": DISTINCT,
+                              "any": float(np.mean([distinct_count(s) for s in any_style]))}
+    fixed = {name: float(np.mean([distinct_count(s) for s in seed_images(pipe, class_ids, settings, name,
+                                                                           seeds)]))
+             for name in pipe.styles}
+    if fixed:
+        result["fixed_style"] = fixed
+        result["fixed_style_mean"] = float(np.mean(list(fixed.values())))
+    return result, any_style
+
+
+def novelty(samples: np.ndarray, train: np.ndarray, threshold: float = DISTINCT) -> dict[str, float]:
+    """Samples' distance (mean absolute difference) to their nearest training image against the
+    training images' distance to their nearest other training image (medians), and the share of
+    samples within `threshold` of a training image (copies)."""
+    to_train = mean_abs_diff(samples, train).min(1)
+    own = mean_abs_diff(train, train)
+    np.fill_diagonal(own, np.inf)
+    train_nn = own.min(1)
+    return {"sample_to_train_median": float(np.median(to_train)),
+            "train_to_train_median": float(np.median(train_nn)),
+            "ratio": float(np.median(to_train) / max(np.median(train_nn), 1e-12)),
+            "copies": float((to_train <= threshold).mean())}
+
+
 def speed(pipe: EARPipeline, settings: dict[str, Any], repeats: int = 5) -> float:
     """Median seconds per image at batch 1, all steps plus the final decode."""
     pipe.generate([0], seed=0, display_size=pipe.tokenizer.image_size, **settings)  # warm-up
@@ -172,14 +247,16 @@ def ear_metrics(pipe: EARPipeline, data: ImageDataset, seed: int) -> dict[str, f
             "unigram_train_nats_per_token": float(-logp[train_tokens.flatten().long()].mean())}
 
 
-def sheet(pipe: EARPipeline, data: ImageDataset, classes: list[int], settings: dict[str, Any], seed: int,
-          per_row: int = 4, size: int = 80, columns: int = 2) -> Any:
-    """Per emoji: its name, the Twemoji and Noto renderings (left of the bar), then `per_row`
-    generated samples; emoji laid out in `columns` blocks."""
+def sheet(pipe: EARPipeline, data: ImageDataset, classes: list[int], settings: dict[str, Any],
+          per_row: int = VARIETY_SEEDS, size: int = 80, columns: int = 1) -> Any:
+    """Per emoji: its name, one rendering per image set (left of the bar), then what seeds
+    0..per_row-1 give (one image each, style "Any": the page's Generate by seed); emoji laid out
+    in `columns` blocks."""
     from PIL import Image, ImageDraw
 
     gap, label_h, bar = 4, 14, 8
-    block_w = (2 + per_row) * (size + gap) + bar
+    sets = list(dict.fromkeys(data.sources.tolist()))
+    block_w = (len(sets) + per_row) * (size + gap) + bar
     rows = -(-len(classes) // columns)
     row_h = label_h + size + gap
     page = Image.new("RGB", (columns * block_w + gap * (columns + 1), rows * row_h + gap), "white")
@@ -187,15 +264,13 @@ def sheet(pipe: EARPipeline, data: ImageDataset, classes: list[int], settings: d
     for n, c in enumerate(classes):
         x0, y = gap + (n // rows) * (block_w + gap), gap + (n % rows) * row_h
         draw.text((x0, y), pipe.class_names[c], fill=(30, 30, 30))
-        real = [data.images[(data.labels == c) & (data.sources == s)][:1] for s in ("twitter", "google")]
-        real = np.concatenate(real) if sum(map(len, real)) else data.images[data.labels == c][:2]
-        # an even seed: with styles, the samples alternate from the first style, as the real ones
-        fakes = pipe.generate([c] * per_row, seed=2 * (seed + c), display_size=size, **settings)
-        tiles = [Image.fromarray(r).resize((size, size), Image.Resampling.LANCZOS) for r in real]
-        for i, tile in enumerate([*tiles, *fakes]):
-            x = x0 + i * (size + gap) + (bar if i >= len(tiles) else 0)
+        real = np.concatenate([data.images[(data.labels == c) & (data.sources == s)][:1] for s in sets])
+        fakes = seed_images(pipe, [c], settings, None, per_row)[0]
+        tiles = [Image.fromarray(r).resize((size, size), Image.Resampling.LANCZOS) for r in [*real, *fakes]]
+        for i, tile in enumerate(tiles):
+            x = x0 + i * (size + gap) + (bar if i >= len(real) else 0)
             page.paste(tile.convert("RGB"), (x, y + label_h))
-        bx = x0 + len(tiles) * (size + gap) + bar // 2 - 2
+        bx = x0 + len(real) * (size + gap) + bar // 2 - 2
         draw.rectangle((bx - 1, y + label_h, bx + 1, y + label_h + size), fill=(150, 150, 150))
     return page
 
@@ -205,7 +280,7 @@ def write_media(pipe: EARPipeline, data: ImageDataset, folder: Path, settings: d
     """samples.png (real renderings next to generated ones) and growth.gif (four classes growing)."""
     from ear.preview import make_grid, save_animation
 
-    page = sheet(pipe, data, classes, settings, seed)
+    page = sheet(pipe, data, classes, settings)
     tmp = folder / "samples.tmp.png"
     page.save(tmp)
     tmp.replace(folder / "samples.png")
@@ -241,6 +316,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--classes", default="familiar", dest="class_set")
     p.add_argument("--min-class-size", type=int, default=20)
+    p.add_argument("--sets", default="twitter,google", help="emoji image sets (as for training)")
     p.add_argument("--out", default="runs/eval", help="where metrics.json goes")
     p.add_argument("--samples-per-class", type=int, default=4)
     p.add_argument("--fid-dims", type=int, default=64)
@@ -286,6 +362,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     per_class = scored.pop("per_class")
     metrics["samples"] = scored
     metrics["per_class_top1"] = {data.class_names[c]: a for c, a in per_class.items()}
+    classes = list(range(len(data.class_names)))
+    metrics["variety"], any_style = variety(pipe, classes, default)
+    metrics["novelty"] = novelty(any_style.reshape(-1, *any_style.shape[2:]), ear_split(data)[0].images)
     metrics["seconds_per_image_batch1"] = speed(pipe, default)
     if args.media:
         shown = [pipe.class_id(c) for c in args.media_classes if c in data.class_names]

@@ -34,6 +34,7 @@ from ear.train.common import (
 )
 from ear.train.data import (
     CLASS_ALIASES,
+    FLUENT_SETS,
     SHOWCASE,
     ImageDataset,
     attribution_text,
@@ -46,6 +47,8 @@ from ear.train.stage_tokenizer import load_tokenizer, tokenizer_asset_config
 DEFAULT_PRESET = {"cfg_scale": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 WEIGHTS_LICENCE = ("CC-BY-4.0 for the weights (trained on Twemoji, CC-BY 4.0, and Noto Emoji, "
                    "Apache-2.0; see ATTRIBUTION.md); code MIT")
+WEIGHTS_LICENCE_FLUENT = ("CC-BY-4.0 for the weights (trained on Twemoji, CC-BY 4.0, Noto Emoji, "
+                          "Apache-2.0, and Microsoft's Fluent Emoji, MIT; see ATTRIBUTION.md); code MIT")
 
 
 class LossOnly(nn.Module):
@@ -146,6 +149,32 @@ def tile_class_table(model: EAR, weights: Path, styles: int) -> bool:
     return True
 
 
+def split_class_table(model: EAR, weights: Path) -> bool:
+    """Start a shared class + style embedding from `weights`' one-row-per-(class, style) table (the
+    old styled layout, same class order, its styles first in the new order): class row c = the mean
+    of c's old rows, style row s = the mean over classes of (old row - class row), new styles at 0.
+    So every old label's vector is kept up to what the two parts cannot express. True if split."""
+    from safetensors.torch import load_file
+
+    emb = model.cls_embedding
+    old = load_file(str(weights)).get("cls_embedding.embedding_table.weight")
+    n, styles = model.config.num_classes, model.config.num_styles
+    null = int(emb.has_null)
+    if emb.style_table is None or old is None or (old.shape[0] - null) % n \
+            or old.shape[1] != model.config.dim:
+        return False
+    known = (old.shape[0] - null) // n
+    if not 1 < known <= styles:
+        return False
+    rows = old[:known * n].float().view(known, n, -1)
+    classes = rows.mean(0)
+    with torch.no_grad():
+        emb.embedding_table.weight.copy_(torch.cat([classes, old[known * n:].float()]))
+        emb.style_table.weight.zero_()
+        emb.style_table.weight[:known] = (rows - classes).mean(1)
+    return True
+
+
 def ear_asset_config(model: EAR, class_names: list[str], name: str, sources: set[str],
                      styles: list[str]) -> dict:
     """The model's part of config.json. default_class and class_aliases are always rewritten so a
@@ -155,7 +184,8 @@ def ear_asset_config(model: EAR, class_names: list[str], name: str, sources: set
     return {"name": name, "model": model.config.to_dict(), "class_names": class_names, "styles": styles,
             "default_class": shown[0] if shown else class_names[0],
             "class_aliases": {k: v for k, v in CLASS_ALIASES.items() if v in class_names},
-            "presets": {"default": dict(DEFAULT_PRESET)}, "licence": WEIGHTS_LICENCE,
+            "presets": {"default": dict(DEFAULT_PRESET)},
+            "licence": WEIGHTS_LICENCE_FLUENT if sources & set(FLUENT_SETS) else WEIGHTS_LICENCE,
             "attribution": attribution_text(sources)}
 
 
@@ -164,7 +194,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     run_dir = Path(args.run_dir)
     data = dataset_from_args(args)
     styles: list[str] = []
-    if args.style_classes:
+    if args.style_classes or args.shared_styles:
         labels, styles = style_labels(data)
         data = replace(data, labels=labels)
     train_set, heldout_set = ear_split(data)
@@ -179,16 +209,22 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     held_tokens = tokenize(tokenizer, torch.from_numpy(heldout_set.images), 1, args.seed)[0]
     held_labels = torch.from_numpy(heldout_set.labels)
 
+    shared = len(styles) if args.shared_styles else 0
     config = EARConfig(dim=args.dim, n_layer=args.n_layer, n_head=args.n_head,
                        vocab_size=tokenizer.codebook_size,
-                       num_classes=len(data.class_names) * max(1, len(styles)),
+                       num_classes=len(data.class_names) * (1 if shared else max(1, len(styles))),
+                       num_styles=shared,
                        grid_size=tokenizer.grid_size, schedule=args.schedule, adaln=args.adaln,
                        class_dropout_prob=args.class_dropout, dropout=args.dropout, rope=args.rope,
                        multiple_of=args.multiple_of)
     model = EAR(config)
     if args.init_from:
-        fresh = warm_start(model, Path(args.init_from) / "ear.safetensors")
-        if tile_class_table(model, Path(args.init_from) / "ear.safetensors", len(styles)):
+        weights = Path(args.init_from) / "ear.safetensors"
+        fresh = warm_start(model, weights)
+        if shared:
+            if split_class_table(model, weights):
+                fresh = [k for k in fresh if not k.startswith("cls_embedding.")]
+        elif tile_class_table(model, weights, len(styles)):
             fresh.remove("cls_embedding.embedding_table.weight")
         accelerator.print(f"warm start from {args.init_from}; fresh: {fresh or 'none'}")
     accelerator.print(f"EAR parameters: {model.num_params() / 1e6:.2f} M, training sequences: {len(labels)}")
