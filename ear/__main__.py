@@ -125,6 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     _add_output_flags(p)
 
+    p = sub.add_parser("activate", help="dynamic activation (ActVAR): FFN experts and routers, distilled "
+                                        "on the model's own samples, written beside it",
+                       description="Writes DIR/activation.safetensors; the model's files stay as they are.")
+    _add_model_flags(p)
+    p.add_argument("--experts", type=int, default=4, help="equal experts per FFN (default 4)")
+    p.add_argument("--tau", type=float, default=0.6, help="dynamic-k: run experts predicted at >= (1 - tau) "
+                   "x the largest (default 0.6)")
+    p.add_argument("--budget", type=float, default=0.75, help="share of experts to run, aimed at in "
+                   "distillation (default 0.75)")
+    p.add_argument("--samples", type=int, default=64, help="own samples to distil on (as many to measure)")
+    p.add_argument("--router-steps", type=int, default=300)
+    p.add_argument("--distill-steps", type=int, default=80)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("sample", help="bulk sampling for evaluation: N images of every class into one "
                                       "npz; the same under torchrun or accelerate launch on many GPUs",
                        description="Image j takes its randomness from (--seed, j) alone (--seed is 0 unless "
@@ -318,6 +333,24 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(json.dumps(fid.scores(args.out, args.fid)))
 
 
+def cmd_activate(args: argparse.Namespace) -> None:
+    from ear.activate import ActivationConfig, convert
+
+    if args.samples < 1 or args.router_steps < 0 or args.distill_steps < 0:
+        raise ValueError("--samples must be positive and the step counts not negative")
+    config = ActivationConfig(experts=args.experts, tau=args.tau)
+    pipe = EARPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, **_overrides(args))
+    with tqdm(total=4, unit="stage", disable=args.quiet) as bar:
+        def progress(stage: str) -> None:
+            bar.set_description(stage)
+            bar.update(1)
+
+        activation, report = convert(pipe.model, config, args.budget, args.samples, args.router_steps,
+                                     args.distill_steps, progress=progress)
+    path = activation.save(args.out)
+    print(json.dumps({"written": str(path), **report}))
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     rows = hub.list_models(**_overrides(args))
     if args.json:
@@ -340,7 +373,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"models": cmd_models, "download": cmd_download, "generate": cmd_generate,
-            "extend": cmd_extend, "edit": cmd_edit, "sample": cmd_sample}
+            "extend": cmd_extend, "edit": cmd_edit, "sample": cmd_sample, "activate": cmd_activate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ear.model import EAR, FeedForward
+from ear.sampler import generate
 
 ACTIVATION_FILE = "activation.safetensors"
 
@@ -270,3 +271,31 @@ def distill(activation: Activation, model: EAR, tokens: torch.Tensor, class_ids:
         for p in frozen:
             p.requires_grad_(True)
     return {"kl": kl.item(), "soft_share": share.item()}
+
+
+def convert(model: EAR, config: ActivationConfig, budget: float, samples: int = 64, router_steps: int = 300,
+            distill_steps: int = 80, seed: int = 0,
+            progress: Callable[[str], None] = lambda _stage: None) -> tuple[Activation, dict[str, float]]:
+    """Any EAR model -> its activation, on data it draws itself (no data set): `samples` own
+    samples for the two stages, as many others to measure the FFN share run and the
+    teacher-forced top-1 agreement with the dense model. `progress` hears each stage's name."""
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget is the share of experts to run, in (0, 1], got {budget!r}")
+    generator = torch.Generator().manual_seed(seed)
+    classes = torch.randint(0, model.config.num_classes, (2 * samples,), generator=generator)
+    progress("drawing the model's own samples")
+    tokens = torch.cat([generate(model, classes[i:i + 16].tolist(), seed=seed + i, temperature=1.0)
+                        for i in range(0, 2 * samples, 16)]).flatten(1)
+    train, held = slice(0, samples), slice(samples, 2 * samples)
+    activation = Activation(model, config)
+    progress("stage 1: routers regress the experts' norms")
+    train_routers(activation, model, tokens[train], classes[train], steps=router_steps, seed=seed)
+    progress("stage 2: routers distilled from the dense logits")
+    distill(activation, model, tokens[train], classes[train], budget, steps=distill_steps, seed=seed)
+    progress("measuring")
+    with torch.no_grad():
+        dense = model(tokens[held], classes[held]).argmax(-1)
+        with activation.applied(model) as ffns:
+            activated = model(tokens[held], classes[held]).argmax(-1)
+    share = sum(s for ffn in ffns for s in ffn.active_share) / len(ffns)
+    return activation, {"ffn_share": share, "agreement": float((dense == activated).float().mean())}

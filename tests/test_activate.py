@@ -3,10 +3,13 @@ the dense model bit for bit, routers learn the experts' norms, and what is store
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
+from ear.__main__ import main
 from ear.activate import (
     ACTIVATION_FILE,
     Activation,
@@ -17,8 +20,9 @@ from ear.activate import (
     train_routers,
 )
 from ear.model import FeedForward
+from ear.pipeline import EARPipeline
 from ear.sampler import generate
-from tests.helpers import noisy_model
+from tests.helpers import noisy_model, write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +122,16 @@ def test_the_activation_file_loads_strictly(model, tmp_path) -> None:
         Activation.load(tmp_path, other)
     with pytest.raises(ValueError, match="tau >= 0"):
         ActivationConfig(tau=-1)
+
+
+def test_the_cli_converts_a_model_on_its_own_samples(tmp_path, capsys) -> None:
+    folder = write_tiny_model(tmp_path / "tiny")
+    args = ["activate", "--model", str(folder), "--experts", "2", "--samples", "8", "--router-steps", "20",
+            "--distill-steps", "4", "--quiet", "--out"]
+    assert main([*args, str(tmp_path / "act")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 < report["ffn_share"] <= 1 and 0 <= report["agreement"] <= 1
+    model = EARPipeline.from_pretrained(str(folder)).model
+    assert Activation.load(tmp_path / "act", model).config.experts == 2
+    assert main([*args, str(tmp_path / "bad"), "--budget", "0"]) == 2  # refused in one sentence
+    assert "budget" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -70,7 +70,7 @@ def test_bad_input_in_a_subprocess_is_one_line_without_traceback(model_dir: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.png"]
 
 
-@pytest.mark.parametrize("command", ["models", "download", "generate", "extend", "edit"])
+@pytest.mark.parametrize("command", ["models", "download", "generate", "extend", "edit", "activate"])
 def test_help(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
