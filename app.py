@@ -234,11 +234,8 @@ def _finished(frame: Frame, growth: GrowthAnimation, canvases: Canvases, stem: s
     with FILES.delivering():
         growth.add(frame.state, frame.images, _strip_label(frame.caption))
         finals = [FILES.image(image, f"{stem}-final") for image in frame.images]
-        key = PLAYBACKS.keep(stem, [growth], [_pace(growth)])
-        if _played(pace, live, growth):
-            canvas = PLAYBACKS.play(key)[0]
-        else:
-            canvas = finals[0] if len(finals) == 1 else canvases.show(make_grid(frame.images))
+        canvas, key = _kept(growth, stem, pace, live, lambda: finals[0] if len(finals) == 1
+                            else canvases.show(make_grid(frame.images)))
         caption = frame.caption + note
         with contextlib.suppress(RunStopped):
             yield [canvas, f"{caption} · writing the animation…", finals, None, key]
@@ -254,9 +251,16 @@ def _stopped(frame: Frame, growth: GrowthAnimation, canvases: Canvases, stem: st
     pictures = frame.decoded()
     if not frame.state.done:  # (a zoom-out's bridge frame is a finished picture already)
         growth.stop(pictures, _strip_label(caption))
-    key = PLAYBACKS.keep(stem, [growth], [_pace(growth)])
-    canvas = PLAYBACKS.play(key)[0] if _played(pace, live, growth) else canvases.show(make_grid(pictures))
+    canvas, key = _kept(growth, stem, pace, live, lambda: canvases.show(make_grid(pictures)))
     return [canvas, caption + note, None, FILES.animation(growth, stem, fmt), key]
+
+
+def _kept(growth: GrowthAnimation, stem: str, pace: Any, live: int, shown: Callable[[], str]
+          ) -> tuple[str, str]:
+    """Keep a run's growth for the page (its playback key) and pick the canvas it ends on: the
+    playback where `_played` says so, else `shown()` (the pictures as they are)."""
+    key = PLAYBACKS.keep(stem, [growth], [_pace(growth)])
+    return (PLAYBACKS.play(key)[0] if _played(pace, live, growth) else shown()), key
 
 
 def _pace(growth: GrowthAnimation) -> dict[str, float]:
@@ -383,7 +387,7 @@ def compare(class_name: str, seed: int, model: str, pace: str = FAST) -> Iterato
     growths = {name: GrowthAnimation() for name in SCHEDULES}
     spent = dict.fromkeys(SCHEDULES, 0.0)
     latest: dict[str, Frame] = {}  # each order's newest frame
-    finals: dict[str, str] = {}  # the finished orders' pictures, as shown
+    finals: dict[str, str] = {}  # the finished (or stopped) orders' pictures, as shown
     waiting: dict[str, Frame] = {}  # ... not shown yet
     try:
         while streams:
@@ -408,8 +412,10 @@ def compare(class_name: str, seed: int, model: str, pace: str = FAST) -> Iterato
                     yield [*(value for pair in update for value in pair), None]
                 except RunStopped:
                     for name, frame in latest.items():
-                        if not frame.state.done:
-                            growths[name].stop(frame.decoded(), _strip_label(stopped_caption(frame.caption)))
+                        if not frame.state.done:  # its cells so far, decoded once for both uses
+                            pictures = frame.decoded()
+                            growths[name].stop(pictures, _strip_label(stopped_caption(frame.caption)))
+                            finals[name] = FILES.image(pictures[0], f"ear-{name}-final")
                     break
         yield _compare_result(latest, finals, growths, trained, spent, pace == WATCH)
     finally:
@@ -429,8 +435,6 @@ def _compare_result(latest: dict[str, Frame], finals: dict[str, str], growths: d
         caption = _order_caption(name, trained, frame, spent[name])
         if not frame.state.done:
             caption = stopped_caption(caption)
-        if name not in finals:
-            finals[name] = FILES.image(frame.decoded()[0], f"ear-{name}-final")
         update += [playback or finals[name], caption]
     return [*update, key]
 
@@ -610,6 +614,21 @@ def _class_picker(pipe: EARPipeline, **kwargs: Any) -> gr.Dropdown:
                        **kwargs)
 
 
+def _optional_class_choices(pipe: EARPipeline) -> dict[str, Any]:
+    """Extend and Edit: unconditional first and preselected, then the model's classes."""
+    return {"choices": [UNCONDITIONAL, *pipe.class_names], "value": UNCONDITIONAL}
+
+
+def _optional_class_picker(pipe: EARPipeline) -> gr.Dropdown:
+    return gr.Dropdown(**_optional_class_choices(pipe), label="Class", info="optional; type to search")
+
+
+def _one_result_outputs(prefix: str) -> list[gr.components.Component]:
+    """`_outputs` of a tab whose result is one picture (Extend, Edit)."""
+    return _outputs(prefix, gr.Image(label="Result", format="png", interactive=False, render=False,
+                                     elem_id=f"{prefix}-final"))
+
+
 def _style_choices(pipe: EARPipeline) -> dict[str, Any]:
     """Shown only for a model with styles (one class embedding per class and image set)."""
     return {"choices": [ANY_STYLE, *pipe.styles], "value": ANY_STYLE, "visible": bool(pipe.styles)}
@@ -655,8 +674,7 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list[g
                 keep = gr.Dropdown(keep_choices(pipe), value=default_keep(pipe), label="Kept canvas",
                                    info="how much of the final canvas your picture covers (a side: "
                                    "how deep its band is)")
-            klass = gr.Dropdown([UNCONDITIONAL, *pipe.class_names], value=UNCONDITIONAL, label="Class",
-                                info="optional; type to search")
+            klass = _optional_class_picker(pipe)
             style = _style_picker(pipe, "ext")
             rounds = gr.Slider(ZOOM_ROUNDS.lo, ZOOM_ROUNDS.hi, value=0, step=1, label=ZOOM_ROUNDS.label,
                                info="0 = extend once; n = zoom out n times")
@@ -664,8 +682,7 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list[g
             fmt = _format_picker()
             run, *buttons = _buttons("Extend", "ext")
         with gr.Column(scale=2):
-            outputs = _outputs("ext", gr.Image(label="Result", format="png", interactive=False,
-                                               render=False, elem_id="ext-final"))
+            outputs = _one_result_outputs("ext")
     with examples_cache(pipe):
         gr.Examples([[str(p), default_keep(pipe), UNCONDITIONAL] for p in EXAMPLES],
                     inputs=[image, keep, klass], outputs=outputs[:4], fn=extend_example, cache_examples=True,
@@ -711,8 +728,7 @@ def _edit_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State,
                                     transforms=(), layers=False, elem_id="edit-image",
                                     brush=gr.Brush(default_size=24, colors=["#ff00ff"], color_mode="fixed"))
             take = gr.Button("Use the last generated picture", size="sm", elem_id="edit-take")
-            klass = gr.Dropdown([UNCONDITIONAL, *pipe.class_names], value=UNCONDITIONAL, label="Class",
-                                info="optional; type to search")
+            klass = _optional_class_picker(pipe)
             style = _style_picker(pipe, "edit")
             refine = gr.Slider(REFINE_ROUNDS.lo, REFINE_ROUNDS.hi, value=0, step=1, label=REFINE_ROUNDS.label,
                                info="redraw n more times, keep the draw that fits the rest best")
@@ -720,8 +736,7 @@ def _edit_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State,
             fmt = _format_picker()
             run, *buttons = _buttons("Redraw", "edit")
         with gr.Column(scale=2):
-            outputs = _outputs("edit", gr.Image(label="Result", format="png", interactive=False,
-                                                render=False, elem_id="edit-final"))
+            outputs = _one_result_outputs("edit")
     if generated is not None:
         take.click(last_generated, generated, editor, queue=False, api_visibility="private")
     _wire(run, buttons, "edit", _with_editor(editor, edit),
@@ -771,10 +786,10 @@ def _model_updates(pipe: EARPipeline, name: str) -> list[Any]:
                gr.Slider(value=preset.top_p)]
     style = gr.Dropdown(**_style_choices(pipe))
     return [gr.Dropdown(choices=names, value=pipe.default_class), style, *sliders,
-            gr.Dropdown(choices=[UNCONDITIONAL, *names], value=UNCONDITIONAL), style,
+            gr.Dropdown(**_optional_class_choices(pipe)), style,
             gr.Dropdown(choices=keep_choices(pipe), value=default_keep(pipe)), *sliders,
             gr.Dropdown(choices=names, value=pipe.default_class), *model_info(name),
-            gr.Dropdown(choices=[UNCONDITIONAL, *names], value=UNCONDITIONAL), style]
+            gr.Dropdown(**_optional_class_choices(pipe)), style]
 
 
 def select_model(name: str, previous: str) -> list[Any]:
