@@ -650,9 +650,10 @@ def _generate_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list
             fmt = _format_picker()
             run, *buttons = _buttons("Generate", "gen")
         with gr.Column(scale=2):
+            # not interactive, although the Edit tab reads it: no upload box where results go
             finals = gr.Gallery(label="Final images", columns=4, fit_columns=False, preview=False,
                                 format="png", height="auto", object_fit="contain", render=False,
-                                elem_id="gen-final")
+                                interactive=False, elem_id="gen-final")
             outputs = _outputs("gen", finals)
     _wire(run, buttons, "gen", generate, [klass, count, *sampling, model, fmt, style, pace], outputs,
           [outputs[1]], outputs[4], [outputs[0]], api_name="generate", show_progress_on=outputs[0])

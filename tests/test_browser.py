@@ -270,6 +270,7 @@ def test_stop_says_where_the_run_stopped(page: Any, steps: int) -> None:
     # what it got to: decoded on the canvas (played back when it went by too fast), downloadable
     assert_image_loaded(page, "#gen-canvas")
     assert page.locator("#gen-download").is_enabled() and page.locator("#gen-stop").is_disabled()
+    assert "Drop Media Here" not in page.inner_text("#gen-final")  # the empty results are no upload box
     assert "Error" not in page.inner_text("#gen-canvas")
     page.screenshot(path=ARTIFACTS / "browser-generate-stopped.png", full_page=True)
     set_images(page, 4)
