@@ -54,6 +54,7 @@ from ear.app_support import (
     default_keep,
     edit_upload,
     examples_cache,
+    extend_model,
     info_markdown,
     keep_choices,
     load_upload,
@@ -87,10 +88,11 @@ def serve_in_place(folder: Path) -> None:
     static.sort(key=lambda path: path != folder.resolve())
 
 
-EXAMPLES = sorted((Path(__file__).parent / "assets" / "examples").glob("*.png"))
+EXAMPLES = sorted((Path(__file__).parent / "assets" / "examples").glob("*.jpg"))  # photographs
 STARTED = startup.start()  # ready (downloaded, loaded, warmed up) before the page exists
 SCHEDULER = from_environment()  # concurrent requests share batched forwards (EAR_BATCHING=0: off)
 MODEL_CHOICES = model_choices(STARTED.name)
+EXTEND_MODEL = extend_model(STARTED.name, MODEL_CHOICES)
 MODELS = ModelRegistry([name for _, name in MODEL_CHOICES],
                        lambda name: attach(EARPipeline.from_pretrained(name), SCHEDULER),
                        preloaded={STARTED.name: attach(STARTED.pipeline, SCHEDULER)})
@@ -339,12 +341,11 @@ def edit(picture: Any, class_name: str, refine_rounds: int, seed: int, cfg_scale
 
 
 def extend_example(image: Any, keep: int, class_name: str) -> Iterator[list[Any]]:
-    """The cached examples: the default model and its preset, seed 0, no zoom; cached as the
-    finished result (no playback key: a cache outlives the server's runs)."""
-    pipe = MODELS.get(None)
-    preset = pipe.default_settings
+    """The cached examples: the Extend tab's default model and its preset, seed 0, no zoom; cached
+    as the finished result (no playback key: a cache outlives the server's runs)."""
+    preset = MODELS.get(EXTEND_MODEL).default_settings
     for update in extend(image, keep, class_name, 0, 0, preset.cfg_scale, preset.temperature,
-                         preset.top_k, preset.top_p, MODELS.default, "gif"):
+                         preset.top_k, preset.top_p, EXTEND_MODEL, "gif"):
         yield update[:4]
 
 
@@ -660,9 +661,15 @@ def _generate_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list
     return [klass, style, *refilled]
 
 
-def _extend_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list[gr.components.Component]:
+def _extend_tab(pace: gr.State) -> tuple[gr.Dropdown, gr.State, list[gr.components.Component]]:
+    """The Extend tab, with a model picker of its own (uploads are photos more often than emoji):
+    returns it, the State of the model loaded for it, and the controls that follow it."""
+    pipe = MODELS.get(EXTEND_MODEL)
     with gr.Row():
         with gr.Column(scale=1):
+            model = gr.Dropdown(MODEL_CHOICES, value=EXTEND_MODEL, label="Model for your picture",
+                                filterable=False, elem_id="ext-model",
+                                info="ear-photo has learnt how photographs continue")
             image = gr.Image(label="Your picture", type="filepath", sources=["upload", "clipboard"],
                              elem_id="ext-image")
             note = gr.Markdown(elem_id="ext-upload-note")
@@ -687,12 +694,13 @@ def _extend_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list[g
     with examples_cache(pipe):
         gr.Examples([[str(p), default_keep(pipe), UNCONDITIONAL] for p in EXAMPLES],
                     inputs=[image, keep, klass], outputs=outputs[:4], fn=extend_example, cache_examples=True,
-                    cache_mode="lazy", preprocess=False, label="Examples (results cached, default model)",
+                    cache_mode="lazy", preprocess=False, label=f"Examples (results cached, {EXTEND_MODEL})",
                     elem_id="ext-examples")
     _wire(run, buttons, "ext", extend,
           [image, keep, klass, rounds, *sampling, model, fmt, style, pace, place], outputs, [outputs[1]],
           outputs[4], [outputs[0]], api_name="extend", show_progress_on=outputs[0])
-    return [klass, style, keep, *refilled]
+    loaded = gr.State(EXTEND_MODEL)
+    return model, loaded, [klass, style, keep, *refilled]
 
 
 def _with_editor(editor: gr.ImageEditor, run: Callable[..., Iterator[list[Any]]]
@@ -778,34 +786,45 @@ def _info_tab(model: gr.Dropdown) -> list[gr.components.Component]:
     return [view, raw]
 
 
-def _model_updates(pipe: EARPipeline, name: str) -> list[Any]:
-    """New choices and presets for every model-dependent control, in `build_demo`'s order."""
-    preset, names = pipe.default_settings, pipe.class_names
-    sliders = [gr.Dropdown(choices=list(pipe.presets), value=_preset_name(pipe)),
-               gr.Slider(value=preset.cfg_scale), gr.Slider(value=preset.temperature),
-               gr.Slider(value=preset.top_k, maximum=pipe.tokenizer.codebook_size),
-               gr.Slider(value=preset.top_p)]
+def _slider_updates(pipe: EARPipeline) -> list[Any]:
+    """The preset picker and the four sampling sliders, as `_sampling_controls` builds them."""
+    preset = pipe.default_settings
+    return [gr.Dropdown(choices=list(pipe.presets), value=_preset_name(pipe)),
+            gr.Slider(value=preset.cfg_scale), gr.Slider(value=preset.temperature),
+            gr.Slider(value=preset.top_k, maximum=pipe.tokenizer.codebook_size),
+            gr.Slider(value=preset.top_p)]
+
+
+def _page_updates(pipe: EARPipeline, name: str) -> list[Any]:
+    """New choices and presets for the controls that follow the page's model, in `build_demo`'s
+    order: Generate, Compare, Model info, Edit."""
     style = gr.Dropdown(**_style_choices(pipe))
-    return [gr.Dropdown(choices=names, value=pipe.default_class), style, *sliders,
-            gr.Dropdown(**_optional_class_choices(pipe)), style,
-            gr.Dropdown(choices=keep_choices(pipe), value=default_keep(pipe)), *sliders,
-            gr.Dropdown(choices=names, value=pipe.default_class), *model_info(name),
+    classes = {"choices": pipe.class_names, "value": pipe.default_class}
+    return [gr.Dropdown(**classes), style, *_slider_updates(pipe), gr.Dropdown(**classes), *model_info(name),
             gr.Dropdown(**_optional_class_choices(pipe)), style]
 
 
-def select_model(name: str, previous: str) -> list[Any]:
-    """Load the picked model and refill the controls that depend on it; if it cannot be loaded,
-    say why and switch back to the model that was loaded."""
+def _extend_updates(pipe: EARPipeline, name: str) -> list[Any]:
+    """The same for the controls that follow the Extend tab's own model, in `_extend_tab`'s order."""
+    return [gr.Dropdown(**_optional_class_choices(pipe)), gr.Dropdown(**_style_choices(pipe)),
+            gr.Dropdown(choices=keep_choices(pipe), value=default_keep(pipe)), *_slider_updates(pipe)]
+
+
+def select_model(name: str, previous: str, updates: Callable[[EARPipeline, str], list[Any]] = _page_updates,
+                 count: int = 0) -> list[Any]:
+    """Load the picked model and refill the controls that depend on it (`updates`, `count` of
+    them); if it cannot be loaded, say why and switch back to the model that was loaded."""
     try:
         pipe = MODELS.get(name)
     except ValueError as err:
         gr.Warning(str(err))
-        return [previous, previous, *[gr.skip()] * MODEL_DEPENDENT]
-    return [name, name, *_model_updates(pipe, name)]
+        return [previous, previous, *[gr.skip()] * (count or PAGE_DEPENDENT)]
+    return [name, name, *updates(pipe, name)]
 
 
 HEAVY: dict[str, Any] = {"concurrency_id": "ear", "preprocess": False}
-MODEL_DEPENDENT = 20  # outputs of _model_updates: class and style pickers, presets, sliders, keep sizes, info
+PAGE_DEPENDENT = 12  # outputs of _page_updates: class and style pickers, presets, sliders, info
+EXTEND_DEPENDENT = 8  # outputs of _extend_updates: class, style, keep sizes, presets, sliders
 
 
 def _same(value: Any) -> Any:
@@ -839,18 +858,21 @@ def build_demo() -> gr.Blocks:
         with gr.Tab("Generate"):
             dependent = _generate_tab(pipe, model, pace)
         with gr.Tab("Extend"):
-            dependent += _extend_tab(pipe, model, pace)
+            ext_model, ext_loaded, ext_dependent = _extend_tab(pace)
         with gr.Tab("Edit"):
             edit_dependent = _edit_tab(pipe, model, pace, _by_id(demo, "gen-final"))
         with gr.Tab("Compare orders"):
             dependent += _compare_tab(pipe, model, pace)
         with gr.Tab("Model info"):
             dependent += _info_tab(model)
-        dependent += edit_dependent  # last in `_model_updates` too
+        dependent += edit_dependent  # last in `_page_updates` too
         # `select`, not `input` (Gradio 6's dropdown fires that twice per pick) nor `change` (also
         # fired when a failed load puts the previous model back)
         model.select(select_model, [model, loaded], [model, loaded, *dependent], api_visibility="private",
                      concurrency_id="ear")
+        ext_model.select(functools.partial(select_model, updates=_extend_updates, count=EXTEND_DEPENDENT),
+                         [ext_model, ext_loaded], [ext_model, ext_loaded, *ext_dependent],
+                         api_visibility="private", concurrency_id="ear")
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
     return demo
 

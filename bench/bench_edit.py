@@ -5,10 +5,13 @@ with no known cell (plain generation, same seed) and against refinement rounds.
     python bench/bench_edit.py --quick --json edit.json      # < 8 minutes on 2 cores
     python bench/bench_edit.py --images 256 --refine 4
 
-No photo model exists yet, so the pictures are Twemoji (npm `emoji-datasource-twitter`, fetched
-once with `npm pack` into ~/.cache/ear-studio/emoji by `ear.train.data`) whose CLDR names are not
-among the bundled `ear-emoji` model's classes, drawn with the null class: a model that memorised
-its training pictures cannot redraw these from a class. Regions (True = blanked), on the 16x16
+With the bundled photo model (`--model ear-photo`, the default where it is bundled) the pictures
+are crops, at several scales, of its held-out photographs (`ear.train.photos`: LGPL / GPL
+wallpapers it never trained on). With `--model ear-emoji` they are Twemoji (npm
+`emoji-datasource-twitter`, fetched once with `npm pack` into ~/.cache/ear-studio/emoji by
+`ear.train.data`) whose CLDR names are not among the bundled `ear-emoji` model's classes, drawn
+with the null class: a model that memorised its training pictures cannot redraw these from a
+class. Regions (True = blanked), on the 16x16
 grid: `border` (all but the central 8x8: the extension case), `left` and `top` halves, `blob` (two
 random discs per picture, minus the central 4x4 cells) and `centre` (the central 6x6, reported
 only: in a centre-out order it is drawn before any known cell). Metrics over the blanked cells'
@@ -31,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ear import hub
 from ear.images import to_uint8
 from ear.pipeline import EARPipeline
 from ear.sampler import UNKNOWN, generate, known_log_likelihood
@@ -41,9 +45,12 @@ from ear.train.data import (
     cldr_names,
     emoji_records,
     fetch_npm_package,
+    load_dataset,
     load_rgb,
     per_emoji_classes,
 )
+from ear.train.evaluate import region_scores
+from ear.train.photos import picture_title
 
 KINDS = ("border", "left", "top", "blob", "centre")
 SKIN_TONES = ("1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF")
@@ -58,6 +65,16 @@ def held_out_emoji(pipe: EARPipeline, count: int, size: int) -> tuple[np.ndarray
     outside = [(r, n) for r, n in zip(records, names, strict=True) if n and n.lower() not in taken]
     picked = [outside[i] for i in np.linspace(0, len(outside) - 1, min(count, len(outside))).astype(int)]
     return np.stack([load_rgb(r[4], size) for r, _ in picked]), [n for _, n in picked]
+
+
+def held_out_photos(count: int, size: int) -> tuple[np.ndarray, list[str]]:
+    """`count` crops (several scales) of the photo model's held-out photographs, spread evenly
+    over them; names are the photographs' titles."""
+    held = load_dataset("photos").split(heldout=True)
+    picked = np.linspace(0, len(held) - 1, min(count, len(held))).astype(int)
+    if held.images.shape[1] != size:
+        raise SystemExit(f"the photo crops are {held.images.shape[1]} px, the model's tokenizer {size} px")
+    return held.images[picked], [picture_title(str(k)) for k in held.keys[picked]]
 
 
 def region(kind: str, g: int, rng: np.random.Generator) -> np.ndarray:
@@ -82,25 +99,14 @@ def region(kind: str, g: int, rng: np.random.Generator) -> np.ndarray:
             return blob
 
 
-def scores(drawn: np.ndarray, original: np.ndarray, cells: np.ndarray) -> tuple[float, float]:
-    """Mean PSNR and colour-histogram intersection over the blanked cells' pixels."""
-    psnrs, hists = [], []
-    for d, o, m in zip(drawn, original, cells, strict=True):
-        scale = d.shape[0] // m.shape[0]
-        pixels = np.repeat(np.repeat(m, scale, 0), scale, 1)
-        a, b = d[pixels].astype(np.float64), o[pixels].astype(np.float64)
-        mse = max(float(np.mean((a - b) ** 2)), 1e-10)
-        psnrs.append(10 * np.log10(255.0 ** 2 / mse))
-        ha, hb = (np.histogramdd(x, bins=8, range=[(0, 256)] * 3)[0].ravel() / len(x) for x in (a, b))
-        hists.append(float(np.minimum(ha, hb).sum()))
-    return float(np.mean(psnrs)), float(np.mean(hists))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="48 pictures, 3 refinement rounds")
     parser.add_argument("--images", type=int, default=None, help="pictures (default 192; quick 48)")
     parser.add_argument("--refine", type=int, default=None, help="refinement rounds (default 3)")
+    parser.add_argument("--model", default=None,
+                        help="ear-photo on its held-out photographs (the default where it is bundled) or "
+                             "ear-emoji on Twemoji outside its classes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -110,9 +116,16 @@ def main() -> None:
     count = args.images or (48 if args.quick else 192)
     rounds = 3 if args.refine is None else args.refine
     started = time.perf_counter()
-    pipe = EARPipeline.from_pretrained("ear-emoji", device="cpu")
+    status = {m.name: m.status for m in hub.list_models()}
+    name = args.model or (hub.PHOTO_MODEL if status.get(hub.PHOTO_MODEL) == "bundled" else hub.DEFAULT_MODEL)
+    pipe = EARPipeline.from_pretrained(name, device="cpu")
     model, g, size = pipe.model, pipe.grid, pipe.tokenizer.image_size
-    images, names = held_out_emoji(pipe, count, size)
+    if name == hub.PHOTO_MODEL:
+        images, names = held_out_photos(count, size)
+        data = "crops of ear-photo's held-out photographs (never trained on), null class"
+    else:
+        images, names = held_out_emoji(pipe, count, size)
+        data = "Twemoji outside the model's class set, null class"
     with torch.no_grad():
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         tokens = pipe.tokenizer.encode(pixels).cpu().long()
@@ -132,7 +145,7 @@ def main() -> None:
     free = decoded(draw(None))
     rng = np.random.default_rng(args.seed)
     result: dict = {"model": pipe.name, "refine_rounds": rounds, "images": n,
-                    "data": "Twemoji outside the model's class set, null class", "seed": args.seed,
+                    "data": data, "seed": args.seed,
                     "settings": settings}
     for kind in KINDS:
         cells = np.stack([region(kind, g, rng) for _ in range(n)])
@@ -143,7 +156,7 @@ def main() -> None:
         entry = {"cells": float(cells.sum(axis=(1, 2)).mean())}
         for label, shown in (("known", decoded(draws[0])), ("free", free), ("refined", decoded(best)),
                              ("recon", recon)):
-            entry[f"psnr_{label}"], entry[f"hist_{label}"] = scores(shown, images, cells)
+            entry[f"psnr_{label}"], entry[f"hist_{label}"] = region_scores(shown, images, cells)
         assert torch.equal(draws[0][~torch.from_numpy(cells)], tokens[~torch.from_numpy(cells)])
         result[kind] = {k: round(v, 3) for k, v in entry.items()}
         print(kind, json.dumps(result[kind]), flush=True)

@@ -270,6 +270,18 @@ def model_choices(extra: str | None = None) -> list[tuple[str, str]]:
     return [(f"{Path(extra).name} · {kind}", extra), *registry]
 
 
+def extend_model(page_model: str, choices: list[tuple[str, str]]) -> str:
+    """The model the Extend tab opens on: uploads are mostly photographs, so the bundled photo
+    model where the page runs a bundled model (a CPU start) and the photo model is there;
+    otherwise the page's own model (a GPU start's released ImageNet model continues photos well)."""
+    status = {s.name: s.status for s in hub.list_models()}
+    names = {name for _, name in choices}
+    if status.get(page_model) == "bundled" and status.get(hub.PHOTO_MODEL) == "bundled" \
+            and hub.PHOTO_MODEL in names:
+        return hub.PHOTO_MODEL
+    return page_model
+
+
 def unavailable_message(name: str) -> str:
     """Why a model cannot be used, for a visitor: what it means and what the host can do (the
     loader's own message names flags and environment variables; it goes to the log)."""

@@ -40,6 +40,7 @@ from ear.tokenizer import Tokenizer
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 FORMAT = "ear-studio/1"
 DEFAULT_MODEL = "ear-emoji"
+PHOTO_MODEL = "ear-photo"  # the bundled model Extend uses for uploads
 COMPONENTS = ("model", "tokenizer")
 OVERRIDE_FIELDS = ("repo", "file", "revision")
 OWN_FILES = {"config": "config.json", "model": "ear.safetensors", "tokenizer": "tokenizer.safetensors"}
@@ -116,6 +117,9 @@ def _official(size: str, params: str) -> ModelEntry:
 REGISTRY: dict[str, ModelEntry] = {
     DEFAULT_MODEL: ModelEntry(DEFAULT_MODEL, "small model trained for this demo, bundled, runs on CPU",
                               bundled="ear-emoji"),
+    PHOTO_MODEL: ModelEntry(PHOTO_MODEL, "small model of photographs and wallpapers trained for this demo "
+                            "(scene kinds; extends your pictures), bundled, runs on CPU",
+                            bundled="ear-photo"),
     **{e.name: e for e in (_official("B", "140M"), _official("L", "477M"), _official("XL", "1.1B"))},
 }
 

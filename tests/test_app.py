@@ -263,7 +263,7 @@ def test_extend_zoom_out_plays_rounds(app: types.ModuleType, every_step: None) -
 
 
 def test_extend_examples_are_cacheable(app: types.ModuleType) -> None:
-    outs = list(app.extend_example(upload(REPO / "assets" / "examples" / "sunset.png"), 4, UNCONDITIONAL))
+    outs = list(app.extend_example(upload(app.EXAMPLES[0]), 4, UNCONDITIONAL))
     assert len(outs) > 2 and outs[-1][1].endswith("done")
 
 
@@ -447,8 +447,12 @@ def test_select_model_refills_controls_or_goes_back(app: types.ModuleType,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     fn = next(f for f in app.demo.fns.values() if f.name == "select_model")
     out = app.select_model(app.MODELS.default, app.MODELS.default)
-    assert len(out) == len(fn.outputs) == app.MODEL_DEPENDENT + 2
+    assert len(out) == len(fn.outputs) == app.PAGE_DEPENDENT + 2
     assert out[2].choices == [(c, c) for c in CLASS_NAMES]
+    # the Extend tab's own picker refills its own controls: class, style, kept canvas, sampling
+    ext = app.select_model(app.MODELS.default, app.MODELS.default, app._extend_updates, app.EXTEND_DEPENDENT)
+    assert len(ext) == app.EXTEND_DEPENDENT + 2 and ext[2].choices[0] == (UNCONDITIONAL, UNCONDITIONAL)
+    assert [c[1] for c in ext[4].choices] == app.MODELS.get(None).keep_sizes()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.warns(UserWarning, match="not downloaded on this server"):
         out = app.select_model("EAR-adaLN-B", app.MODELS.default)

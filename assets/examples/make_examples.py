@@ -1,5 +1,7 @@
-"""Draw the Extend tab's example pictures (our own work, CC0): python assets/examples/make_examples.py"""
+"""The Extend tab's example photographs and the tests' drawn uploads (the drawings are our own
+work, CC0): python assets/examples/make_examples.py"""
 
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -29,19 +31,19 @@ def heart() -> Image.Image:
     return im
 
 
-def sunset() -> Image.Image:
-    im = Image.new("RGB", (SIZE, SIZE))
-    d = ImageDraw.Draw(im)
-    for y in range(SIZE):
-        t = y / (SIZE - 1)
-        d.line((0, y, SIZE, y), fill=(int(250 - 60 * t), int(120 + 60 * t), int(60 + 140 * t)))
-    d.ellipse((40, 44, 88, 92), fill=(255, 230, 120))
-    d.rectangle((0, 76, SIZE, SIZE), fill=(30, 70, 140))
-    for y in range(80, SIZE, 8):
-        d.line((34, y, 94, y), fill=(250, 200, 110), width=2)
-    return im
+def photo_examples(size: int = 256) -> dict[str, Image.Image]:
+    """Centred squares of three held-out photographs of ear.train.photos (LGPL / GPL wallpapers
+    from Debian that the photo model never trained on; credits in ATTRIBUTION.md)."""
+    sys.path.insert(0, str(HERE.parents[1]))
+    from ear.train.photos import heldout_photos
+
+    wanted = {"EveningGlow": "photo-evening-glow", "Kite": "photo-kite-sky", "GreenMeadow": "photo-meadow"}
+    return {wanted[title]: Image.fromarray(square) for title, square in heldout_photos(size=size)
+            if title in wanted}
 
 
 if __name__ == "__main__":
-    for name, draw in {"smiley": smiley, "heart": heart, "sunset": sunset}.items():
-        draw().save(HERE / f"{name}.png", optimize=True)
+    for name, draw in {"smiley": smiley, "heart": heart}.items():
+        draw().save(HERE / f"{name}.png", optimize=True)  # the tests' uploads
+    for name, picture in photo_examples().items():
+        picture.save(HERE / f"{name}.jpg", quality=90)  # the Extend tab's examples

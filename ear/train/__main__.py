@@ -18,7 +18,8 @@ from ear.order import ORDERS
 
 def add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="emoji",
-                   help='"emoji" (npm Twemoji + Noto), a prepared .npz, an image folder root/<class>/*, '
+                   help='"emoji" (npm Twemoji + Noto), "photos" (Debian wallpapers, ear.train.photos), '
+                        'a prepared .npz, an image folder root/<class>/*, '
                         "or unpacked emoji-datasource package folders joined with os.pathsep")
     p.add_argument("--cache-dir", default=None, help="npm tarballs and prepared .npz "
                    "(default ~/.cache/ear-studio/emoji)")

@@ -390,11 +390,13 @@ def load_dataset(source: str | Path = "emoji", cache_dir: Path | None = None, im
     plus an unpacked emojibase-data (a folder holding en/data.json), joined with os.pathsep.
     class_set and sets (image sets, EMOJI_SETS) apply to emoji sources (see the module docstring).
     Builds are cached as .npz."""
-    cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE
     sets = parse_sets(sets)
     text = str(source)
     if text.endswith(".npz"):
         return ImageDataset.load(Path(text))
+    if text == "photos":
+        return _photo_dataset(Path(cache_dir) if cache_dir else None, image_size)
+    cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE
     if class_set not in CLASS_SETS and not Path(class_set).is_file():
         raise ValueError(f"class set must be one of {', '.join(CLASS_SETS)} or a file of emoji names, "
                          f"got {class_set!r}")
@@ -430,6 +432,20 @@ def load_dataset(source: str | Path = "emoji", cache_dir: Path | None = None, im
     return data
 
 
+def _photo_dataset(cache_dir: Path | None, image_size: int) -> ImageDataset:
+    """The photo model's crops (ear.train.photos), cached under the photo cache; the cache name
+    follows the source list's content, so an edited list is rebuilt."""
+    from ear.train import photos  # photos builds on ImageDataset, defined here
+
+    cache_dir = cache_dir or photos.DEFAULT_PHOTO_CACHE
+    cached = cache_dir / f"photos-{image_size}px-{zlib.crc32(photos.SOURCES_FILE.read_bytes()):08x}.npz"
+    if cached.is_file():
+        return ImageDataset.load(cached)
+    data = photos.build_photo_dataset(cache_dir, image_size)
+    data.save(cached)
+    return data
+
+
 def dataset_from_args(args: Any) -> ImageDataset:
     """The data set the CLI flags (--data, --cache-dir, --classes, --min-class-size, --sets) describe."""
     return load_dataset(args.data, args.cache_dir, min_class_size=args.min_class_size,
@@ -450,4 +466,8 @@ def attribution_text(sources: set[str]) -> str:
         lines.append(LICENCES["fluent"])
     if lines:
         lines.append(METADATA_LICENCE)
+    if "photo" in sources:
+        from ear.train.photos import photo_attribution
+
+        lines.append(photo_attribution())
     return " ".join(lines)

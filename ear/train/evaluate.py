@@ -191,6 +191,22 @@ def variety(pipe: EARPipeline, class_ids: list[int], settings: dict[str, Any], s
     return result, any_style
 
 
+def region_scores(drawn: np.ndarray, original: np.ndarray, cells: np.ndarray) -> tuple[float, float]:
+    """Mean PSNR (dB) and colour-histogram intersection (8 bins per channel, 1 = the same colours)
+    over the pixels of the given (N, g, g) cells only: how close a redrawn or extended region
+    comes to the real one (bench/bench_edit.py, bench/bench_extend.py)."""
+    psnrs, hists = [], []
+    for d, o, m in zip(drawn, original, cells, strict=True):
+        scale = d.shape[0] // m.shape[0]
+        pixels = np.repeat(np.repeat(m, scale, 0), scale, 1)
+        a, b = d[pixels].astype(np.float64), o[pixels].astype(np.float64)
+        mse = max(float(np.mean((a - b) ** 2)), 1e-10)
+        psnrs.append(10 * np.log10(255.0 ** 2 / mse))
+        ha, hb = (np.histogramdd(x, bins=8, range=[(0, 256)] * 3)[0].ravel() / len(x) for x in (a, b))
+        hists.append(float(np.minimum(ha, hb).sum()))
+    return float(np.mean(psnrs)), float(np.mean(hists))
+
+
 def novelty(samples: np.ndarray, train: np.ndarray, threshold: float = DISTINCT) -> dict[str, float]:
     """Samples' distance (mean absolute difference) to their nearest training image against the
     training images' distance to their nearest other training image (medians), and the share of

@@ -41,6 +41,7 @@ from ear.train.data import (
     dataset_from_args,
     style_labels,
 )
+from ear.train.photos import SCENE_SHOWCASE, WEIGHTS_LICENCE_PHOTO
 from ear.train.stage_tokenizer import load_tokenizer, tokenizer_asset_config
 
 # until `python -m ear.train.evaluate --sweep` picks one: per-emoji classes are hurt by guidance
@@ -175,17 +176,23 @@ def split_class_table(model: EAR, weights: Path) -> bool:
     return True
 
 
+def weights_licence(sources: set[str]) -> str:
+    if "photo" in sources:
+        return WEIGHTS_LICENCE_PHOTO
+    return WEIGHTS_LICENCE_FLUENT if sources & set(FLUENT_SETS) else WEIGHTS_LICENCE
+
+
 def ear_asset_config(model: EAR, class_names: list[str], name: str, sources: set[str],
                      styles: list[str]) -> dict:
     """The model's part of config.json. default_class and class_aliases are always rewritten so a
     re-export with another class set never leaves a stale name behind (evaluate --media then picks
     the best-drawn showcase class as the default)."""
-    shown = [c for c in SHOWCASE if c in class_names]
+    shown = [c for c in (*SHOWCASE, *SCENE_SHOWCASE) if c in class_names]
     return {"name": name, "model": model.config.to_dict(), "class_names": class_names, "styles": styles,
             "default_class": shown[0] if shown else class_names[0],
             "class_aliases": {k: v for k, v in CLASS_ALIASES.items() if v in class_names},
             "presets": {"default": dict(DEFAULT_PRESET)},
-            "licence": WEIGHTS_LICENCE_FLUENT if sources & set(FLUENT_SETS) else WEIGHTS_LICENCE,
+            "licence": weights_licence(sources),
             "attribution": attribution_text(sources)}
 
 
