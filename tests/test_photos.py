@@ -80,6 +80,8 @@ def test_weights_carry_every_training_credit() -> None:
     assert all(s.author in text and s.licence in text for s in sources if s.role == "train")
     assert not any(s.author in text for s in sources if s.role == "heldout")
     assert "CC-BY-SA-4.0" in photos.WEIGHTS_LICENCE_PHOTO
+    table = photos.attribution_markdown()
+    assert all(f"| {s.title} | {s.author} | {s.licence} |" in table for s in sources if s.role == "train")
 
 
 def test_extend_opens_on_the_photo_model_only_where_the_page_runs_a_bundled_one(

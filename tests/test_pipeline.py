@@ -217,6 +217,33 @@ def test_bundled_model_keeps_a_recognisable_centre(emoji_pipe: EARPipeline, exam
     assert np.abs(got - want).mean() < 0.6 * np.abs(want - want.mean(axis=(0, 1))).mean()
 
 
+@pytest.fixture(scope="module")
+def photo_pipe(torch_single_thread) -> EARPipeline:
+    if next(r for r in hub.list_models() if r.name == hub.PHOTO_MODEL).status != "bundled":
+        pytest.skip("assets/ear-photo is not complete yet")
+    return EARPipeline.from_pretrained(hub.PHOTO_MODEL)
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (hub.ASSETS / "examples").glob("*.jpg")))
+def test_photo_model_keeps_the_kept_photograph_and_continues_its_colours(photo_pipe: EARPipeline,
+                                                                         example: str) -> None:
+    """Extend of an example photograph (never trained on) with the photo model: the kept centre
+    is the photograph, and the grown border is closer to the photo's colours than to white."""
+    pipe = photo_pipe
+    image = Image.open(hub.ASSETS / "examples" / example).convert("RGB")
+    frames = list(pipe.extend(image, 8, seed=0, display_size=64, outline=False))
+    left, top, right, bottom = pipe.centre_box(8)
+    cell = 64 // pipe.grid
+    final = np.asarray(frames[-1].images[0]).astype(float)
+    got = final[top * cell:bottom * cell, left * cell:right * cell]
+    want = np.asarray(image.resize((8 * cell, 8 * cell), Image.Resampling.LANCZOS)).astype(float)
+    assert np.abs(got - want).mean() < 0.6 * np.abs(want - want.mean(axis=(0, 1))).mean() + 8
+    border = np.ones(final.shape[:2], dtype=bool)
+    border[top * cell:bottom * cell, left * cell:right * cell] = False
+    mean = want.mean(axis=(0, 1))
+    assert np.abs(final[border] - mean).mean() < np.abs(final[border] - 255.0).mean()
+
+
 def test_config_alias_to_a_missing_class_is_refused(tmp_path: Path) -> None:
     folder = write_tiny_model(tmp_path / "m")
     config = json.loads((folder / "config.json").read_text())

@@ -14,6 +14,7 @@ import shlex
 from pathlib import Path
 
 from ear.order import ORDERS
+from ear.train.recipe import RECIPES, stage_argv
 
 
 def add_data(p: argparse.ArgumentParser) -> None:
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", required=True, help="the .npz to write")
 
     rec = sub.add_parser("recipe", help="both stages with a machine's preset flags (see ear/train/recipe.py)")
-    rec.add_argument("recipe", choices=["cpu", "gpu"])
+    rec.add_argument("recipe", choices=list(RECIPES))
     rec.add_argument("--data", default="emoji", help="as for the stages; a prepared .npz for the GPU")
     rec.add_argument("--run-dir", required=True, help="gets tokenizer/ and ear/ run folders")
     rec.add_argument("--export", default=None, help="asset folder to write at the end")
@@ -125,7 +126,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.out}: {len(data)} images, {len(data.class_names)} classes")
         return
     if args.stage == "recipe":
-        from ear.train.recipe import stage_argv
 
         stages = stage_argv(args.recipe, args.data, Path(args.run_dir), args.export, args.init_from,
                             {"tokenizer": args.tokenizer_extra, "ear": args.ear_extra})

@@ -170,3 +170,18 @@ def photo_attribution() -> str:
             by_licence.setdefault(s.licence, []).append(f'"{s.title}" by {s.author} (Debian {s.package})')
     parts = [f"{licence}: {'; '.join(items)}." for licence, items in sorted(by_licence.items())]
     return "Trained on photographs and wallpapers from Debian packages. " + " ".join(parts)
+
+
+def attribution_markdown() -> str:
+    """ATTRIBUTION.md for weights trained on these pictures (written by the EAR stage's export)."""
+    lines = ["# Attribution", "",
+             "These weights were trained on the photographs and wallpapers below, all from Debian",
+             "bookworm packages, and are shared under CC-BY-SA 4.0 (CC-BY-SA 3.0 pictures adapted under",
+             "4.0, as CC-BY-SA 3.0 allows). Crops of the pictures were used, never the pictures whole.",
+             "", "| picture | author | licence | Debian package |", "|---|---|---|---|"]
+    lines += [f"| {s.title} | {s.author} | {s.licence} | {s.package} {s.version} |"
+              for s in read_sources() if s.role == "train"]
+    lines += ["", "Measured on, never trained on (held out): "
+              + "; ".join(f"{s.title} by {s.author} ({s.licence}, {s.package})"
+                          for s in read_sources() if s.role == "heldout") + ".", ""]
+    return "\n".join(lines)

@@ -4,6 +4,8 @@
     accelerate launch --num_processes 1 --mixed_precision bf16 -m ear.train recipe gpu \\
         --data runs/emoji-all.npz --run-dir runs/gpu --export runs/gpu/asset  # one H200, < 10 min
     python -m ear.train recipe cpu --init-from <previous asset> --run-dir runs/cpu --export ...
+    python -m ear.train recipe photo-cpu --data photos --init-from assets/ear-emoji \
+        --run-dir runs/photo --export assets/ear-photo                         # the bundled ear-photo
 
 Why presets: the CPU recipe is how the shipped ear-emoji was made (warm starts from the previous
 release, the 228-emoji "familiar" class set, wall-clock budgets that fit a shared 2-core machine,
@@ -40,6 +42,20 @@ RECIPES: dict[str, list[tuple[str, str, str]]] = {
                        "--warmup 200 --dim 256 --n-layer 8 --n-head 8 --aug-copies 1 --style-classes "
                        "--balance-classes "
                        "--save-every 1000"),
+    ],
+    # the bundled ear-photo (--data photos, --init-from assets/ear-emoji): crops of Debian's
+    # wallpapers, scene classes, no styles; the null class (15 % of labels dropped) extends uploads
+    "photo-cpu": [
+        ("tokenizer", "tokenizer", "--time-budget 22 --steps 1200"),
+        ("ear", "ear", "--tokenizer {run}/tokenizer --time-budget 45 --steps 100000 --batch 32 --lr 1e-3 "
+                       "--warmup 200 --aug-copies 1 --class-dropout 0.15 --name ear-photo --save-every 500"),
+    ],
+    "photo-gpu": [
+        ("tokenizer", "tokenizer", "--time-budget 3 --steps 4000 --batch 256 --lr 2e-3 --warmup 100 "
+                                   "--channels 64 128 256 --save-every 500"),
+        ("ear", "ear", "--tokenizer {run}/tokenizer --time-budget 8 --steps 20000 --batch 256 --lr 1e-3 "
+                       "--warmup 200 --dim 256 --n-layer 8 --n-head 8 --aug-copies 1 --class-dropout 0.15 "
+                       "--name ear-photo --save-every 1000"),
     ],
 }
 

@@ -41,7 +41,7 @@ from ear.train.data import (
     dataset_from_args,
     style_labels,
 )
-from ear.train.photos import SCENE_SHOWCASE, WEIGHTS_LICENCE_PHOTO
+from ear.train.photos import SCENE_SHOWCASE, WEIGHTS_LICENCE_PHOTO, attribution_markdown
 from ear.train.stage_tokenizer import load_tokenizer, tokenizer_asset_config
 
 # until `python -m ear.train.evaluate --sweep` picks one: per-emoji classes are hurt by guidance
@@ -140,10 +140,12 @@ def tile_class_table(model: EAR, weights: Path, styles: int) -> bool:
     without styles); the null row stays the null row. True if the table was tiled."""
     from safetensors.torch import load_file
 
+    if styles < 2:  # no styles (a folder or the photo data): nothing to tile
+        return False
     key = "cls_embedding.embedding_table.weight"
     old, table = load_file(str(weights)).get(key), model.cls_embedding.embedding_table.weight
     n = (table.shape[0] - 1) // styles
-    if styles < 2 or old is None or old.shape != (n + 1, table.shape[1]):
+    if old is None or old.shape != (n + 1, table.shape[1]):
         return False
     with torch.no_grad():
         table.copy_(torch.cat([*[old[:n]] * styles, old[n:]]).to(table))
@@ -280,3 +282,5 @@ def export(folder: Path, model: EAR, tokenizer: ConvVQ, data: ImageDataset, name
     config = {**tokenizer_asset_config(tokenizer, data),
               **ear_asset_config(model, data.class_names, name, sources, styles)}
     update_asset(folder, {"ear": half_state_dict(model), "tokenizer": half_state_dict(tokenizer)}, config)
+    if "photo" in sources:  # the credits CC-BY and CC-BY-SA ask for travel with the weights
+        (folder / "ATTRIBUTION.md").write_text(attribution_markdown(), encoding="utf-8")
