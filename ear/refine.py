@@ -17,6 +17,7 @@ step). This module says which positions each step feeds (`spans`), how a step dr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
@@ -108,17 +109,28 @@ def redraw_streams(streams: torch.Tensor) -> torch.Tensor:
 
 
 def correct(logits: torch.Tensor, drawn: torch.Tensor, rows: RowSettings, streams: torch.Tensor,
-            codes: torch.Tensor, threshold: float, fixed: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            codes: torch.Tensor, threshold: float, fixed: torch.Tensor | None = None,
+            static: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, corrected) for a drawn part (B, m) given its guided correction logits (B, m, V):
     a token whose probability under the correction (temperature 1) is below `threshold` is
     replaced by a draw from the correction with the row's own settings; `fixed` (B, m) bool cells
-    (known ones) never change. `corrected` marks the cells whose token changed."""
-    p = logits.float().softmax(-1).gather(-1, drawn[..., None])[..., 0]
-    doubtful = p < threshold
+    (known ones) never change. `corrected` marks the cells whose token changed. `static` (default:
+    on CUDA) redraws every cell and selects, with no host sync; otherwise only the doubtful cells
+    are drawn (a CPU pays nothing for the sync, and the draw is a large share of a small model's
+    step). Both give the same tokens: a cell's noise depends only on its stream."""
+    logp = logits.gather(-1, drawn[..., None])[..., 0].float() - logits.float().logsumexp(-1)
+    doubtful = logp < math.log(threshold)
     if fixed is not None:
         doubtful &= ~fixed
-    tokens = torch.where(doubtful, draw(logits, rows, streams, codes), drawn)
+    if logits.device.type == "cuda" if static is None else static:
+        tokens = torch.where(doubtful, draw(logits, rows, streams, codes), drawn)
+    else:
+        row, cell = doubtful.nonzero(as_tuple=True)
+        tokens = drawn.clone()
+        if row.numel():
+            picked = rows.map(lambda t: t[row])
+            tokens[row, cell] = draw(logits[row, cell][:, None], picked, streams[row, cell][:, None],
+                                     codes)[:, 0]
     return tokens, tokens != drawn
 
 

@@ -76,6 +76,23 @@ def test_refined_steps_feed_every_cell_and_check_every_drawn_part_once() -> None
         assert spans[-1].fed == slice(b[last], b[last + 1]) and not spans[-1].num_checked
 
 
+@pytest.mark.parametrize("kwargs", [{"temperature": 1.0}, {"top_k": 5, "top_p": 0.8}, {"greedy": True}])
+def test_redrawing_only_the_doubtful_cells_gives_what_redrawing_every_cell_gives(kwargs: dict) -> None:
+    from ear.draw import RowSettings, cell_streams, vocab_codes
+
+    gen = torch.Generator().manual_seed(0)
+    logits, drawn = torch.randn(3, 20, 64, generator=gen) * 3, torch.randint(0, 64, (3, 20), generator=gen)
+    settings = {"cfg_scale": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "greedy": False, **kwargs}
+    rows = RowSettings.build(3, 64, keys=torch.tensor([1, 2, 3]), **settings)
+    streams, codes = refine.redraw_streams(cell_streams(rows.keys, 20)), vocab_codes(64, torch.device("cpu"))
+    fixed = torch.zeros(3, 20, dtype=torch.bool)
+    fixed[0, :5] = True
+    static = refine.correct(logits, drawn, rows, streams, codes, 0.05, fixed, static=True)
+    sparse = refine.correct(logits, drawn, rows, streams, codes, 0.05, fixed, static=False)
+    assert torch.equal(static[0], sparse[0]) and torch.equal(static[1], sparse[1])
+    assert static[1].any() and not static[1][0, :5].any()
+
+
 def _teacher_forced_cache(model: EAR, ids: torch.Tensor, grid: torch.Tensor) -> list:
     """K/V of a fresh content-only forward of the final grid through the readable model."""
     layout = model.layout()
