@@ -183,28 +183,15 @@ class _Weights:
         self.dim, self.eps = dim, model.config.norm_eps
 
 
-@dataclass
-class _Plan:
-    """One forward: positions start..end-1 are fed (class token and/or content tokens, then mask
-    queries); `fed`/`out`/`checked` index the generation-order token buffer (`ear.refine.Span`)."""
+@dataclass(frozen=True)
+class _Plan(Span):
+    """One forward (a `Span`) made concrete: positions start..end-1 are fed (class token and/or
+    content tokens, then mask queries), with their mask and rotary table."""
 
-    k: int
     start: int
     end: int
-    fed: slice
-    out: slice
-    checked: slice  # empty unless refining: the fed cells whose correction logits come out too
-    with_class: bool
     mask: torch.Tensor  # (L, end) bool, [query, slot]
     rope: torch.Tensor  # (L, 3, 1, head_dim/2) complex64; the v plane is 1
-
-    @property
-    def num_queries(self) -> int:
-        return self.out.stop - self.out.start
-
-    @property
-    def num_checked(self) -> int:
-        return self.checked.stop - self.checked.start
 
 
 def _plan(layout: _Layout, span: Span) -> _Plan:
@@ -213,8 +200,8 @@ def _plan(layout: _Layout, span: Span) -> _Plan:
     cos, sin = layout.rope[start:end].unbind(-1)
     qk = torch.complex(cos, sin)[:, None, :]
     rope = torch.stack([qk, qk, torch.ones_like(qk)], dim=1)
-    return _Plan(span.k, start, end, span.fed, span.out, span.checked, span.with_class,
-                 layout.infer_mask[start:end, :end], rope)
+    return _Plan(span.k, span.fed, span.out, span.checked, span.with_class, start=start, end=end,
+                 mask=layout.infer_mask[start:end, :end], rope=rope)
 
 
 @dataclass(eq=False)  # identity: slots are found in the idle pool by who they are
