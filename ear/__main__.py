@@ -24,6 +24,7 @@ from ear import hub
 from ear.images import load_image, load_mask, save_image
 from ear.pipeline import MAX_BATCH, MAX_REFINE, PLACES, EARPipeline, Frame
 from ear.preview import ANIMATION_SUFFIXES, make_grid, save_animation
+from ear.refine import DEFAULT_THRESHOLD
 
 EXIT_BAD_INPUT = 2
 
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "correction (default: on for a model trained with the correction objective)")
     p.add_argument("--refine-threshold", type=float, metavar="P",
                    help="with --refine: redraw a token whose probability under the correction is below P "
-                        "(in (0, 1), default 0.05)")
+                        f"(in (0, 1), default {DEFAULT_THRESHOLD})")
     _add_sampling_flags(p)
     _add_output_flags(p)
 
