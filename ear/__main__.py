@@ -24,6 +24,7 @@ from ear import hub
 from ear.images import load_image, load_mask, save_image
 from ear.pipeline import MAX_BATCH, MAX_REFINE, PLACES, EARPipeline, Frame
 from ear.preview import ANIMATION_SUFFIXES, make_grid, save_animation
+from ear.refine import DEFAULT_THRESHOLD
 
 EXIT_BAD_INPUT = 2
 
@@ -94,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="number of images (saved as a grid)")
     p.add_argument("--schedule", help="another generation order: arms, rings, raster, radial, radar or "
                                       "radar-square (off-distribution unless the model was trained with it)")
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                   help="nested refinement: redraw a step's implausible tokens from the next step's "
+                        "correction (default: on for a model trained with the correction objective)")
+    p.add_argument("--refine-threshold", type=float, metavar="P",
+                   help="with --refine: redraw a token whose probability under the correction is below P "
+                        f"(in (0, 1), default {DEFAULT_THRESHOLD})")
     _add_sampling_flags(p)
     _add_output_flags(p)
 
@@ -236,7 +243,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch must lie in [1, {MAX_BATCH}], got {args.batch}.")
     pipe = _load(args)
     classes = [pipe.class_id(args.class_)] * args.batch
-    sampling = _sampling(args, pipe)
+    sampling = {**_sampling(args, pipe), "refine": args.refine, "refine_threshold": args.refine_threshold}
     if args.animation is None:  # no previews needed: decode once, at the end
         states = pipe.states(classes, schedule=args.schedule, **sampling)
         with tqdm(total=pipe.model.schedule.num_steps, unit="step", disable=args.quiet,

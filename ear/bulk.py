@@ -210,8 +210,8 @@ def sample_range(pipe: EARPipeline, plan: Plan, a: int, b: int, batch: int) -> n
         stop = min(b, start + batch)
         labels = pipe.labels(plan.labels[start:stop].tolist(), plan.style, plan.seed, first_row=start)
         with torch.inference_mode():
-            tokens = generate(pipe.model, labels, seed=plan.seed,
-                              row_ids=torch.arange(start, stop), **asdict(plan.settings))
+            tokens = generate(pipe.model, labels, seed=plan.seed, row_ids=torch.arange(start, stop),
+                              refine=pipe.can_refine, **asdict(plan.settings))  # as the pipeline does
             parts.append(_decode(pipe, tokens))
     return np.concatenate(parts)
 

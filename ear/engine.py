@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ear import refine
 from ear.draw import RowSettings, cell_streams, draw, guide, vocab_codes
 from ear.model import EAR, EARConfig, _Layout
 from ear.order import Schedule
+from ear.refine import Refinement, Span
 
 Picker = Callable[[int, torch.Tensor], torch.Tensor]
 LINEAR_MODES = ("auto", "plain", "packed", "onednn", "int8")
@@ -181,34 +183,25 @@ class _Weights:
         self.dim, self.eps = dim, model.config.norm_eps
 
 
-@dataclass
-class _Plan:
-    """One schedule step: positions start..end-1 are fed (class token and/or the previous step's
-    tokens, then this step's mask queries); `fed`/`out` index the generation-order token buffer."""
+@dataclass(frozen=True)
+class _Plan(Span):
+    """One forward (a `Span`) made concrete: positions start..end-1 are fed (class token and/or
+    content tokens, then mask queries), with their mask and rotary table."""
 
-    k: int
     start: int
     end: int
-    fed: slice
-    out: slice
-    with_class: bool
     mask: torch.Tensor  # (L, end) bool, [query, slot]
     rope: torch.Tensor  # (L, 3, 1, head_dim/2) complex64; the v plane is 1
 
-    @property
-    def num_queries(self) -> int:
-        return self.out.stop - self.out.start
 
-
-def _plan(layout: _Layout, k: int, first: int) -> _Plan:
-    b = layout.schedule.boundaries
-    start, fed = (0, slice(0, b[k])) if k == first else (b[k - 1] + 1, slice(b[k - 1], b[k]))
-    end = b[k + 1] + 1
+def _plan(layout: _Layout, span: Span) -> _Plan:
+    start = 0 if span.with_class else span.fed.start + 1
+    end = max(span.fed.stop, span.out.stop) + 1
     cos, sin = layout.rope[start:end].unbind(-1)
     qk = torch.complex(cos, sin)[:, None, :]
     rope = torch.stack([qk, qk, torch.ones_like(qk)], dim=1)
-    return _Plan(k, start, end, fed, slice(b[k], b[k + 1]), k == first,
-                 layout.infer_mask[start:end, :end], rope)
+    return _Plan(span.k, span.fed, span.out, span.checked, span.with_class, start=start, end=end,
+                 mask=layout.infer_mask[start:end, :end], rope=rope)
 
 
 @dataclass(eq=False)  # identity: slots are found in the idle pool by who they are
@@ -310,7 +303,7 @@ class DecodeRunner:
         self._capture_stream = torch.cuda.Stream(self.device) if self.use_graphs else None
         self._free.clear()
         self._idle_order.clear()
-        self._plans: dict[tuple[str, int, int], _Plan] = {}
+        self._plans: dict[tuple[str, tuple[int, ...]], _Plan] = {}
         self._fingerprint = fingerprint
         self._epoch += 1  # slots still in flight are dropped when they come back
 
@@ -375,10 +368,10 @@ class DecodeRunner:
                 old_key, old = self._idle_order.pop(0)
                 self._free[old_key].remove(old)
 
-    def _step_plan(self, layout: _Layout, k: int, first: int) -> _Plan:
-        key = (layout.schedule.name, k, first)
+    def _step_plan(self, layout: _Layout, span: Span) -> _Plan:
+        key = (layout.schedule.name, span.key)
         if key not in self._plans:
-            self._plans[key] = _plan(layout, k, first)
+            self._plans[key] = _plan(layout, span)
         return self._plans[key]
 
     # ---- one generation ------------------------------------------------------------------------
@@ -450,7 +443,8 @@ class DecodeRunner:
         return layer.wo(y.transpose(1, 2).reshape(rows, length, dim))
 
     def _forward(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
-        """Guided float32 logits (bucket, m, V) of this step's queries."""
+        """Guided float32 logits (bucket, c + m, V) of this step's checked cells (refinement
+        only) and queries."""
         w = slot.weights
         x = self._inputs(slot, plan)
         shape = (w.dim,)
@@ -466,7 +460,8 @@ class DecodeRunner:
             h = torch.addcmul(shift2, F.rms_norm(x, shape, None, w.eps), scale2)
             a, b = layer.w13(h).chunk(2, dim=-1)
             x = torch.addcmul(x, gamma2, layer.w2(F.silu(a) * b))
-        logits = w.head(F.rms_norm(x[:, -plan.num_queries:], shape, None, w.eps)).float()
+        rows = plan.num_checked + plan.num_queries
+        logits = w.head(F.rms_norm(x[:, x.shape[1] - rows:], shape, None, w.eps)).float()
         return guide(logits, slot.settings) if slot.rows != slot.bucket else logits
 
     def _step(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
@@ -506,12 +501,15 @@ class DecodeRunner:
 
     def decode(self, class_ids: torch.Tensor, rows: RowSettings, *, prefix: torch.Tensor,
                known: torch.Tensor | None = None, schedule: Schedule | None = None,
-               pick: Picker | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+               pick: Picker | None = None, refinement: Refinement | None = None,
+               last: int | None = None) -> Iterator[tuple]:
         """Yield (step k, guided logits (B, m, V), tokens (B, m)) for every step after the prefix.
         `known` (B, n) in generation order, UNKNOWN (-1) where drawn: those cells take their token.
         Logits stay valid until the next step is asked for; tokens are the consumer's to keep.
         `pick(k, logits)` replaces the draw (teacher forcing); otherwise tokens are drawn on the
-        device and, on CUDA, arrive through pinned memory one step behind the device."""
+        device and, on CUDA, arrive through pinned memory one step behind the device.
+        With `refinement` (`ear.refine`, eager, up to step `last`), each item also carries the
+        fixes of earlier parts: (k, logits, tokens, [(part, final tokens, corrected)])."""
         self._refresh()
         layout = self.model.layout(schedule)
         sched, batch = layout.schedule, class_ids.shape[0]
@@ -524,7 +522,12 @@ class DecodeRunner:
             with torch.inference_mode():
                 self._start(slot, class_ids, rows, prefix.to(self.device),
                             None if known is None else known.to(self.device), layout.order)
-            yield from self._run(slot, layout, first, batch, pick)
+            if refinement is None:
+                yield from self._run(slot, layout, first, batch, pick)
+            else:
+                stop = sched.num_steps - 1 if last is None else last
+                yield from refine.grouped(self._run_refined(slot, layout, first, stop, batch, refinement),
+                                          stop)
         finally:  # also when the consumer stops early: the slot goes back for the next stream
             self._give_back(key, slot)
 
@@ -532,7 +535,7 @@ class DecodeRunner:
              pick: Picker | None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         pending = None
         for k in range(first, layout.schedule.num_steps):
-            plan = self._step_plan(layout, k, first)
+            plan = self._step_plan(layout, refine.plain_span(layout.schedule, k, first))
             if pick is not None:  # eager; the picker runs outside inference mode, as user code (and
                 # comes with a prefix only: `ear.sampler.decode`)
                 assert not slot.masked, "teacher forcing takes a prefix, not known cells"
@@ -560,6 +563,23 @@ class DecodeRunner:
             pending = (k, logits, ready, plan)
         if pending is not None:
             yield _arrived(*pending, slot, batch)
+
+    def _run_refined(self, slot: _Slot, layout: _Layout, first: int, last: int, batch: int,
+                     refinement: Refinement) -> Iterator[refine.Forward]:
+        """The refined forwards (`ear.refine.spans`), eager and synchronous on every device."""
+        with torch.inference_mode():
+            given = torch.where(slot.known, slot.given, -1) if slot.masked else None
+            noise = refine.Noise(slot.streams, refine.redraw_streams(slot.streams), given, slot.codes)
+        for span in refine.spans(layout.schedule, first, last):
+            plan = self._step_plan(layout, span)
+            with torch.inference_mode():
+                logits = self._forward(slot, plan)
+                corrected = refine.advance(span, logits, slot.tokens, slot.settings, noise,
+                                           refinement.threshold)
+                fix = None if corrected is None else \
+                    (span.k - 1, slot.tokens[:batch, span.checked].cpu(), corrected[:batch].cpu())
+                tokens = slot.tokens[:batch, span.out].clone()
+            yield span, logits[:batch, span.num_checked:], tokens, fix
 
 
 def _kept(slot: _Slot, plan: _Plan, drawn: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,11 @@ class EARConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     multiple_of: int = 256
+    # Trained with the correction objective (`EAR.training_losses`): the content-stream outputs
+    # also predict each cell's clean token from a part whose draws were partly corrupted, which is
+    # what RadAR-style nested refinement (`ear.refine`) reads. No new weights (the output head is
+    # shared), so the flag only says what the model learnt; off for every released checkpoint.
+    correction: bool = False
 
     def __post_init__(self) -> None:
         if self.dim % self.n_head or (self.dim // self.n_head) % 4:
@@ -58,6 +63,9 @@ class EARConfig:
         if isinstance(self.num_styles, bool) or not isinstance(self.num_styles, int) or self.num_styles < 0:
             raise ValueError(f"num_styles must be a whole number >= 0 (0: no shared style embedding), "
                              f"got {self.num_styles!r}")
+        if not isinstance(self.correction, bool):
+            raise ValueError(f"correction must be true or false (trained with the correction objective), "
+                             f"got {self.correction!r}")
         make_schedule(self.schedule, self.grid_size)  # validates both
 
     @property
@@ -93,6 +101,21 @@ class EARConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def corrupt(targets: torch.Tensor, logits: torch.Tensor, share: float, noise_share: float,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """`targets` (B, n) with a `share` of the cells replaced: by a draw from `logits` (B, n, V) at
+    temperature 1, or for a `noise_share` of them by a uniformly random code."""
+    if not (0 <= share <= 1 and 0 <= noise_share <= 1):
+        raise ValueError(f"corruption and noise shares must lie in [0, 1], got {share} and {noise_share}")
+    with torch.no_grad():
+        gen = {"generator": generator, "device": targets.device}
+        draws = torch.multinomial(logits.float().flatten(0, 1).softmax(-1), 1, generator=generator)
+        noise = torch.randint(0, logits.shape[-1], targets.shape, **gen)
+        picked = torch.rand(targets.shape, **gen) < share
+        noisy = torch.rand(targets.shape, **gen) < noise_share
+        return torch.where(picked, torch.where(noisy, noise, draws.view_as(targets)), targets)
 
 
 class RMSNorm(nn.Module):
@@ -380,6 +403,34 @@ class EAR(nn.Module):
         logits = self(tokens, class_ids)
         targets = tokens[:, self.layout().order]
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def training_losses(self, tokens: torch.Tensor, class_ids: torch.Tensor, corruption: float = 0.3,
+                        noise_share: float = 0.2) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(generation loss, correction loss or None without `config.correction`), nats/token.
+        The generation loss is `loss`'s, teacher-forced on clean tokens. The correction loss: a
+        `corruption` share of the cells take the model's own parallel draws from those same logits
+        (what a decode step draws, at no extra forward) or, for a `noise_share` of them, a random
+        code; one content-only forward under the inference mask (each part sees itself and earlier
+        parts, never a later one) then predicts every cell's clean token at its own position."""
+        layout = self.layout()
+        self.check_tokens(tokens, layout.schedule.num_tokens)
+        self.check_class_ids(class_ids, allow_null=True)
+        cond = self._cond(class_ids)  # one label drop for both losses
+        logits = self._embed_and_run(tokens, cond, layout)
+        targets = tokens[:, layout.order]
+        main = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        if not self.config.correction:
+            return main, None
+        corrupted = corrupt(targets, logits.detach(), corruption, noise_share)
+        fixed = self.correction_logits(corrupted, cond, layout)
+        return main, F.cross_entropy(fixed.flatten(0, 1), targets.flatten())
+
+    def correction_logits(self, ordered: torch.Tensor, cond: torch.Tensor,
+                          layout: _Layout | None = None) -> torch.Tensor:
+        """(B, n, V): the content stream's outputs for tokens (B, n) in generation order, row s the
+        correction of the s-th token: exactly what a cached decode computes for a fed part."""
+        x = torch.cat([cond, self.tok_embeddings(ordered)], dim=1)
+        return self.forward_positions(x, cond, 0, layout or self.layout(), None)[:, 1:]
 
     # ---- incremental decoding -----------------------------------------------------------------
 

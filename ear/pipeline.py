@@ -24,6 +24,7 @@ from ear.images import ImageSource, center_crop_resize, load_image, load_mask, t
 from ear.model import EAR
 from ear.order import Schedule, make_schedule
 from ear.preview import PreviewRenderer, module_device, neutral_token
+from ear.refine import refinement
 from ear.sampler import UNKNOWN, SamplingParams, StepState, known_log_likelihood, sample, state_count
 from ear.serving import ServedState
 from ear.tokenizer import Tokenizer
@@ -134,10 +135,16 @@ class EARPipeline:
             "licence": loaded.licence, "attribution": loaded.attribution,
             "schedule": self.model.schedule.name, "steps": self.model.schedule.num_steps,
             "grid": self.grid, "image_size": self.tokenizer.image_size, "classes": len(self.class_names),
-            "styles": self.styles,
+            "styles": self.styles, "refinement": self.can_refine,
             "presets": {k: asdict(v) for k, v in self.presets.items()},
             "cached": all(hub.cached_path(f) for f in files) if files else None,
         }
+
+    @property
+    def can_refine(self) -> bool:
+        """The model was trained with the correction objective: nested refinement (`ear.refine`)
+        is available, and on by default."""
+        return self.model.config.correction
 
     def class_id(self, name_or_id: str | int) -> int:
         """A class index from an index or a (case-insensitive) name or synonym."""
@@ -215,11 +222,13 @@ class EARPipeline:
     def stream(self, class_ids: int | str | Sequence[int | str], *, seed: int | None = None,
                cfg_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
                top_p: float | None = None, schedule: str | Schedule | None = None,
-               style: str | int | None = None, outline: bool = True, display_size: int = 256
+               style: str | int | None = None, refine: bool | None = None,
+               refine_threshold: float | None = None, outline: bool = True, display_size: int = 256
                ) -> Iterator[Frame]:
         """A Frame after every step. Arguments are checked now, before the first frame."""
         states = self.states(class_ids, seed=seed, cfg_scale=cfg_scale, temperature=temperature,
-                             top_k=top_k, top_p=top_p, schedule=schedule, style=style)
+                             top_k=top_k, top_p=top_p, schedule=schedule, style=style, refine=refine,
+                             refine_threshold=refine_threshold)
         return self._frames(states, self.renderer(display_size, outline))
 
     def states(self, class_ids: int | str | Sequence[int | str], **sampling: Any) -> Iterator[StepState]:
@@ -439,16 +448,23 @@ class EARPipeline:
     def _states(self, ids: list[int], *, seed: int | None = None, cfg_scale: float | None = None,
                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                 schedule: str | Schedule | None = None, style: str | int | None = None,
-                known: torch.Tensor | None = None) -> Iterator[StepState]:
-        """Checked arguments -> the sampler's generator (which itself starts work lazily)."""
+                known: torch.Tensor | None = None, refine: bool | None = None,
+                refine_threshold: float | None = None) -> Iterator[StepState]:
+        """Checked arguments -> the sampler's generator (which itself starts work lazily).
+        `refine` None: nested refinement where the model has the correction head. Refined rows
+        run on their own (`ear.sampler.sample`), outside a server's shared batches."""
         settings = self.default_settings.merged(cfg_scale=cfg_scale, temperature=temperature,
                                                 top_k=top_k, top_p=top_p)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | np.integer)
                                  or not 0 <= seed < 2**63):
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
         seed = None if seed is None else int(seed)  # numpy integers too
-        return self.sampler(self.model, self.labels(ids, style, seed), **asdict(settings), seed=seed,
-                            known=known, schedule=self._schedule(schedule))
+        labels, order = self.labels(ids, style, seed), self._schedule(schedule)
+        on = self.can_refine if refine is None else refine
+        if refinement(self.model, on, refine_threshold) is not None:
+            return sample(self.model, labels, **asdict(settings), seed=seed, known=known, schedule=order,
+                          refine=True, refine_threshold=refine_threshold)
+        return self.sampler(self.model, labels, **asdict(settings), seed=seed, known=known, schedule=order)
 
     def _frames(self, states: Iterator[StepState], renderer: PreviewRenderer) -> Iterator[Frame]:
         cells = self.grid * self.grid

@@ -15,10 +15,13 @@ from typing import Any, TypeVar
 
 import torch
 
-from ear.draw import RowSettings, cell_streams, check_values, draw, guide, row_keys, vocab_codes
+from ear import refine
+from ear.draw import RowSettings, cell_streams, check_values, guide, row_keys, vocab_codes
 from ear.engine import Picker, runner_for
 from ear.model import EAR, KVCache
 from ear.order import Schedule
+from ear.refine import Refinement
+from ear.refine import refinement as refinement_for
 
 UNKNOWN = -1
 Decoded = TypeVar("Decoded", bound=Sequence)
@@ -32,6 +35,9 @@ class StepState:
     known: torch.Tensor  # (g, g) bool on CPU
     new: torch.Tensor  # (g, g) bool on CPU: the cells this step filled
     elapsed: float  # seconds since sampling started
+    # (B, g, g) bool on CPU under refinement (`ear.refine`): the cells whose draw was replaced by
+    # the correction so far; None when refinement is off
+    corrected: torch.Tensor | None = None
 
     @property
     def done(self) -> bool:
@@ -186,9 +192,10 @@ def decode(model: EAR, class_ids: torch.Tensor, pick: Picker, *, cfg_scale: floa
 
 
 def _steps(model: EAR, class_ids: torch.Tensor, rows: RowSettings, pick: Picker | None,
-           known: torch.Tensor | None, sched: Schedule, use_cache: bool,
-           engine: str) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """The decode loop on either engine; `known` is a checked raster grid (`_as_known`)."""
+           known: torch.Tensor | None, sched: Schedule, use_cache: bool, engine: str,
+           refinement: Refinement | None = None, last: int | None = None) -> Iterator[tuple]:
+    """The decode loop on either engine; `known` is a checked raster grid (`_as_known`). With
+    `refinement` (up to step `last`) items are (k, logits, tokens, fixes) (`ear.refine.grouped`)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     batch = class_ids.shape[0]
@@ -196,48 +203,63 @@ def _steps(model: EAR, class_ids: torch.Tensor, rows: RowSettings, pick: Picker 
         else _in_order(known, sched)
     if use_cache and engine == "runner":
         return runner_for(model).decode(class_ids, rows, prefix=prefix, known=ordered, schedule=sched,
-                                        pick=pick)
-    return _reference_steps(model, class_ids, rows, pick, prefix, ordered, sched, use_cache)
+                                        pick=pick, refinement=refinement, last=last)
+    first = sched.steps_for_prefix(prefix.shape[1])
+    if refinement is None:
+        forwards = (refine.plain_span(sched, k, first) for k in range(first, sched.num_steps))
+        return ((span.k, logits, tokens) for span, logits, tokens, _ in _reference_steps(
+            model, class_ids, rows, pick, prefix, ordered, sched, use_cache, forwards))
+    stop = sched.num_steps - 1 if last is None else last
+    return refine.grouped(_reference_steps(model, class_ids, rows, pick, prefix, ordered, sched, use_cache,
+                                           iter(refine.spans(sched, first, stop)), refinement), stop)
 
 
 def _reference_steps(model: EAR, class_ids: torch.Tensor, rows: RowSettings, pick: Picker | None,
                      prefix: torch.Tensor, ordered: torch.Tensor | None, sched: Schedule,
-                     use_cache: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Step by step through the readable model (the path the runner is checked against)."""
+                     use_cache: bool, forwards: Iterator[refine.Span],
+                     refinement: Refinement | None = None) -> Iterator[refine.Forward]:
+    """Forward by forward through the readable model (the path the runner is checked against):
+    yields (span, guided query logits, drawn tokens, fix or None)."""
     layout = model.layout(sched)
     device = model.output.weight.device
     rows = rows.to(device)
-    known = prefix.to(device)
-    ordered = None if ordered is None else ordered.to(device)
-    first = sched.steps_for_prefix(known.shape[1])
+    batch = class_ids.shape[0]
+    tokens = torch.zeros(batch, sched.num_tokens, dtype=torch.long, device=device)  # generation order
+    tokens[:, : prefix.shape[1]] = prefix.to(device)
+    given = None if ordered is None else ordered.to(device)
     ids = class_ids.to(device)
     if rows.guided:
         ids = torch.cat([ids, torch.full_like(ids, model.null_class)])
-    bounds = sched.boundaries
-    streams = cell_streams(rows.keys, sched.num_tokens)
-    codes = vocab_codes(model.config.vocab_size, device)
+    streams = cell_streams(rows.keys, sched.num_tokens)[:, torch.tensor(sched.order, device=device)]
+    noise = refine.Noise(streams, refine.redraw_streams(streams), given,
+                         vocab_codes(model.config.vocab_size, device))
     with torch.no_grad():
         cond = model.cls_embedding.lookup(ids).unsqueeze(1)
         cache: list[KVCache] | None = model.new_cache(ids.shape[0]) if use_cache else None
-    for k in range(first, sched.num_steps):
+    for span in forwards:
         with torch.no_grad():
-            restart = cache is None or k == first
-            start = 0 if restart else bounds[k - 1] + 1
-            fed = known if restart else known[:, bounds[k - 1]:]
+            restart = cache is None or span.with_class
+            lo = 0 if restart else span.fed.start
+            fed = tokens[:, lo:span.fed.stop]
             if rows.guided:
                 fed = torch.cat([fed, fed])
-            x = model.embed_inputs(fed, cond, sched.sizes[k], with_class=restart)
-            logits = model.forward_positions(x, cond, start, layout, cache)[:, -sched.sizes[k]:]
+            x = model.embed_inputs(fed, cond, span.num_queries, with_class=restart)
+            out = model.forward_positions(x, cond, 0 if restart else lo + 1, layout, cache)
+            logits = out[:, out.shape[1] - span.num_checked - span.num_queries:]
             if rows.guided:
                 logits = guide(logits, rows)
-            cells = torch.tensor(sched.groups[k], device=device)
-            tokens = (pick(k, logits) if pick is not None
-                      else draw(logits, rows, streams[:, cells], codes)).to(device=device, dtype=torch.long)
-            if ordered is not None:  # known cells take their token, whatever was drawn
-                given = ordered[:, bounds[k]:bounds[k + 1]]
-                tokens = torch.where(given >= 0, given, tokens)
-            known = torch.cat([known, tokens], dim=1)
-        yield k, logits, tokens
+            if pick is not None:
+                picked = pick(span.k, logits).to(device=device, dtype=torch.long)
+                if given is not None:  # known cells take their token, whatever was picked
+                    picked = torch.where(given[:, span.out] >= 0, given[:, span.out], picked)
+                tokens[:, span.out] = picked
+                corrected = None
+            else:
+                corrected = refine.advance(span, logits, tokens, rows, noise,
+                                           0.0 if refinement is None else refinement.threshold)
+            fix = None if corrected is None else (span.k - 1, tokens[:, span.checked].cpu(), corrected.cpu())
+            drawn = tokens[:, span.out].clone()
+        yield span, logits[:, span.num_checked:], drawn, fix
 
 
 def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_scale: Value = 1.0,
@@ -245,7 +267,8 @@ def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_sca
            seed: int | Sequence[int] | None = None, row_ids: Sequence[int] | torch.Tensor | None = None,
            greedy: bool | Sequence[bool] = False, prefix: torch.Tensor | None = None,
            known: torch.Tensor | None = None, schedule: Schedule | None = None, use_cache: bool = True,
-           engine: str = "runner") -> Iterator[StepState]:
+           engine: str = "runner", refine: bool = False,
+           refine_threshold: float | None = None) -> Iterator[StepState]:
     """Yield a StepState after every step (with a prefix or known cells, a first state shows
     them). Every sampling value is one for all rows or one per row. Row i's randomness comes only from
     (seed_i, row_ids[i]) (row ids default to 0..B-1): same seed and settings -> same image, whatever
@@ -254,7 +277,11 @@ def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_sca
     `known` is a (g, g) or (B, g, g) raster grid of tokens, UNKNOWN (-1) where a cell is to be
     drawn: at every step a known cell takes its token (fed as content, never drawn) and the others
     are drawn, so rows may mix masks. `prefix` (the first steps' tokens in generation order) is
-    the special case of known cells that form the first steps."""
+    the special case of known cells that form the first steps.
+
+    `refine=True` (a model trained with the correction objective only) turns on nested refinement
+    (`ear.refine`): a drawn token whose probability under the next forward's correction is below
+    `refine_threshold` is redrawn from it; each state's `corrected` says which cells were."""
     if model.training:
         raise ValueError("the model is in training mode (dropout, label drop): call model.eval() first")
     ids = _as_class_ids(model, class_ids)
@@ -262,25 +289,33 @@ def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_sca
     rows = RowSettings.build(batch, model.config.vocab_size, cfg_scale=cfg_scale, temperature=temperature,
                              top_k=top_k, top_p=top_p, greedy=greedy, keys=row_keys(seed, row_ids, batch))
     sched = model.layout(schedule).schedule
+    refinement = refinement_for(model, refine, refine_threshold)
     given = _as_known(model, known, prefix, batch, sched)
-    steps = _steps(model, ids, rows, None, given, sched, use_cache, engine)
+    last = last_drawn_step(given, sched)
+    steps = _steps(model, ids, rows, None, given, sched, use_cache, engine, refinement, last)
     grid = torch.full((batch, g * g), UNKNOWN, dtype=torch.long)
     shown = torch.zeros(g * g, dtype=torch.bool)
+    corrected = torch.zeros(batch, g * g, dtype=torch.bool) if refinement else None
     started = time.perf_counter()
 
     def state(step: int, new: torch.Tensor) -> StepState:
         return StepState(step, sched.num_steps, grid.view(batch, g, g).clone(), shown.view(g, g).clone(),
-                         new.view(g, g), time.perf_counter() - started)
+                         new.view(g, g), time.perf_counter() - started,
+                         None if corrected is None else corrected.view(batch, g, g).clone())
 
     if given is not None:  # the opening state: the known cells (shown where every row knows them)
         grid.copy_(given)
         shown = (given >= 0).all(dim=0)
         yield state(lead_steps(given, sched), shown.clone())
-    last = last_drawn_step(given, sched)
     try:
-        for k, _logits, tokens in steps:
+        for k, _logits, tokens, *fixes in steps:
             cells = torch.tensor(sched.groups[k])
             grid[:, cells] = tokens.cpu()
+            for part, final, changed in fixes[0] if fixes else ():
+                assert corrected is not None
+                fixed = torch.tensor(sched.groups[part])
+                grid[:, fixed] = final
+                corrected[:, fixed] |= changed
             new = torch.zeros(g * g, dtype=torch.bool)
             new[cells] = True
             if given is not None:  # known cells were shown from the start

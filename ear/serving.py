@@ -300,8 +300,9 @@ class _Batch:
                 assert r.began is not None
                 r.received += 1
                 r.hand_over(ServedState(state.step, state.num_steps, state.tokens[start:stop], state.known,
-                                        state.new, state.elapsed + self.started - r.began, rows,
-                                        rows_in_flight, requests_in_flight, shared, slice(start, stop)), now)
+                                        state.new, state.elapsed + self.started - r.began, batch_rows=rows,
+                                        rows_in_flight=rows_in_flight, requests_in_flight=requests_in_flight,
+                                        shared=shared, rows=slice(start, stop)), now)
         return not state.done
 
 
@@ -667,7 +668,9 @@ class _Worker:
             request.out.put([self._state(*packed) for packed in payload])
 
     def _state(self, fields: tuple, batch: tuple | None) -> ServedState:
-        state = ServedState(*fields[:2], *(torch.from_numpy(a) for a in fields[2:5]), *fields[5:])
+        step, num_steps, tokens, known, new, elapsed, batch_rows, rows_in_flight, requests = fields
+        state = ServedState(step, num_steps, *(torch.from_numpy(a) for a in (tokens, known, new)), elapsed,
+                            batch_rows=batch_rows, rows_in_flight=rows_in_flight, requests_in_flight=requests)
         if batch is not None:  # the finished step: one decode for the whole batch, as in-process
             key, tokens, start, stop = batch
             shared = self._batches.get(key)

@@ -311,11 +311,13 @@ def test_training_smoke_both_stages_with_resume(tmp_path: Path) -> None:
 
     ear_args = ["ear", "--data", str(npz), "--tokenizer", str(tok_run), "--run-dir", str(ear_run),
                 "--batch", "4", "--save-every", "2", "--dim", "32", "--n-layer", "1", "--n-head", "2",
-                "--aug-copies", "2", "--warmup", "1", "--style-classes", "--export", str(asset)]
+                "--aug-copies", "2", "--warmup", "1", "--style-classes", "--export", str(asset),
+                "--correction", "--schedule", "radar"]  # both losses, RadAR's rings
     main([*ear_args, "--steps", "2"])
     main([*ear_args, "--steps", "3", "--resume"])
     stats = json.loads((ear_run / "ear_stats.json").read_text())
     assert stats["steps"] == 3 and np.isfinite(stats["heldout_loss"])
+    assert 0 <= stats["heldout_corrected_accuracy"] <= 1
 
     config = json.loads((asset / "config.json").read_text())
     assert config["format"] == "ear-studio/1"
@@ -327,6 +329,7 @@ def test_training_smoke_both_stages_with_resume(tmp_path: Path) -> None:
     from ear.pipeline import EARPipeline
 
     pipe = EARPipeline.from_pretrained(str(asset))
+    assert pipe.can_refine and pipe.model.schedule.name == "radar"  # refined by default
     images = pipe.generate([0, 1], seed=0, display_size=64, style="Noto")
     assert len(images) == 2 and images[0].size == (64, 64)
 

@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     ear.add_argument("--schedule", default="arms", choices=ORDERS, help="the generation order trained")
     ear.add_argument("--rope", default="sequence", choices=["sequence", "true2d"])
     ear.add_argument("--no-adaln", dest="adaln", action="store_false")
+    ear.add_argument("--correction", action="store_true",
+                     help="also train the correction objective (RadAR-style nested refinement, ear.refine)")
+    ear.add_argument("--corruption", type=float, default=0.3,
+                     help="with --correction: share of cells replaced by the model's own draws or noise")
+    ear.add_argument("--corruption-noise", type=float, default=0.2,
+                     help="with --correction: share of the replaced cells that take a random code")
     ear.add_argument("--class-dropout", type=float, default=0.1)
     ear.add_argument("--dropout", type=float, default=0.0)
     ear.add_argument("--aug-copies", type=int, default=4,

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ear.model import EAR, EARConfig
+from ear.refine import repair_accuracy
 from ear.tokenizer.conv_vq import ConvVQ
 from ear.train.common import (
     EMA,
@@ -53,14 +54,17 @@ WEIGHTS_LICENCE_FLUENT = ("CC-BY-4.0 for the weights (trained on Twemoji, CC-BY 
 
 
 class LossOnly(nn.Module):
-    """Routes EAR.loss through forward(), the only entry point DDP synchronises gradients for."""
+    """Routes the training losses through forward(), the only entry point DDP synchronises
+    gradients for: (generation loss, correction loss or None without the correction objective)."""
 
-    def __init__(self, model: EAR) -> None:
+    def __init__(self, model: EAR, corruption: float = 0.3, noise_share: float = 0.2) -> None:
         super().__init__()
         self.model = model
+        self.corruption, self.noise_share = corruption, noise_share
 
-    def forward(self, tokens: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(tokens, class_ids)
+    def forward(self, tokens: torch.Tensor,
+                class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.model.training_losses(tokens, class_ids, self.corruption, self.noise_share)
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -199,6 +203,9 @@ def ear_asset_config(model: EAR, class_names: list[str], name: str, sources: set
 
 
 def train(args: argparse.Namespace) -> dict[str, float]:
+    if not (0 <= args.corruption <= 1 and 0 <= args.corruption_noise <= 1):
+        raise ValueError(f"--corruption and --corruption-noise must lie in [0, 1], got {args.corruption} "
+                         f"and {args.corruption_noise}")
     accelerator = make_accelerator(args.mixed_precision, args.seed)
     run_dir = Path(args.run_dir)
     data = dataset_from_args(args)
@@ -225,7 +232,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
                        num_styles=shared,
                        grid_size=tokenizer.grid_size, schedule=args.schedule, adaln=args.adaln,
                        class_dropout_prob=args.class_dropout, dropout=args.dropout, rope=args.rope,
-                       multiple_of=args.multiple_of)
+                       multiple_of=args.multiple_of, correction=args.correction)
     model = EAR(config)
     if args.init_from:
         weights = Path(args.init_from) / "ear.safetensors"
@@ -245,17 +252,20 @@ def train(args: argparse.Namespace) -> dict[str, float]:
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.95))
     ema = EMA(model, args.ema)
-    wrapped, optimizer, scheduler = prepare_training(accelerator, LossOnly(model), optimizer, ema, progress,
-                                                     args, run_dir)
+    losses = LossOnly(model, args.corruption, args.corruption_noise)
+    wrapped, optimizer, scheduler = prepare_training(accelerator, losses, optimizer, ema, progress, args,
+                                                     run_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
-    smooth: float | None = None
+    smooth: dict[str, float] = {}
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict[str, str]]:
-        nonlocal smooth
         idx = pool[batch_indices(len(pool), args.batch, step, args.seed, rank, world)]
-        loss = wrapped(tokens[idx].long().to(accelerator.device), labels[idx].to(accelerator.device))
-        smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
-        return loss, {"loss": f"{smooth:.3f}"}
+        loss, fix = wrapped(tokens[idx].long().to(accelerator.device), labels[idx].to(accelerator.device))
+        for name, value in (("loss", loss), ("fix", fix)):
+            if value is not None:
+                old = smooth.get(name, value.item())
+                smooth[name] = 0.95 * old + 0.05 * value.item()
+        return loss if fix is None else loss + fix, {k: f"{v:.3f}" for k, v in smooth.items()}
 
     train_loop(accelerator, wrapped, optimizer, scheduler, ema,
                lambda: accelerator.unwrap_model(wrapped).model, progress, args, run_dir, desc="ear",
@@ -267,6 +277,9 @@ def train(args: argparse.Namespace) -> dict[str, float]:
              "train_loss": token_loss(ema.model, tokens[plain], labels[plain]),
              "train_seconds": progress.seconds, "steps": progress.step,
              "parameters": ema.model.num_params()}
+    if config.correction and len(held_labels):  # how well it repairs its own parallel draws
+        stats["heldout_corrupted_accuracy"], stats["heldout_corrected_accuracy"] = repair_accuracy(
+            ema.model, held_tokens[:512], held_labels[:512], args.corruption, args.corruption_noise)
     if accelerator.is_main_process:
         (run_dir / "ear_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         if args.export:
