@@ -177,7 +177,8 @@ def attribution_markdown() -> str:
     lines = ["# Attribution", "",
              "These weights were trained on the photographs and wallpapers below, all from Debian",
              "bookworm packages, and are shared under CC-BY-SA 4.0 (CC-BY-SA 3.0 pictures adapted under",
-             "4.0, as CC-BY-SA 3.0 allows). Crops of the pictures were used, never the pictures whole.",
+             "4.0, as CC-BY-SA 3.0 allows). Changes made: random square crops of each picture, resized",
+             "to 64 x 64 pixels and half of them mirrored, were used to train the model.",
              "", "| picture | author | licence | Debian package |", "|---|---|---|---|"]
     lines += [f"| {s.title} | {s.author} | {s.licence} | {s.package} {s.version} |"
               for s in read_sources() if s.role == "train"]
