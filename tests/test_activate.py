@@ -19,9 +19,10 @@ from ear.activate import (
     ffn_inputs,
     train_routers,
 )
+from ear.engine import runner_for
 from ear.model import FeedForward
 from ear.pipeline import EARPipeline
-from ear.sampler import generate
+from ear.sampler import decode, generate
 from tests.helpers import noisy_model, write_tiny_model
 
 
@@ -135,3 +136,31 @@ def test_the_cli_converts_a_model_on_its_own_samples(tmp_path, capsys) -> None:
     assert Activation.load(tmp_path / "act", model).config.experts == 2
     assert main([*args, str(tmp_path / "bad"), "--budget", "0"]) == 2  # refused in one sentence
     assert "budget" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def _greedy_logits(model, classes: list[int], **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every step's guided logits and tokens of a greedy decode (cfg 2) on the runner."""
+    logits, tokens = [], []
+    for _k, step_logits, step_tokens in decode(model, torch.tensor(classes), lambda _k, lg: lg.argmax(-1),
+                                               cfg_scale=2.0, **kwargs):
+        logits.append(step_logits.clone())
+        tokens.append(step_tokens)
+    return torch.cat(logits, 1), torch.cat(tokens, 1)
+
+
+@pytest.mark.parametrize("adaln", [True, False])
+def test_the_content_token_skip_changes_no_token(adaln: bool) -> None:
+    """The last layer runs only the mask queries; running every row (`content_outputs`, what a
+    correction head needs) gives the same logits and tokens, greedy and sampled."""
+    model = noisy_model(adaln=adaln).eval()
+    runner = runner_for(model)
+    skipped = _greedy_logits(model, [1, 4, 9])
+    drawn = generate(model, [2, 3], seed=5, cfg_scale=1.5)
+    runner.content_outputs = True
+    try:
+        full = _greedy_logits(model, [1, 4, 9])
+        assert torch.equal(drawn, generate(model, [2, 3], seed=5, cfg_scale=1.5))
+    finally:
+        runner.content_outputs = False
+    assert torch.equal(skipped[1], full[1])
+    torch.testing.assert_close(skipped[0], full[0], rtol=1e-5, atol=1e-5)
