@@ -563,7 +563,7 @@ class DecodeRunner:
                 self._start(slot, class_ids, rows, prefix.to(self.device),
                             None if known is None else known.to(self.device), layout.order, ffn)
             for step in steps:
-                if work is not None and slot.work is not None:
+                if work is not None and slot.ffn is not None:
                     work.copy_(slot.work)
                 yield step
         finally:  # also when the consumer stops early: the slot goes back for the next stream

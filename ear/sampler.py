@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import torch
 
 from ear.draw import RowSettings, cell_streams, check_values, draw, guide, row_keys, vocab_codes
-from ear.engine import Picker, runner_for
+from ear.engine import FFN, Picker, runner_for
 from ear.model import EAR, KVCache
 from ear.order import Schedule
 
@@ -32,6 +32,9 @@ class StepState:
     known: torch.Tensor  # (g, g) bool on CPU
     new: torch.Tensor  # (g, g) bool on CPU: the cells this step filled
     elapsed: float  # seconds since sampling started
+    # dynamic activation: the FFN multiply-adds run so far (experts, routers, gates) over the dense
+    # FFN's; 1.0 without activation
+    ffn_active: float = 1.0
 
     @property
     def done(self) -> bool:
@@ -169,34 +172,38 @@ Value = float | Sequence[float]
 
 def decode(model: EAR, class_ids: torch.Tensor, pick: Picker, *, cfg_scale: float = 1.0,
            prefix: torch.Tensor | None = None, schedule: Schedule | None = None,
-           use_cache: bool = True, engine: str = "runner",
+           use_cache: bool = True, engine: str = "runner", activation: FFN | None = None,
            ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """The bare decode loop: yields (step index k, guided logits (B, m, V), picked tokens (B, m))
     for every step after the prefix. `pick(k, logits)` chooses the tokens, which lets tests
     teacher-force and samplers sample with the same loop. `engine="runner"` (with the cache) is the
     fast path of `ear.engine`; "reference" runs `EAR.forward_positions` step by step, and
-    `use_cache=False` recomputes every step from scratch (the baseline)."""
+    `use_cache=False` recomputes every step from scratch (the baseline). `activation` (an
+    `ear.routed.RoutedFFN`) runs every FFN activated, on the runner."""
     ids = class_ids.long()
     keys = torch.zeros(ids.shape[0], dtype=torch.long)  # unused: `pick` chooses
     rows = RowSettings.build(ids.shape[0], model.config.vocab_size, cfg_scale=cfg_scale, temperature=0.0,
                              top_k=0, top_p=1.0, greedy=True, keys=keys)
     sched = model.layout(schedule).schedule
     known = _as_known(model, None, prefix, ids.shape[0], sched)
-    yield from _steps(model, ids, rows, pick, known, sched, use_cache, engine)
+    yield from _steps(model, ids, rows, pick, known, sched, use_cache, engine, activation)
 
 
 def _steps(model: EAR, class_ids: torch.Tensor, rows: RowSettings, pick: Picker | None,
-           known: torch.Tensor | None, sched: Schedule, use_cache: bool,
-           engine: str) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+           known: torch.Tensor | None, sched: Schedule, use_cache: bool, engine: str,
+           activation: FFN | None = None,
+           work: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """The decode loop on either engine; `known` is a checked raster grid (`_as_known`)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if activation is not None and not (use_cache and engine == "runner"):
+        raise ValueError("dynamic activation runs on the cached runner (engine='runner', use_cache=True)")
     batch = class_ids.shape[0]
     prefix, ordered = (torch.zeros(batch, 0, dtype=torch.long), None) if known is None \
         else _in_order(known, sched)
     if use_cache and engine == "runner":
         return runner_for(model).decode(class_ids, rows, prefix=prefix, known=ordered, schedule=sched,
-                                        pick=pick)
+                                        pick=pick, ffn=activation, work=work)
     return _reference_steps(model, class_ids, rows, pick, prefix, ordered, sched, use_cache)
 
 
@@ -245,7 +252,7 @@ def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_sca
            seed: int | Sequence[int] | None = None, row_ids: Sequence[int] | torch.Tensor | None = None,
            greedy: bool | Sequence[bool] = False, prefix: torch.Tensor | None = None,
            known: torch.Tensor | None = None, schedule: Schedule | None = None, use_cache: bool = True,
-           engine: str = "runner") -> Iterator[StepState]:
+           engine: str = "runner", activation: FFN | None = None) -> Iterator[StepState]:
     """Yield a StepState after every step (with a prefix or known cells, a first state shows
     them). Every sampling value is one for all rows or one per row. Row i's randomness comes only from
     (seed_i, row_ids[i]) (row ids default to 0..B-1): same seed and settings -> same image, whatever
@@ -254,7 +261,8 @@ def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_sca
     `known` is a (g, g) or (B, g, g) raster grid of tokens, UNKNOWN (-1) where a cell is to be
     drawn: at every step a known cell takes its token (fed as content, never drawn) and the others
     are drawn, so rows may mix masks. `prefix` (the first steps' tokens in generation order) is
-    the special case of known cells that form the first steps."""
+    the special case of known cells that form the first steps. `activation` (an
+    `ear.routed.RoutedFFN`) runs the FFNs activated; each state's `ffn_active` says how much."""
     if model.training:
         raise ValueError("the model is in training mode (dropout, label drop): call model.eval() first")
     ids = _as_class_ids(model, class_ids)
@@ -263,14 +271,16 @@ def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_sca
                              top_k=top_k, top_p=top_p, greedy=greedy, keys=row_keys(seed, row_ids, batch))
     sched = model.layout(schedule).schedule
     given = _as_known(model, known, prefix, batch, sched)
-    steps = _steps(model, ids, rows, None, given, sched, use_cache, engine)
+    work = torch.zeros(2, dtype=torch.float64)
+    steps = _steps(model, ids, rows, None, given, sched, use_cache, engine, activation, work)
     grid = torch.full((batch, g * g), UNKNOWN, dtype=torch.long)
     shown = torch.zeros(g * g, dtype=torch.bool)
     started = time.perf_counter()
 
     def state(step: int, new: torch.Tensor) -> StepState:
+        active = float(work[0] / work[1]) if work[1] else 1.0
         return StepState(step, sched.num_steps, grid.view(batch, g, g).clone(), shown.view(g, g).clone(),
-                         new.view(g, g), time.perf_counter() - started)
+                         new.view(g, g), time.perf_counter() - started, active)
 
     if given is not None:  # the opening state: the known cells (shown where every row knows them)
         grid.copy_(given)
