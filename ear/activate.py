@@ -155,6 +155,7 @@ class Activation(nn.Module):
             if g.shape != (config.experts, ffns[0].w1.out_features // config.experts):
                 raise ValueError(f"expert groups of shape {tuple(g.shape)} do not fit this model")
         self.groups = groups
+        self.report: dict[str, float] = {}  # what `convert` measured (kept in the file)
         self.routers = nn.ModuleList(Router(model.config.dim, config.router_hidden, config.experts)
                                      for _ in ffns)
         self.gates = nn.ModuleList(nn.Linear(model.config.dim, 1) for _ in ffns)
@@ -193,7 +194,8 @@ class Activation(nn.Module):
             tensors.update({f"{name}.{k}": v.detach().contiguous()
                             for k, v in getattr(self, name).state_dict().items()})
         path = folder / ACTIVATION_FILE
-        save_file(tensors, str(path), metadata={"config": json.dumps(asdict(self.config))})
+        save_file(tensors, str(path), metadata={"config": json.dumps(asdict(self.config)),
+                                                "report": json.dumps(self.report)})
         return path
 
     @classmethod
@@ -219,6 +221,7 @@ class Activation(nn.Module):
         except (KeyError, RuntimeError) as err:
             raise ValueError(f"{path.name}'s experts and routers do not fit this model "
                              f"({str(err)[:200]})") from None
+        activation.report = json.loads(metadata.get("report", "{}"))
         return activation
 
 
@@ -347,4 +350,5 @@ def convert(model: EAR, config: ActivationConfig, budget: float, samples: int = 
         with activation.applied(model) as ffns:
             activated = model(tokens[held], classes[held]).argmax(-1)
     share = sum(s for ffn in ffns for s in ffn.active_share) / len(ffns)
-    return activation, {"ffn_share": share, "agreement": float((dense == activated).float().mean())}
+    activation.report = {"ffn_share": share, "agreement": float((dense == activated).float().mean())}
+    return activation, activation.report

@@ -246,3 +246,23 @@ def _last(states):
     for state in states:  # noqa: B007
         pass
     return state
+
+
+def test_the_pipeline_and_cli_run_a_shipped_activation(tmp_path, capsys) -> None:
+    folder = write_tiny_model(tmp_path / "tiny")
+    plain = EARPipeline.from_pretrained(str(folder))
+    assert not plain.has_activation and plain.info()["activation"] is None
+    with pytest.raises(ValueError, match="ships no dynamic activation"):
+        plain.generate("cat", activation=0.5)
+    Activation(plain.model, ActivationConfig(experts=2, router_hidden=8)).save(folder)
+    pipe = EARPipeline.from_pretrained(str(folder))
+    assert pipe.info()["activation"]["experts"] == 2
+    frames = list(pipe.stream("cat", seed=3, activation=0.0))
+    assert "active" in frames[-1].caption and frames[-1].state.ffn_active < 1
+    assert len(pipe.generate("cat", seed=3, activation=1.0)) == 1
+    out = tmp_path / "cat.png"
+    assert main(["generate", "--model", str(folder), "--class", "cat", "--activation", "0.5", "--quiet",
+                 "--out", str(out)]) == 0 and out.is_file()
+    assert main(["generate", "--model", str(folder), "--class", "cat", "--activation", "2", "--quiet",
+                 "--out", str(out)]) == 2
+    assert "activation must be a number in [0, 1]" in capsys.readouterr().err
