@@ -101,7 +101,8 @@ def agreement(model: EAR, routed: RoutedFFN, classes: list[int], cfg: float, tem
 
 def quality(pipe: EARPipeline, routed: RoutedFFN, classes: int, cfg: float, temperature: float
             ) -> dict[str, float]:
-    """Retrieval top-1 and emoji-FID of one image per class, dense and activated, same seeds."""
+    """Retrieval top-1 and emoji-FID of one image per class (the first `classes`; --quick: a
+    quarter, so its FID is higher than a full run's), dense and activated, same seeds."""
     from ear.train.data import load_dataset
     from ear.train.evaluate import Ruler
 
@@ -132,8 +133,12 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--cfg", type=float, default=None, help="default: the model's default preset")
     p.add_argument("--quick", action="store_true", help="fewer rounds and images (under 8 minutes)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; on a "
+                   "busy shared machine 1 is faster, OpenMP's second thread mostly waits)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     began = time.perf_counter()
     pipe = EARPipeline.from_pretrained(args.model)
@@ -164,7 +169,7 @@ def main() -> None:
         result[f"speed_b{batch}_skip_vs_dense"] = secs["dense"] / secs["skip"]
         shown = ", ".join(f"{k} {v * 1000:.1f} ms/img" for k, v in secs.items())
         print(f"batch {batch}: {shown}", flush=True)
-    result.update(quality(pipe, routed, model.config.num_classes, cfg, t))
+    result.update(quality(pipe, routed, model.config.num_classes // (4 if args.quick else 1), cfg, t))
     print(f"retrieval {result['retrieval_dense']:.3f} -> {result['retrieval_active']:.3f}, "
           f"emoji-FID {result['fid_dense']:.2f} -> {result['fid_active']:.2f}", flush=True)
     sweep = []

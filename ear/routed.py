@@ -46,10 +46,11 @@ class _Layer:
 
     def __init__(self, activation: Activation, i: int, layer: _LayerWeights, like: torch.Tensor) -> None:
         to = {"dtype": like.dtype, "device": like.device}
-        net = activation.routers[i].net
-        self.router = [t.detach().to(**to) for t in (net[0].weight, net[0].bias, net[2].weight, net[2].bias)]
-        gate = activation.gates[i]
-        self.gate = (gate.weight.detach().to(**to), gate.bias.detach().to(**to))
+        net, gate = activation.routers[i].net, activation.gates[i]
+        # the router's first linear and the gate read the same input: one product (gate last)
+        self.first = (torch.cat([net[0].weight, gate.weight]).detach().to(**to),
+                      torch.cat([net[0].bias, gate.bias]).detach().to(**to))
+        self.second = (net[2].weight.detach().to(**to), net[2].bias.detach().to(**to))
         # Without adaLN the FFN norm's gain is folded into w13: the router and gate saw it applied.
         self.gain = layer.gains[1].to(**to) if layer.ada is None else None
         w13, w2 = layer.w13.weight, layer.w2.weight
@@ -68,12 +69,12 @@ class _Layer:
         """((N, E) bool: expert e runs for row n, (N, E) the router's predicted norms): dynamic-k
         as `ActivatedFFN.gates`, and nothing for a row whose gate is shut."""
         x = rows if self.gain is None else rows * self.gain
-        w1, b1, w2, b2 = self.router
-        norms = torch.expm1(F.linear(F.silu(F.linear(x, w1, b1)), w2, b2)).clamp(min=0)
+        first = F.linear(x, *self.first)
+        norms = torch.expm1(F.linear(F.silu(first[:, :-1]), *self.second)).clamp(min=0)
         if tau >= 1:
             return torch.ones_like(norms, dtype=torch.bool), norms
         chosen = norms >= (1 - tau) * norms.max(-1, keepdim=True).values
-        return chosen & (F.linear(x, *self.gate) >= 0), norms
+        return chosen & (first[:, -1:] >= 0), norms
 
 
 class RoutedFFN:
