@@ -161,7 +161,7 @@ def main() -> None:
           f"({1 - result['flops_ratio_active']:.1%} fewer)", flush=True)
     result["agreement"] = agreement(model, routed, classes, cfg, t)
     print(f"agreement {result['agreement']:.4f}", flush=True)
-    for batch, rounds in ((1, 3 if args.quick else 8), (16, 2 if args.quick else 4)):
+    for batch, rounds in ((1, 6 if args.quick else 12), (16, 3 if args.quick else 6)):
         secs = seconds_per_image(model, routed, batch, rounds, cfg, t)
         for name, value in secs.items():
             result[f"s_per_image_b{batch}_{name}"] = value

@@ -266,3 +266,13 @@ def test_the_pipeline_and_cli_run_a_shipped_activation(tmp_path, capsys) -> None
     assert main(["generate", "--model", str(folder), "--class", "cat", "--activation", "2", "--quiet",
                  "--out", str(out)]) == 2
     assert "activation must be a number in [0, 1]" in capsys.readouterr().err
+
+
+def test_the_bundled_model_ships_its_activation() -> None:
+    pipe = EARPipeline.from_pretrained("ear-emoji")
+    info = pipe.info()["activation"]
+    assert pipe.has_activation and info["experts"] == 4 and 0 < info["tau"] < 1
+    dense = generate(pipe.model, [7], greedy=True)
+    assert torch.equal(generate(pipe.model, [7], greedy=True, activation=pipe.routed(1.0)), dense)
+    state = _last(sample(pipe.model, [7], seed=0, temperature=0.6, activation=pipe.routed(info["tau"])))
+    assert state.ffn_active < 1
