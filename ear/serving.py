@@ -300,8 +300,9 @@ class _Batch:
                 assert r.began is not None
                 r.received += 1
                 r.hand_over(ServedState(state.step, state.num_steps, state.tokens[start:stop], state.known,
-                                        state.new, state.elapsed + self.started - r.began, rows,
-                                        rows_in_flight, requests_in_flight, shared, slice(start, stop)), now)
+                                        state.new, state.elapsed + self.started - r.began, state.ffn_active,
+                                        rows, rows_in_flight, requests_in_flight, shared,
+                                        slice(start, stop)), now)
         return not state.done
 
 
@@ -703,7 +704,8 @@ class _Outbox:
 
 def _packed(state: ServedState) -> tuple[tuple, tuple | None]:
     fields = (state.step, state.num_steps, state.tokens.numpy(), state.known.numpy(), state.new.numpy(),
-              state.elapsed, state.batch_rows, state.rows_in_flight, state.requests_in_flight)
+              state.elapsed, state.ffn_active, state.batch_rows, state.rows_in_flight,
+              state.requests_in_flight)
     batch = None
     if state.shared is not None and state.rows is not None:
         batch = (state.shared.number, state.shared.tokens.numpy(), state.rows.start, state.rows.stop)
