@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine-threshold", type=float, metavar="P",
                    help="with --refine: redraw a token whose probability under the correction is below P "
                         f"(in (0, 1), default {DEFAULT_THRESHOLD})")
+    p.add_argument("--activation", type=float, metavar="TAU",
+                   help="dynamic activation (a model that ships routers): run only the FFN experts "
+                        "predicted at >= (1 - TAU) x the largest, tokens gated; 1 runs every expert")
+    p.add_argument("--activation-dir", type=Path, metavar="DIR",
+                   help="the activation.safetensors `ear activate --out DIR` wrote (default: the model's)")
     _add_sampling_flags(p)
     _add_output_flags(p)
 
@@ -244,6 +249,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     pipe = _load(args)
     classes = [pipe.class_id(args.class_)] * args.batch
     sampling = {**_sampling(args, pipe), "refine": args.refine, "refine_threshold": args.refine_threshold}
+    if args.activation_dir is not None:
+        pipe.load_activation(args.activation_dir)
+    if args.activation is not None:
+        pipe.routed(args.activation)  # a bad value or a model without routers: said before any work
+        sampling["activation"] = args.activation
     if args.animation is None:  # no previews needed: decode once, at the end
         states = pipe.states(classes, schedule=args.schedule, **sampling)
         with tqdm(total=pipe.model.schedule.num_steps, unit="step", disable=args.quiet,

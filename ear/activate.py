@@ -4,15 +4,17 @@ Each SwiGLU FFN is cut into equal experts, groups of hidden neurons (the rows of
 columns of w2 move together), found by balanced k-means of the normalised w1 rows, so that
 neurons that respond alike share an expert. A small router per layer (2-layer MLP, as DMoE-VAR,
 arXiv 2510.08629) predicts each expert's output norm from the FFN's input; "dynamic-k" runs every
-expert whose predicted norm is at least (1 - tau) of the largest. With every expert on, the
-activated FFN is the dense one bit for bit: experts are a mask over the hidden neurons, in their
-own order.
+expert whose predicted norm is at least (1 - tau) of the largest. A token gate per layer (one
+linear, ActVAR's gated token selector) lets a token skip the FFN altogether when its predicted
+update is small: the residual carries it through unchanged. With every expert on (tau >= 1, gates
+open), the activated FFN is the dense one bit for bit: experts are a mask over the hidden neurons,
+in their own order.
 
-This module is the reference path (conversion, stage-1 distillation of the routers on the
-model's own samples, token agreement and the active share); it computes the masked FFN densely,
-so it saves FLOPs on paper, not time: a decode path that runs only the chosen experts belongs in
-the engine. The routers are stored beside the model (`activation.safetensors`); the model's own
-files, and the released checkpoints, stay as they are.
+This module is the reference path (conversion, the two distillation stages on the model's own
+samples, token agreement and the active share); it computes the masked FFN densely, so it saves
+FLOPs on paper, not time. `ear.routed` is the engine's path that runs only the chosen experts.
+Routers and gates are stored beside the model (`activation.safetensors`); the model's own files,
+and the released checkpoints, stay as they are.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ear.model import EAR, FeedForward
 from ear.sampler import generate
 
 ACTIVATION_FILE = "activation.safetensors"
+GATE_OPEN = 4.0  # an untrained token gate's bias: every token runs its FFN
 
 
 @dataclass(frozen=True)
@@ -90,11 +93,13 @@ class Router(nn.Module):
 
 
 class ActivatedFFN(nn.Module):
-    """A dense FFN run with only the routed experts' neurons (a mask in the neurons' own order)."""
+    """A dense FFN run with only the routed experts' neurons of the tokens its gate lets through
+    (a mask in the neurons' own order)."""
 
-    def __init__(self, dense: FeedForward, groups: torch.Tensor, router: Router, tau: float) -> None:
+    def __init__(self, dense: FeedForward, groups: torch.Tensor, router: Router, gate: nn.Linear,
+                 tau: float) -> None:
         super().__init__()
-        self.dense, self.router, self.tau = dense, router, tau
+        self.dense, self.router, self.gate, self.tau = dense, router, gate, tau
         self.register_buffer("owner", _owners(groups), persistent=False)  # hidden neuron -> expert
         self.active_share: list[float] = []  # per call: the share of expert evaluations run
         # Distillation (stage 2): the hard choice forward, a sigmoid of the margin backward
@@ -107,16 +112,18 @@ class ActivatedFFN(nn.Module):
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """(..., experts), 1 for each expert that runs, 0 else: dynamic-k over the router's
-        predicted norms (in distillation, with the straight-through gradient)."""
+        predicted norms, for the tokens the gate lets through (in distillation, with the
+        straight-through gradient)."""
         norms = torch.expm1(self.router(x)).clamp(min=0)  # the router predicts log(1 + norm)
         if self.tau >= 1:
             return torch.ones_like(norms)
         top = norms.max(-1, keepdim=True).values
         margin = norms - (1 - self.tau) * top
-        hard = (margin >= 0).to(x.dtype)
+        logit = self.gate(x)
+        hard = (margin >= 0).to(x.dtype) * (logit >= 0).to(x.dtype)
         if self.softness is None:
             return hard
-        soft = torch.sigmoid(margin / (self.softness * top + 1e-6))
+        soft = torch.sigmoid(margin / (self.softness * top + 1e-6)) * torch.sigmoid(logit)
         self.soft_share = soft.mean()
         return hard + soft - soft.detach()
 
@@ -135,7 +142,7 @@ def _owners(groups: torch.Tensor) -> torch.Tensor:
 
 
 class Activation(nn.Module):
-    """An EAR model's experts and routers: `applied(model)` runs the model activated."""
+    """An EAR model's experts, routers and token gates: `applied(model)` runs the model activated."""
 
     def __init__(self, model: EAR, config: ActivationConfig,
                  groups: list[torch.Tensor] | None = None) -> None:
@@ -148,16 +155,22 @@ class Activation(nn.Module):
             if g.shape != (config.experts, ffns[0].w1.out_features // config.experts):
                 raise ValueError(f"expert groups of shape {tuple(g.shape)} do not fit this model")
         self.groups = groups
+        self.report: dict[str, float] = {}  # what `convert` measured (kept in the file)
         self.routers = nn.ModuleList(Router(model.config.dim, config.router_hidden, config.experts)
                                      for _ in ffns)
+        self.gates = nn.ModuleList(nn.Linear(model.config.dim, 1) for _ in ffns)
+        with torch.no_grad():
+            for gate in self.gates:
+                gate.weight.zero_()
+                gate.bias.fill_(GATE_OPEN)
 
     @contextlib.contextmanager
     def applied(self, model: EAR, tau: float | None = None) -> Iterator[list[ActivatedFFN]]:
         """The model with every FFN activated (at `tau`, default the config's); dense again after."""
         tau = self.config.tau if tau is None else tau
         dense = [block.feed_forward for block in model.layers]
-        wrapped = [ActivatedFFN(ffn, groups, router, tau)
-                   for ffn, groups, router in zip(dense, self.groups, self.routers, strict=True)]
+        parts = zip(dense, self.groups, self.routers, self.gates, strict=True)
+        wrapped = [ActivatedFFN(ffn, groups, router, gate, tau) for ffn, groups, router, gate in parts]
         try:
             for block, ffn in zip(model.layers, wrapped, strict=True):
                 block.feed_forward = ffn
@@ -177,10 +190,12 @@ class Activation(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"groups.{i}": g.contiguous() for i, g in enumerate(self.groups)}
-        routers = self.routers.state_dict()
-        tensors.update({f"routers.{k}": v.detach().contiguous() for k, v in routers.items()})
+        for name in ("routers", "gates"):
+            tensors.update({f"{name}.{k}": v.detach().contiguous()
+                            for k, v in getattr(self, name).state_dict().items()})
         path = folder / ACTIVATION_FILE
-        save_file(tensors, str(path), metadata={"config": json.dumps(asdict(self.config))})
+        save_file(tensors, str(path), metadata={"config": json.dumps(asdict(self.config)),
+                                                "report": json.dumps(self.report)})
         return path
 
     @classmethod
@@ -197,10 +212,16 @@ class Activation(nn.Module):
         try:
             groups = [tensors.pop(f"groups.{i}") for i in range(len(model.layers))]
             activation = cls(model, config, groups)
-            activation.routers.load_state_dict({k.removeprefix("routers."): v for k, v in tensors.items()})
+            for name in ("routers", "gates"):
+                part = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
+                getattr(activation, name).load_state_dict(part)
+            extra = [k for k in tensors if not k.startswith(("routers.", "gates."))]
+            if extra:
+                raise KeyError(f"unexpected keys {extra[:4]}")
         except (KeyError, RuntimeError) as err:
             raise ValueError(f"{path.name}'s experts and routers do not fit this model "
                              f"({str(err)[:200]})") from None
+        activation.report = json.loads(metadata.get("report", "{}"))
         return activation
 
 
@@ -219,9 +240,11 @@ def ffn_inputs(model: EAR, tokens: torch.Tensor, class_ids: torch.Tensor) -> lis
 
 
 def train_routers(activation: Activation, model: EAR, tokens: torch.Tensor, class_ids: torch.Tensor,
-                  steps: int = 200, lr: float = 3e-3, seed: int = 0) -> list[float]:
+                  steps: int = 200, lr: float = 3e-3, seed: int = 0, skip: float = 0.1) -> list[float]:
     """Stage 1: the routers regress the experts' (log) output norms by MSE, backbone frozen, on
-    teacher-forced forwards of `tokens` (the model's own samples). Returns each layer's last loss."""
+    teacher-forced forwards of `tokens` (the model's own samples); each token gate learns (logistic)
+    to close for the `skip` share of tokens whose FFN update is smallest, a start for stage 2.
+    Returns each layer's last router loss."""
     inputs = ffn_inputs(model, tokens, class_ids)
     losses = []
     generator = torch.Generator().manual_seed(seed)
@@ -238,21 +261,50 @@ def train_routers(activation: Activation, model: EAR, tokens: torch.Tensor, clas
             loss.backward()
             optimizer.step()
         losses.append(loss.item())
+        if skip > 0:
+            norms = _update_norms(model, layer, x)
+            _train_gate(activation.gates[layer], x, norms, skip, steps, lr, generator)
     return losses
+
+
+def _update_norms(model: EAR, layer: int, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.layers[layer].feed_forward(x).norm(dim=-1)
+
+
+def _train_gate(gate: nn.Linear, x: torch.Tensor, norms: torch.Tensor, skip: float, steps: int, lr: float,
+                generator: torch.Generator) -> None:
+    """Logistic regression: open (1) for tokens whose update norm is above the `skip` quantile;
+    then the bias is moved so that the gate shuts for that share of these tokens exactly (a
+    rare label alone would leave it open for nearly all)."""
+    target = (norms > torch.quantile(norms, skip)).float()[:, None]
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.bias.fill_(float(torch.logit(target.mean().clamp(1e-3, 1 - 1e-3))))
+    optimizer = torch.optim.AdamW(gate.parameters(), lr=lr)
+    for _ in range(steps):
+        batch = torch.randint(0, x.shape[0], (min(1024, x.shape[0]),), generator=generator)
+        loss = F.binary_cross_entropy_with_logits(gate(x[batch]), target[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        gate.bias -= torch.quantile(gate(x).flatten(), skip)
 
 
 def distill(activation: Activation, model: EAR, tokens: torch.Tensor, class_ids: torch.Tensor,
             budget: float, steps: int = 200, lr: float = 1e-3, weight: float = 1.0, softness: float = 0.1,
             batch: int = 16, seed: int = 0) -> dict[str, float]:
-    """Stage 2: the routers learn, by the dense model's logits (KL on every mask query) and a
-    penalty on the share of experts run above `budget`, which experts a token can do without;
-    the backbone stays frozen. Returns the last step's KL and soft share."""
+    """Stage 2: routers and token gates learn, by the dense model's logits (KL on every mask query)
+    and a penalty on the share of expert evaluations run above `budget`, which experts a token can
+    do without, and which tokens need no FFN at all; the backbone stays frozen. Returns the last
+    step's KL and soft share."""
     with torch.no_grad():
         teacher = F.log_softmax(model(tokens, class_ids).float(), -1)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(activation.routers.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW([*activation.routers.parameters(), *activation.gates.parameters()], lr=lr)
     generator = torch.Generator().manual_seed(seed)
     try:
         with activation.applied(model) as ffns:
@@ -298,4 +350,5 @@ def convert(model: EAR, config: ActivationConfig, budget: float, samples: int = 
         with activation.applied(model) as ffns:
             activated = model(tokens[held], classes[held]).argmax(-1)
     share = sum(s for ffn in ffns for s in ffn.active_share) / len(ffns)
-    return activation, {"ffn_share": share, "agreement": float((dense == activated).float().mean())}
+    activation.report = {"ffn_share": share, "agreement": float((dense == activated).float().mean())}
+    return activation, activation.report

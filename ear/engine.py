@@ -13,6 +13,9 @@ per step:
   table as complex numbers (one multiply rotates q and k, and writes q, k, v into the cache);
 * a KV cache per batch bucket allocated once and reused (a pool, so concurrent streams never share
   one), the output head on the query rows only, and the draw (`ear.draw`) on the device;
+* the content-token skip: content rows only give keys and values, so the last layer's attention
+  output and FFN run on the mask-query rows alone (exact; `content_outputs` turns it off);
+* an optional FFN in place of the dense one per generation (`ear.routed`: dynamic activation);
 * on CUDA, every step after the first replayed as a CUDA graph (captured on first use per step
   and bucket, one memory pool), and each step's tokens copied to pinned memory while the next step
   already runs.
@@ -38,6 +41,10 @@ from ear.order import Schedule
 from ear.refine import Refinement, Span
 
 Picker = Callable[[int, torch.Tensor], torch.Tensor]
+# An FFN run in place of the dense one (`ear.routed`): (layer index, its prepared weights, the FFN
+# input (rows, L, dim), the slot's work counter) -> the FFN output; it adds [multiply-adds run,
+# multiply-adds of the dense FFN] to the counter with tensor ops (CUDA graphs replay them).
+FFN = Callable[[int, "_LayerWeights", torch.Tensor, torch.Tensor], torch.Tensor]
 LINEAR_MODES = ("auto", "plain", "packed", "onednn", "int8")
 MAX_IDLE_SLOTS = 4  # caches kept for reuse once their stream ended
 TIMING_ROWS = 32  # rows of a batch-1 guided step (about 2 x (8 fed + 8 queried)): what "auto" times
@@ -230,6 +237,8 @@ class _Slot:
     # valid while step k+1 already runs (tokens arrive one step behind)
     logits: list[torch.Tensor] = field(default_factory=list)
     mask_ids: dict[int, torch.Tensor] = field(default_factory=dict)
+    ffn: FFN | None = None  # this generation's FFN in place of the dense one
+    work: torch.Tensor | None = None  # (2,) float64: FFN multiply-adds [run, dense] so far
 
 
 def _cache_planes(dtype: torch.dtype) -> int:
@@ -271,6 +280,9 @@ class DecodeRunner:
         self._idle_order: list[tuple[tuple, _Slot]] = []
         self._epoch = 0
         self.capture_seconds = 0.0
+        # The last layer runs only the mask-query rows; a head that reads the content rows' outputs
+        # (a correction head) sets this to run every row.
+        self.content_outputs = False
 
     # ---- weights, buckets, slots ---------------------------------------------------------------
 
@@ -377,7 +389,7 @@ class DecodeRunner:
     # ---- one generation ------------------------------------------------------------------------
 
     def _start(self, slot: _Slot, class_ids: torch.Tensor, rows: RowSettings, prefix: torch.Tensor,
-               known: torch.Tensor | None, order: torch.Tensor) -> None:
+               known: torch.Tensor | None, order: torch.Tensor, ffn: FFN | None) -> None:
         """Write this generation's classes, modulation, settings, prefix, known cells and noise
         streams (into the slot's own tensors: captured graphs read them)."""
         w, batch = slot.weights, class_ids.shape[0]
@@ -409,6 +421,11 @@ class DecodeRunner:
             slot.known[:batch].copy_(known >= 0)
             slot.given[:batch].copy_(known.clamp_min(0))
         slot.streams.copy_(cell_streams(slot.settings.keys, order.numel())[:, order.to(self.device)])
+        slot.ffn = ffn
+        if ffn is not None:
+            if slot.work is None:
+                slot.work = torch.zeros(2, dtype=torch.float64, device=self.device)
+            slot.work.zero_()
 
     def _inputs(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
         fed = slot.tokens[:, plan.fed]
@@ -422,8 +439,10 @@ class DecodeRunner:
         return torch.cat([slot.cond, x], dim=1) if plan.with_class else x
 
     def _attend(self, layer: _LayerWeights, h: torch.Tensor, i: int, slot: _Slot,
-                plan: _Plan) -> torch.Tensor:
-        """qkv projection, rotation written straight into the cache, attention over slots < end."""
+                plan: _Plan, queries: int | None = None) -> torch.Tensor:
+        """qkv projection, rotation written straight into the cache, attention over slots < end;
+        with `queries`, every row still writes its keys and values but only the last `queries`
+        rows attend and come out."""
         rows, length, dim = h.shape
         heads = self.model.config.n_head
         qkv = layer.wqkv(h).view(rows, length, 3, heads, -1, 2)
@@ -438,8 +457,11 @@ class DecodeRunner:
             cache[:, plan.start:plan.end].copy_(rotated[:, :, 1:])
             q = rotated[:, :, 0].to(self.dtype)
             k, v = cache[:, : plan.end, 0], cache[:, : plan.end, 1]
+        mask = plan.mask
+        if queries is not None:
+            q, mask, length = q[:, -queries:], mask[-queries:], queries
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=plan.mask)
+                                           attn_mask=mask)
         return layer.wo(y.transpose(1, 2).reshape(rows, length, dim))
 
     def _forward(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
@@ -448,21 +470,31 @@ class DecodeRunner:
         w = slot.weights
         x = self._inputs(slot, plan)
         shape = (w.dim,)
+        last = len(w.layers) - 1
+        read = plan.num_checked + plan.num_queries  # the rows whose outputs are read, at the end
         for i, layer in enumerate(w.layers):
-            if layer.ada is None:
-                x = x + self._attend(layer, F.rms_norm(x, shape, None, w.eps), i, slot, plan)
-                a, b = layer.w13(F.rms_norm(x, shape, None, w.eps)).chunk(2, dim=-1)
-                x = x + layer.w2(F.silu(a) * b)
-                continue
-            gamma1, gamma2, scale1, scale2, shift1, shift2 = slot.mods[i]
-            h = torch.addcmul(shift1, F.rms_norm(x, shape, None, w.eps), scale1)
-            x = torch.addcmul(x, gamma1, self._attend(layer, h, i, slot, plan))
-            h = torch.addcmul(shift2, F.rms_norm(x, shape, None, w.eps), scale2)
-            a, b = layer.w13(h).chunk(2, dim=-1)
-            x = torch.addcmul(x, gamma2, layer.w2(F.silu(a) * b))
-        rows = plan.num_checked + plan.num_queries
-        logits = w.head(F.rms_norm(x[:, x.shape[1] - rows:], shape, None, w.eps)).float()
+            # Content rows only give keys and values: after the last layer's attention nothing
+            # reads them but the checked cells (refinement's correction) and the queries, unless
+            # `content_outputs` asks for every row (so does a re-feed pass, which reads none).
+            queries = None if i < last or self.content_outputs or not read else read
+            ada = layer.ada is not None
+            gamma1, gamma2, scale1, scale2, shift1, shift2 = slot.mods[i] if ada else (None,) * 6
+            h = F.rms_norm(x, shape, None, w.eps)
+            y = self._attend(layer, torch.addcmul(shift1, h, scale1) if ada else h, i, slot, plan, queries)
+            x = x if queries is None else x[:, -queries:]
+            x = torch.addcmul(x, gamma1, y) if ada else x + y
+            h = F.rms_norm(x, shape, None, w.eps)
+            y = self._ffn(i, layer, torch.addcmul(shift2, h, scale2) if ada else h, slot)
+            x = torch.addcmul(x, gamma2, y) if ada else x + y
+        logits = w.head(F.rms_norm(x[:, x.shape[1] - read:], shape, None, w.eps)).float()
         return guide(logits, slot.settings) if slot.rows != slot.bucket else logits
+
+    @staticmethod
+    def _ffn(i: int, layer: _LayerWeights, h: torch.Tensor, slot: _Slot) -> torch.Tensor:
+        if slot.ffn is not None:
+            return slot.ffn(i, layer, h, slot.work)
+        a, b = layer.w13(h).chunk(2, dim=-1)
+        return layer.w2(F.silu(a) * b)
 
     def _step(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
         logits = self._forward(slot, plan)
@@ -479,10 +511,11 @@ class DecodeRunner:
         """Step `plan` as a CUDA graph, captured on first use (see docs/cuda-graphs.md for the
         rules this follows). Returns the logits, in the slot's own buffer for this step's parity."""
         s = slot.settings
-        key = (plan.k, plan.start, s.filtered, s.greedy, slot.masked)
+        key = (plan.k, plan.start, s.filtered, s.greedy, slot.masked, slot.ffn)
         if key not in slot.graphs:
             with _CAPTURE_LOCK:  # one capture at a time in a process
                 started = time.perf_counter()
+                counted = None if slot.work is None else slot.work.clone()  # the warm-up adds to it
                 stream = self._capture_stream
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):  # warm-up on the capture's stream (lazy handles,
@@ -495,6 +528,8 @@ class DecodeRunner:
                     self._graphed_step(slot, plan)
                 slot.graphs[key] = (graph, plan)
                 torch.cuda.synchronize()
+                if counted is not None:
+                    slot.work.copy_(counted)
                 self.capture_seconds += time.perf_counter() - started
         slot.graphs[key][0].replay()
         return slot.logits[plan.k % 2][:, : plan.num_queries]
@@ -502,14 +537,17 @@ class DecodeRunner:
     def decode(self, class_ids: torch.Tensor, rows: RowSettings, *, prefix: torch.Tensor,
                known: torch.Tensor | None = None, schedule: Schedule | None = None,
                pick: Picker | None = None, refinement: Refinement | None = None,
-               last: int | None = None) -> Iterator[tuple]:
+               last: int | None = None, ffn: FFN | None = None,
+               work: torch.Tensor | None = None) -> Iterator[tuple]:
         """Yield (step k, guided logits (B, m, V), tokens (B, m)) for every step after the prefix.
         `known` (B, n) in generation order, UNKNOWN (-1) where drawn: those cells take their token.
         Logits stay valid until the next step is asked for; tokens are the consumer's to keep.
         `pick(k, logits)` replaces the draw (teacher forcing); otherwise tokens are drawn on the
         device and, on CUDA, arrive through pinned memory one step behind the device.
         With `refinement` (`ear.refine`, eager, up to step `last`), each item also carries the
-        fixes of earlier parts: (k, logits, tokens, [(part, final tokens, corrected)])."""
+        fixes of earlier parts: (k, logits, tokens, [(part, final tokens, corrected)]). `ffn` runs
+        in place of every dense FFN; `work` (2,), when given, holds its multiply-adds [run, dense]
+        so far at each yield (on CUDA, possibly with the step already running)."""
         self._refresh()
         layout = self.model.layout(schedule)
         sched, batch = layout.schedule, class_ids.shape[0]
@@ -518,17 +556,19 @@ class DecodeRunner:
         key = (sched.name, bucket, rows.guided)
         with torch.inference_mode():
             slot = self._acquire(key, sched, bucket, rows.guided)
+        stop = sched.num_steps - 1 if last is None else last
+        steps = self._run(slot, layout, first, batch, pick) if refinement is None else \
+            refine.grouped(self._run_refined(slot, layout, first, stop, batch, refinement), stop)
         try:
             with torch.inference_mode():
                 self._start(slot, class_ids, rows, prefix.to(self.device),
-                            None if known is None else known.to(self.device), layout.order)
-            if refinement is None:
-                yield from self._run(slot, layout, first, batch, pick)
-            else:
-                stop = sched.num_steps - 1 if last is None else last
-                yield from refine.grouped(self._run_refined(slot, layout, first, stop, batch, refinement),
-                                          stop)
+                            None if known is None else known.to(self.device), layout.order, ffn)
+            for step in steps:
+                if work is not None and slot.ffn is not None:
+                    work.copy_(slot.work)
+                yield step
         finally:  # also when the consumer stops early: the slot goes back for the next stream
+            steps.close()
             self._give_back(key, slot)
 
     def _run(self, slot: _Slot, layout: _Layout, first: int, batch: int,

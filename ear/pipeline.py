@@ -13,6 +13,7 @@ import difflib
 import random
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,11 +21,13 @@ import torch
 from PIL import Image, ImageOps
 
 from ear import hub
+from ear.activate import ACTIVATION_FILE, Activation
 from ear.images import ImageSource, center_crop_resize, load_image, load_mask, to_tensor
 from ear.model import EAR
 from ear.order import Schedule, make_schedule
 from ear.preview import PreviewRenderer, module_device, neutral_token
 from ear.refine import refinement
+from ear.routed import RoutedFFN, check_tau
 from ear.sampler import UNKNOWN, SamplingParams, StepState, known_log_likelihood, sample, state_count
 from ear.serving import ServedState
 from ear.tokenizer import Tokenizer
@@ -110,6 +113,10 @@ class EARPipeline:
         # Every generation goes through this (`ear.sampler.sample`'s signature); a server sets it to
         # `ear.serving.Scheduler.sample` so that concurrent requests share batched forwards.
         self.sampler: Callable[..., Iterator[StepState]] = sample
+        folder = Path(loaded.source)
+        self._activation_file: Path | None = folder / ACTIVATION_FILE if folder.is_dir() else None
+        self._activation: Activation | None = None
+        self._routed: dict[float, RoutedFFN] = {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = hub.DEFAULT_MODEL, device: str | torch.device | None = None,
@@ -138,6 +145,7 @@ class EARPipeline:
             "styles": self.styles, "refinement": self.can_refine,
             "presets": {k: asdict(v) for k, v in self.presets.items()},
             "cached": all(hub.cached_path(f) for f in files) if files else None,
+            "activation": self._activation_info(),
         }
 
     @property
@@ -145,6 +153,47 @@ class EARPipeline:
         """The model was trained with the correction objective: nested refinement (`ear.refine`)
         is available, and on by default."""
         return self.model.config.correction
+
+    # ---- dynamic activation --------------------------------------------------------------------
+
+    @property
+    def has_activation(self) -> bool:
+        """Whether the model ships experts, routers and gates (`activation=` works)."""
+        return self._activation is not None or (self._activation_file is not None
+                                                and self._activation_file.is_file())
+
+    def load_activation(self, folder: str | Path) -> Activation:
+        """Use the activation in `folder` (what `python -m ear activate --out folder` wrote);
+        strict: a file that does not fit this model is refused whole."""
+        path = Path(folder) / ACTIVATION_FILE
+        if not path.is_file():
+            raise ValueError(f"'{folder}' holds no {ACTIVATION_FILE} (write one with `python -m ear "
+                             f"activate --model {self.name} --out {folder}`)")
+        self._activation, self._routed = Activation.load(folder, self.model), {}
+        return self._activation
+
+    def routed(self, tau: float) -> RoutedFFN:
+        """The activated FFNs at `tau` (the budget knob: 1 runs every expert, lower fewer)."""
+        tau = check_tau(tau)
+        if self._activation is None:
+            if not self.has_activation:
+                raise ValueError(f"{self.name} ships no dynamic activation ({ACTIVATION_FILE}): make "
+                                 f"one with `python -m ear activate`, or leave activation off")
+            assert self._activation_file is not None
+            self.load_activation(self._activation_file.parent)
+        if tau not in self._routed:  # one per tau: CUDA graphs are captured per FFN
+            first = next(iter(self._routed.values()), None)
+            self._routed[tau] = first.at(tau) if first else RoutedFFN(self._activation, tau)
+        return self._routed[tau]
+
+    def _activation_info(self) -> dict[str, Any] | None:
+        if not self.has_activation:
+            return None
+        if self._activation is None:
+            assert self._activation_file is not None
+            self.load_activation(self._activation_file.parent)
+        assert self._activation is not None
+        return {**asdict(self._activation.config), **self._activation.report}
 
     def class_id(self, name_or_id: str | int) -> int:
         """A class index from an index or a (case-insensitive) name or synonym."""
@@ -223,12 +272,13 @@ class EARPipeline:
                cfg_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
                top_p: float | None = None, schedule: str | Schedule | None = None,
                style: str | int | None = None, refine: bool | None = None,
-               refine_threshold: float | None = None, outline: bool = True, display_size: int = 256
-               ) -> Iterator[Frame]:
-        """A Frame after every step. Arguments are checked now, before the first frame."""
+               refine_threshold: float | None = None, outline: bool = True, display_size: int = 256,
+               activation: float | None = None) -> Iterator[Frame]:
+        """A Frame after every step. Arguments are checked now, before the first frame.
+        `activation=tau` runs the model's FFNs activated (see `routed`); the caption says how much."""
         states = self.states(class_ids, seed=seed, cfg_scale=cfg_scale, temperature=temperature,
                              top_k=top_k, top_p=top_p, schedule=schedule, style=style, refine=refine,
-                             refine_threshold=refine_threshold)
+                             refine_threshold=refine_threshold, activation=activation)
         return self._frames(states, self.renderer(display_size, outline))
 
     def states(self, class_ids: int | str | Sequence[int | str], **sampling: Any) -> Iterator[StepState]:
@@ -449,10 +499,11 @@ class EARPipeline:
                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                 schedule: str | Schedule | None = None, style: str | int | None = None,
                 known: torch.Tensor | None = None, refine: bool | None = None,
-                refine_threshold: float | None = None) -> Iterator[StepState]:
+                refine_threshold: float | None = None, activation: float | None = None
+                ) -> Iterator[StepState]:
         """Checked arguments -> the sampler's generator (which itself starts work lazily).
-        `refine` None: nested refinement where the model has the correction head. Refined rows
-        run on their own (`ear.sampler.sample`), outside a server's shared batches."""
+        `refine` None: nested refinement where the model has the correction head. Refined and
+        activated rows run on their own (`ear.sampler.sample`), outside a server's shared batches."""
         settings = self.default_settings.merged(cfg_scale=cfg_scale, temperature=temperature,
                                                 top_k=top_k, top_p=top_p)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | np.integer)
@@ -461,9 +512,11 @@ class EARPipeline:
         seed = None if seed is None else int(seed)  # numpy integers too
         labels, order = self.labels(ids, style, seed), self._schedule(schedule)
         on = self.can_refine if refine is None else refine
-        if refinement(self.model, on, refine_threshold) is not None:
+        refined = refinement(self.model, on, refine_threshold) is not None
+        if refined or activation is not None:
             return sample(self.model, labels, **asdict(settings), seed=seed, known=known, schedule=order,
-                          refine=True, refine_threshold=refine_threshold)
+                          refine=refined, refine_threshold=refine_threshold,
+                          activation=None if activation is None else self.routed(activation))
         return self.sampler(self.model, labels, **asdict(settings), seed=seed, known=known, schedule=order)
 
     def _frames(self, states: Iterator[StepState], renderer: PreviewRenderer) -> Iterator[Frame]:
@@ -471,6 +524,8 @@ class EARPipeline:
         for state in states:
             caption = (f"step {state.step} / {state.num_steps} · {state.num_known} / {cells} tokens · "
                        f"{state.elapsed:.2f} s")
+            if state.ffn_active < 1:
+                caption += f" · FFN {state.ffn_active:.0%} active"
             others = state.requests_in_flight - 1 if isinstance(state, ServedState) else 0
             if others > 0:  # a batch shared with other visitors: why it may take longer
                 caption += f" · shared with {others} other visitor{'s' * (others != 1)}"

@@ -17,7 +17,7 @@ import torch
 
 from ear import refine
 from ear.draw import RowSettings, cell_streams, check_values, guide, row_keys, vocab_codes
-from ear.engine import Picker, runner_for
+from ear.engine import FFN, Picker, runner_for
 from ear.model import EAR, KVCache
 from ear.order import Schedule
 from ear.refine import Refinement
@@ -38,6 +38,9 @@ class StepState:
     # (B, g, g) bool on CPU under refinement (`ear.refine`): the cells whose draw was replaced by
     # the correction so far; None when refinement is off
     corrected: torch.Tensor | None = None
+    # dynamic activation: the FFN multiply-adds run so far (experts, routers, gates) over the dense
+    # FFN's; 1.0 without activation
+    ffn_active: float = 1.0
 
     @property
     def done(self) -> bool:
@@ -175,35 +178,41 @@ Value = float | Sequence[float]
 
 def decode(model: EAR, class_ids: torch.Tensor, pick: Picker, *, cfg_scale: float = 1.0,
            prefix: torch.Tensor | None = None, schedule: Schedule | None = None,
-           use_cache: bool = True, engine: str = "runner",
+           use_cache: bool = True, engine: str = "runner", activation: FFN | None = None,
            ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """The bare decode loop: yields (step index k, guided logits (B, m, V), picked tokens (B, m))
     for every step after the prefix. `pick(k, logits)` chooses the tokens, which lets tests
     teacher-force and samplers sample with the same loop. `engine="runner"` (with the cache) is the
     fast path of `ear.engine`; "reference" runs `EAR.forward_positions` step by step, and
-    `use_cache=False` recomputes every step from scratch (the baseline)."""
+    `use_cache=False` recomputes every step from scratch (the baseline). `activation` (an
+    `ear.routed.RoutedFFN`) runs every FFN activated, on the runner."""
     ids = class_ids.long()
     keys = torch.zeros(ids.shape[0], dtype=torch.long)  # unused: `pick` chooses
     rows = RowSettings.build(ids.shape[0], model.config.vocab_size, cfg_scale=cfg_scale, temperature=0.0,
                              top_k=0, top_p=1.0, greedy=True, keys=keys)
     sched = model.layout(schedule).schedule
     known = _as_known(model, None, prefix, ids.shape[0], sched)
-    yield from _steps(model, ids, rows, pick, known, sched, use_cache, engine)
+    yield from _steps(model, ids, rows, pick, known, sched, use_cache, engine, activation=activation)
 
 
 def _steps(model: EAR, class_ids: torch.Tensor, rows: RowSettings, pick: Picker | None,
            known: torch.Tensor | None, sched: Schedule, use_cache: bool, engine: str,
-           refinement: Refinement | None = None, last: int | None = None) -> Iterator[tuple]:
+           refinement: Refinement | None = None, last: int | None = None, activation: FFN | None = None,
+           work: torch.Tensor | None = None) -> Iterator[tuple]:
     """The decode loop on either engine; `known` is a checked raster grid (`_as_known`). With
-    `refinement` (up to step `last`) items are (k, logits, tokens, fixes) (`ear.refine.grouped`)."""
+    `refinement` (up to step `last`) items are (k, logits, tokens, fixes) (`ear.refine.grouped`).
+    `activation` runs the FFNs activated (runner only); `work` counts its multiply-adds."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if activation is not None and not (use_cache and engine == "runner"):
+        raise ValueError("dynamic activation runs on the cached runner (engine='runner', use_cache=True)")
     batch = class_ids.shape[0]
     prefix, ordered = (torch.zeros(batch, 0, dtype=torch.long), None) if known is None \
         else _in_order(known, sched)
     if use_cache and engine == "runner":
         return runner_for(model).decode(class_ids, rows, prefix=prefix, known=ordered, schedule=sched,
-                                        pick=pick, refinement=refinement, last=last)
+                                        pick=pick, refinement=refinement, last=last, ffn=activation,
+                                        work=work)
     first = sched.steps_for_prefix(prefix.shape[1])
     if refinement is None:
         forwards = (refine.plain_span(sched, k, first) for k in range(first, sched.num_steps))
@@ -267,8 +276,8 @@ def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_sca
            seed: int | Sequence[int] | None = None, row_ids: Sequence[int] | torch.Tensor | None = None,
            greedy: bool | Sequence[bool] = False, prefix: torch.Tensor | None = None,
            known: torch.Tensor | None = None, schedule: Schedule | None = None, use_cache: bool = True,
-           engine: str = "runner", refine: bool = False,
-           refine_threshold: float | None = None) -> Iterator[StepState]:
+           engine: str = "runner", refine: bool = False, refine_threshold: float | None = None,
+           activation: FFN | None = None) -> Iterator[StepState]:
     """Yield a StepState after every step (with a prefix or known cells, a first state shows
     them). Every sampling value is one for all rows or one per row. Row i's randomness comes only from
     (seed_i, row_ids[i]) (row ids default to 0..B-1): same seed and settings -> same image, whatever
@@ -281,7 +290,9 @@ def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_sca
 
     `refine=True` (a model trained with the correction objective only) turns on nested refinement
     (`ear.refine`): a drawn token whose probability under the next forward's correction is below
-    `refine_threshold` is redrawn from it; each state's `corrected` says which cells were."""
+    `refine_threshold` is redrawn from it; each state's `corrected` says which cells were.
+    `activation` (an `ear.routed.RoutedFFN`) runs the FFNs activated; each state's `ffn_active`
+    says how much."""
     if model.training:
         raise ValueError("the model is in training mode (dropout, label drop): call model.eval() first")
     ids = _as_class_ids(model, class_ids)
@@ -292,16 +303,19 @@ def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_sca
     refinement = refinement_for(model, refine, refine_threshold)
     given = _as_known(model, known, prefix, batch, sched)
     last = last_drawn_step(given, sched)
-    steps = _steps(model, ids, rows, None, given, sched, use_cache, engine, refinement, last)
+    work = torch.zeros(2, dtype=torch.float64)
+    steps = _steps(model, ids, rows, None, given, sched, use_cache, engine, refinement, last,
+                   activation=activation, work=work)
     grid = torch.full((batch, g * g), UNKNOWN, dtype=torch.long)
     shown = torch.zeros(g * g, dtype=torch.bool)
     corrected = torch.zeros(batch, g * g, dtype=torch.bool) if refinement else None
     started = time.perf_counter()
 
     def state(step: int, new: torch.Tensor) -> StepState:
+        active = float(work[0] / work[1]) if work[1] else 1.0
         return StepState(step, sched.num_steps, grid.view(batch, g, g).clone(), shown.view(g, g).clone(),
                          new.view(g, g), time.perf_counter() - started,
-                         None if corrected is None else corrected.view(batch, g, g).clone())
+                         None if corrected is None else corrected.view(batch, g, g).clone(), active)
 
     if given is not None:  # the opening state: the known cells (shown where every row knows them)
         grid.copy_(given)

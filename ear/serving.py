@@ -300,7 +300,8 @@ class _Batch:
                 assert r.began is not None
                 r.received += 1
                 r.hand_over(ServedState(state.step, state.num_steps, state.tokens[start:stop], state.known,
-                                        state.new, state.elapsed + self.started - r.began, batch_rows=rows,
+                                        state.new, state.elapsed + self.started - r.began,
+                                        ffn_active=state.ffn_active, batch_rows=rows,
                                         rows_in_flight=rows_in_flight, requests_in_flight=requests_in_flight,
                                         shared=shared, rows=slice(start, stop)), now)
         return not state.done
@@ -668,9 +669,10 @@ class _Worker:
             request.out.put([self._state(*packed) for packed in payload])
 
     def _state(self, fields: tuple, batch: tuple | None) -> ServedState:
-        step, num_steps, tokens, known, new, elapsed, batch_rows, rows_in_flight, requests = fields
+        step, num_steps, tokens, known, new, elapsed, ffn_active, batch_rows, in_flight, requests = fields
         state = ServedState(step, num_steps, *(torch.from_numpy(a) for a in (tokens, known, new)), elapsed,
-                            batch_rows=batch_rows, rows_in_flight=rows_in_flight, requests_in_flight=requests)
+                            ffn_active=ffn_active, batch_rows=batch_rows, rows_in_flight=in_flight,
+                            requests_in_flight=requests)
         if batch is not None:  # the finished step: one decode for the whole batch, as in-process
             key, tokens, start, stop = batch
             shared = self._batches.get(key)
@@ -706,7 +708,8 @@ class _Outbox:
 
 def _packed(state: ServedState) -> tuple[tuple, tuple | None]:
     fields = (state.step, state.num_steps, state.tokens.numpy(), state.known.numpy(), state.new.numpy(),
-              state.elapsed, state.batch_rows, state.rows_in_flight, state.requests_in_flight)
+              state.elapsed, state.ffn_active, state.batch_rows, state.rows_in_flight,
+              state.requests_in_flight)
     batch = None
     if state.shared is not None and state.rows is not None:
         batch = (state.shared.number, state.shared.tokens.numpy(), state.rows.start, state.rows.stop)

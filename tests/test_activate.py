@@ -19,10 +19,14 @@ from ear.activate import (
     ffn_inputs,
     train_routers,
 )
+from ear.engine import runner_for
 from ear.model import FeedForward
 from ear.pipeline import EARPipeline
-from ear.sampler import generate
+from ear.routed import RoutedFFN
+from ear.sampler import decode, generate, sample
 from tests.helpers import noisy_model, write_tiny_model
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +139,140 @@ def test_the_cli_converts_a_model_on_its_own_samples(tmp_path, capsys) -> None:
     assert Activation.load(tmp_path / "act", model).config.experts == 2
     assert main([*args, str(tmp_path / "bad"), "--budget", "0"]) == 2  # refused in one sentence
     assert "budget" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def _greedy_logits(model, classes: list[int], **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every step's guided logits and tokens of a greedy decode (cfg 2) on the runner."""
+    logits, tokens = [], []
+    for _k, step_logits, step_tokens in decode(model, torch.tensor(classes), lambda _k, lg: lg.argmax(-1),
+                                               cfg_scale=2.0, **kwargs):
+        logits.append(step_logits.clone())
+        tokens.append(step_tokens)
+    return torch.cat(logits, 1), torch.cat(tokens, 1)
+
+
+@pytest.mark.parametrize("adaln", [True, False])
+def test_the_content_token_skip_changes_no_token(adaln: bool) -> None:
+    """The last layer runs only the mask queries; running every row (`content_outputs`, what a
+    correction head needs) gives the same logits and tokens, greedy and sampled."""
+    model = noisy_model(adaln=adaln).eval()
+    runner = runner_for(model)
+    skipped = _greedy_logits(model, [1, 4, 9])
+    drawn = generate(model, [2, 3], seed=5, cfg_scale=1.5)
+    runner.content_outputs = True
+    try:
+        full = _greedy_logits(model, [1, 4, 9])
+        assert torch.equal(drawn, generate(model, [2, 3], seed=5, cfg_scale=1.5))
+    finally:
+        runner.content_outputs = False
+    assert torch.equal(skipped[1], full[1])
+    torch.testing.assert_close(skipped[0], full[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained(model, samples):
+    """Routers and gates after a short stage 1 (a fifth of the tokens gated off)."""
+    tokens, classes = samples
+    activation = Activation(model, ActivationConfig(experts=4, router_hidden=16, tau=0.5))
+    train_routers(activation, model, tokens, classes, steps=40, skip=0.2)
+    return activation
+
+
+@pytest.mark.parametrize("mode", ["grouped", "masked", "capacity"])
+def test_every_expert_on_in_the_engine_is_the_dense_model(model, trained, mode: str) -> None:
+    dense = _greedy_logits(model, [1, 4, 9])
+    routed = _greedy_logits(model, [1, 4, 9], activation=RoutedFFN(trained, 1.0, mode=mode, capacity=1.0))
+    assert torch.equal(routed[1], dense[1])
+    torch.testing.assert_close(routed[0], dense[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("adaln", [True, False])
+def test_the_engine_routes_like_the_reference(adaln: bool, samples) -> None:
+    """One product per expert (CPU), the static-shape forms (CUDA graphs) and the reference's
+    masked FFN stepped through the readable model draw the same tokens."""
+    model = noisy_model(grid_size=6, adaln=adaln).eval()
+    tokens, classes = samples
+    activation = Activation(model, ActivationConfig(experts=4, router_hidden=16))
+    train_routers(activation, model, tokens, classes, steps=40, skip=0.2)
+    with torch.no_grad(), activation.applied(model, 0.5):
+        reference = _greedy_logits(model, [1, 4, 9], engine="reference")
+    for mode in ("grouped", "masked", "capacity"):
+        routed = _greedy_logits(model, [1, 4, 9], activation=RoutedFFN(activation, 0.5, mode, capacity=1.0))
+        assert torch.equal(routed[1], reference[1]), mode
+        torch.testing.assert_close(routed[0], reference[0], rtol=1e-4, atol=1e-4)
+
+
+def test_the_budget_knob_moves_the_active_share(model, trained) -> None:
+    def active(tau: float) -> float:
+        return _last(sample(model, [1, 2], seed=3, activation=RoutedFFN(trained, tau))).ffn_active
+
+    shares = [active(tau) for tau in (0.0, 0.3, 0.6, 1.0)]
+    assert shares == sorted(shares) and shares[0] < 0.9 * shares[-1], shares
+    assert _last(sample(model, [1, 2], seed=3)).ffn_active == 1.0  # dense
+    with pytest.raises(ValueError, match=r"activation must be a number in \[0, 1\]"):
+        RoutedFFN(trained, 1.5)
+    with pytest.raises(ValueError, match="runs on the cached runner"):
+        _last(sample(model, [1], activation=RoutedFFN(trained, 0.5), engine="reference"))
+
+
+def test_an_activated_image_is_the_same_alone_and_in_a_crowd(model, trained) -> None:
+    routed = RoutedFFN(trained, 0.5)
+    crowd = generate(model, [1, 2, 3], seed=[7, 8, 9], activation=routed)
+    alone = torch.cat([generate(model, [c], seed=s, row_ids=[i], activation=routed)
+                       for i, (c, s) in enumerate(((1, 7), (2, 8), (3, 9)))])
+    assert torch.equal(crowd, alone)
+
+
+def test_a_shut_token_gate_skips_the_ffn(model, samples, trained) -> None:
+    """The gate closes for about its `skip` share of tokens after stage 1; a gate shut for every
+    token leaves the residual as it was (the FFN contributes nothing) and costs only routing."""
+    tokens, classes = samples
+    x = ffn_inputs(model, tokens, classes)[0].reshape(-1, model.config.dim)
+    closed = float((trained.gates[0](x) < 0).float().mean())
+    assert 0.05 < closed < 0.5, closed
+    shut = Activation(model, trained.config, trained.groups)
+    shut.load_state_dict(trained.state_dict())
+    with torch.no_grad():
+        for gate in shut.gates:
+            gate.bias.fill_(-1e4)
+        with shut.applied(model, 0.5) as ffns:
+            assert torch.equal(ffns[0](x), torch.zeros_like(x))
+    state = _last(sample(model, [1], seed=0, activation=RoutedFFN(shut, 0.5)))
+    assert 0 < state.ffn_active < 0.2  # routers and gates only
+
+
+def _last(states):
+    state = None
+    for state in states:  # noqa: B007
+        pass
+    return state
+
+
+def test_the_pipeline_and_cli_run_a_shipped_activation(tmp_path, capsys) -> None:
+    folder = write_tiny_model(tmp_path / "tiny")
+    plain = EARPipeline.from_pretrained(str(folder))
+    assert not plain.has_activation and plain.info()["activation"] is None
+    with pytest.raises(ValueError, match="ships no dynamic activation"):
+        plain.generate("cat", activation=0.5)
+    Activation(plain.model, ActivationConfig(experts=2, router_hidden=8)).save(folder)
+    pipe = EARPipeline.from_pretrained(str(folder))
+    assert pipe.info()["activation"]["experts"] == 2
+    frames = list(pipe.stream("cat", seed=3, activation=0.0))
+    assert "active" in frames[-1].caption and frames[-1].state.ffn_active < 1
+    assert len(pipe.generate("cat", seed=3, activation=1.0)) == 1
+    out = tmp_path / "cat.png"
+    assert main(["generate", "--model", str(folder), "--class", "cat", "--activation", "0.5", "--quiet",
+                 "--out", str(out)]) == 0 and out.is_file()
+    assert main(["generate", "--model", str(folder), "--class", "cat", "--activation", "2", "--quiet",
+                 "--out", str(out)]) == 2
+    assert "activation must be a number in [0, 1]" in capsys.readouterr().err
+
+
+def test_the_bundled_model_ships_its_activation() -> None:
+    pipe = EARPipeline.from_pretrained("ear-emoji")
+    info = pipe.info()["activation"]
+    assert pipe.has_activation and info["experts"] == 4 and 0 < info["tau"] < 1
+    dense = generate(pipe.model, [7], greedy=True)
+    assert torch.equal(generate(pipe.model, [7], greedy=True, activation=pipe.routed(1.0)), dense)
+    state = _last(sample(pipe.model, [7], seed=0, temperature=0.6, activation=pipe.routed(info["tau"])))
+    assert state.ffn_active < 1

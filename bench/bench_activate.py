@@ -1,0 +1,191 @@
+"""Dynamic activation benchmark (issue 22): the bundled model dense, with the free content-token
+skip only, and activated (the skip plus routed experts and token gates, `ear.routed`), in one run.
+
+    python bench/bench_activate.py --quick --json bench/activate_results.json   # < 8 min, 2 cores
+    python bench/bench_activate.py --taus 0.2,0.4,0.6,0.8,1.0                   # the budget sweep
+
+"dense" is the engine as it was (every row through every layer), "skip" the engine with the
+content-token skip (exact), "active" the activated path at the shipped tau (or --tau). FLOPs are
+counted, not estimated: every variant runs once more with plain linears under
+`torch.utils.flop_counter.FlopCounterMode` (2 x multiply-adds of the transformer per image, CFG
+rows included, routers and gates included, the tokenizer excluded; the CPU flash-attention op,
+which the counter does not know, is registered with its two products). Seconds per image at batch
+1 and 16 use the default runner (timed kernels), the variants interleaved per round, medians.
+Quality against dense at --temperature (samples vary there): teacher-forced top-1 agreement (both
+paths given the dense path's own sampled tokens) and, on one image per class with the same seeds,
+retrieval top-1 and emoji-FID (`ear.train.evaluate`, the tokenizer's feature space). Ratios are
+against dense measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ear.activate import Activation
+from ear.engine import configure, runner_for
+from ear.images import to_uint8
+from ear.model import EAR
+from ear.pipeline import EARPipeline
+from ear.routed import RoutedFFN
+from ear.sampler import decode, generate
+
+VARIANTS = ("dense", "skip", "active")
+
+
+@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    batch, heads, queries, dim = query_shape
+    return 2 * batch * heads * queries * key_shape[2] * (dim + value_shape[3])
+
+
+def _variant(model: EAR, name: str, routed: RoutedFFN) -> RoutedFFN | None:
+    """Set the runner up for one variant; returns the FFN to hand to the sampler."""
+    runner_for(model).content_outputs = name == "dense"
+    return routed if name == "active" else None
+
+
+def flops_per_image(model: EAR, name: str, routed: RoutedFFN, classes: list[int], cfg: float,
+                    temperature: float) -> float:
+    configure(model, linear="plain")
+    ffn = _variant(model, name, routed)
+    with FlopCounterMode(display=False) as counter:
+        generate(model, classes, seed=0, cfg_scale=cfg, temperature=temperature, activation=ffn)
+    return counter.get_total_flops() / len(classes)
+
+
+def seconds_per_image(model: EAR, routed: RoutedFFN, batch: int, rounds: int, cfg: float,
+                      temperature: float) -> dict[str, float]:
+    """Median seconds per image of each variant, interleaved (a load change hits them alike)."""
+    configure(model)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    classes = [i % model.config.num_classes for i in range(batch)]
+    for r in range(rounds + 1):  # round 0 warms up (kernel timing, caches)
+        for name in VARIANTS:
+            ffn = _variant(model, name, routed)
+            started = time.perf_counter()
+            generate(model, classes, seed=r, cfg_scale=cfg, temperature=temperature, activation=ffn)
+            if r:
+                times[name].append((time.perf_counter() - started) / batch)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def agreement(model: EAR, routed: RoutedFFN, classes: list[int], cfg: float, temperature: float) -> float:
+    """Top-1 agreement of the activated path with the dense path, both given the dense path's
+    own samples (teacher-forced): a free-running grid parts ways after its first differing token."""
+    configure(model)
+    tokens = generate(model, classes, seed=1, cfg_scale=cfg, temperature=temperature).flatten(1)
+    sched = model.schedule
+    b, tokens = sched.boundaries, tokens[:, list(sched.order)]
+
+    def teacher(k: int, logits: torch.Tensor) -> torch.Tensor:
+        return tokens[:, b[k]:b[k + 1]]
+
+    ids = torch.tensor(classes)
+    dense = decode(model, ids, teacher, cfg_scale=cfg)
+    active = decode(model, ids, teacher, cfg_scale=cfg, activation=routed)
+    agree = [(got.argmax(-1) == ref.argmax(-1)).flatten()
+             for (_, ref, _), (_, got, _) in zip(dense, active, strict=True)]
+    return torch.cat(agree).float().mean().item()
+
+
+def quality(pipe: EARPipeline, routed: RoutedFFN, classes: int, cfg: float, temperature: float
+            ) -> dict[str, float]:
+    """Retrieval top-1 and emoji-FID of one image per class (the first `classes`; --quick: a
+    quarter, so its FID is higher than a full run's), dense and activated, same seeds."""
+    from ear.train.data import load_dataset
+    from ear.train.evaluate import Ruler
+
+    configure(pipe.model)
+    data = load_dataset("emoji", class_set="familiar", sets="twitter,google")
+    ruler = Ruler(pipe.tokenizer, data, 64)
+    ids = list(range(classes))
+    out = {}
+    for name, ffn in (("dense", None), ("active", routed)):
+        images = []
+        for i in range(0, classes, 16):
+            tokens = generate(pipe.model, ids[i:i + 16], seed=i, cfg_scale=cfg, temperature=temperature,
+                              activation=ffn)
+            with torch.no_grad():
+                images.append(to_uint8(pipe.tokenizer.decode(tokens)))
+        scores = ruler.score(np.concatenate(images), np.array(ids))
+        out[f"retrieval_{name}"], out[f"fid_{name}"] = scores["top1"], scores["fid"]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="ear-emoji")
+    p.add_argument("--activation", type=Path, default=None,
+                   help="folder holding activation.safetensors (default: the model's own folder)")
+    p.add_argument("--tau", type=float, default=None, help="the budget knob (default: the shipped tau)")
+    p.add_argument("--taus", default="", help="comma-separated taus for a budget sweep (FLOPs, agreement)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--cfg", type=float, default=None, help="default: the model's default preset")
+    p.add_argument("--quick", action="store_true", help="fewer rounds and images (under 8 minutes)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; on a "
+                   "busy shared machine 1 is faster, OpenMP's second thread mostly waits)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    began = time.perf_counter()
+    pipe = EARPipeline.from_pretrained(args.model)
+    model = pipe.model
+    folder = args.activation or Path(pipe.info()["source"])
+    activation = Activation.load(folder, model)
+    routed = RoutedFFN(activation, args.tau)
+    cfg = pipe.default_settings.cfg_scale if args.cfg is None else args.cfg
+    t = args.temperature
+    count = 8 if args.quick else 32
+    classes = list(range(0, model.config.num_classes, model.config.num_classes // count))[:count]
+    result: dict[str, object] = {"model": args.model, "tau": routed.tau, "cfg_scale": cfg, "temperature": t,
+                                 "threads": torch.get_num_threads()}
+    flops = {name: flops_per_image(model, name, routed, classes, cfg, t) for name in VARIANTS}
+    result.update(flops_dense=flops["dense"], flops_free_skip_only=flops["skip"],
+                  flops_active=flops["active"],
+                  flops_ratio_active=flops["active"] / flops["dense"],
+                  flops_ratio_skip=flops["skip"] / flops["dense"])
+    print(f"FLOPs/image: dense {flops['dense']:.4g}, skip {flops['skip']:.4g}, active {flops['active']:.4g} "
+          f"({1 - result['flops_ratio_active']:.1%} fewer)", flush=True)
+    result["agreement"] = agreement(model, routed, classes, cfg, t)
+    print(f"agreement {result['agreement']:.4f}", flush=True)
+    for batch, rounds in ((1, 6 if args.quick else 12), (16, 3 if args.quick else 6)):
+        secs = seconds_per_image(model, routed, batch, rounds, cfg, t)
+        for name, value in secs.items():
+            result[f"s_per_image_b{batch}_{name}"] = value
+        result[f"speed_b{batch}_active_vs_dense"] = secs["dense"] / secs["active"]
+        result[f"speed_b{batch}_skip_vs_dense"] = secs["dense"] / secs["skip"]
+        shown = ", ".join(f"{k} {v * 1000:.1f} ms/img" for k, v in secs.items())
+        print(f"batch {batch}: {shown}", flush=True)
+    result.update(quality(pipe, routed, model.config.num_classes // (4 if args.quick else 1), cfg, t))
+    print(f"retrieval {result['retrieval_dense']:.3f} -> {result['retrieval_active']:.3f}, "
+          f"emoji-FID {result['fid_dense']:.2f} -> {result['fid_active']:.2f}", flush=True)
+    sweep = []
+    for tau in [float(x) for x in args.taus.split(",") if x]:
+        at = routed.at(tau)
+        sweep.append({"tau": tau, "flops_ratio": flops_per_image(model, "active", at, classes, cfg, t)
+                      / flops["dense"], "agreement": agreement(model, at, classes, cfg, t)})
+        print(f"tau {tau}: FLOPs x{sweep[-1]['flops_ratio']:.3f}, agreement {sweep[-1]['agreement']:.4f}",
+              flush=True)
+    if sweep:
+        result["sweep"] = sweep
+    result["seconds"] = time.perf_counter() - began
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
