@@ -378,7 +378,7 @@ def test_a_model_that_cannot_load_is_explained_to_a_visitor(page: Any) -> None:
     seed.fill("0")
     page.get_by_role("button", name="Random").first.click()
     page.wait_for_function("(el) => el.value !== '0'", arg=seed.element_handle())
-    model = page.get_by_label("Model")
+    model = page.get_by_label("Model", exact=True)
     before = model.input_value()
     model.click()
     page.get_by_role("option", name=re.compile("EAR-adaLN-B")).click()  # offline: HF_HUB_OFFLINE=1
