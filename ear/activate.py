@@ -252,15 +252,7 @@ def train_routers(activation: Activation, model: EAR, tokens: torch.Tensor, clas
         x = x.reshape(-1, x.shape[-1]).float()
         with torch.no_grad():
             target = torch.log1p(activation.expert_norms(layer, model, x))
-        router = activation.routers[layer]
-        optimizer = torch.optim.AdamW(router.parameters(), lr=lr)
-        for _ in range(steps):
-            batch = torch.randint(0, x.shape[0], (min(1024, x.shape[0]),), generator=generator)
-            loss = F.mse_loss(router(x[batch]), target[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        losses.append(loss.item())
+        losses.append(_fit(activation.routers[layer], x, target, F.mse_loss, steps, lr, generator))
         if skip > 0:
             norms = _update_norms(model, layer, x)
             _train_gate(activation.gates[layer], x, norms, skip, steps, lr, generator)
@@ -281,15 +273,24 @@ def _train_gate(gate: nn.Linear, x: torch.Tensor, norms: torch.Tensor, skip: flo
     with torch.no_grad():
         gate.weight.zero_()
         gate.bias.fill_(float(torch.logit(target.mean().clamp(1e-3, 1 - 1e-3))))
-    optimizer = torch.optim.AdamW(gate.parameters(), lr=lr)
+    _fit(gate, x, target, F.binary_cross_entropy_with_logits, steps, lr, generator)
+    with torch.no_grad():
+        gate.bias -= torch.quantile(gate(x).flatten(), skip)
+
+
+def _fit(module: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: Callable[..., torch.Tensor],
+         steps: int, lr: float, generator: torch.Generator) -> float:
+    """`steps` AdamW steps of `loss_fn(module(x), target)` on random minibatches (1,024 rows);
+    the last loss."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr)
+    loss = torch.zeros(())
     for _ in range(steps):
         batch = torch.randint(0, x.shape[0], (min(1024, x.shape[0]),), generator=generator)
-        loss = F.binary_cross_entropy_with_logits(gate(x[batch]), target[batch])
+        loss = loss_fn(module(x[batch]), target[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    with torch.no_grad():
-        gate.bias -= torch.quantile(gate(x).flatten(), skip)
+    return float(loss.item())
 
 
 def distill(activation: Activation, model: EAR, tokens: torch.Tensor, class_ids: torch.Tensor,
