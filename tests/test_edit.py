@@ -470,7 +470,8 @@ def test_in_chromium_the_painted_region_regrows_and_the_rest_stays(browser_page)
     tb.open_tab(page, "Edit")
     page.locator("#edit-image input[type=file]").first.set_input_files(str(source))
     canvas = page.locator("#edit-image canvas").first
-    page.wait_for_function("(sel) => document.querySelector(sel) !== null", arg="#edit-image canvas")
+    # the editor switches to its brush once the picture is on the canvas; paint only then
+    page.wait_for_selector('#edit-image button[aria-label="Brush"].highlight')
     box = canvas.bounding_box()
     x, y = box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.25  # the picture's top right
     page.mouse.move(x, y)
