@@ -459,10 +459,12 @@ def _compare_paces(growths: list[GrowthAnimation | None]) -> list[dict[str, floa
     """One pace per step for every arm until the second-longest has finished (arms' 31 steps); a
     longer one (raster's 256) then goes faster, labelled, so it ends COMPARE_TAIL_FRAMES frames
     later. An arm that did not run has no growth and no options."""
-    counts = [growth.frame_count for growth in growths if growth is not None]
-    together = sorted(counts)[-2] if len(counts) > 1 else counts[0]
-    return [{} if growth is None else {"fast_after": together, "speedup": max(
-        1, math.ceil((growth.frame_count - together) / COMPARE_TAIL_FRAMES))} for growth in growths]
+    counts = [None if growth is None else growth.frame_count for growth in growths]
+    ran = sorted(count for count in counts if count is not None)
+    together = ran[-2] if len(ran) > 1 else ran[0]
+    return [{} if count is None else
+            {"fast_after": together, "speedup": max(1, math.ceil((count - together) / COMPARE_TAIL_FRAMES))}
+            for count in counts]
 
 
 def _arm_update(key: str, frame: Frame | None, canvases: Canvases, heading: str, seconds: float,
