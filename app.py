@@ -782,7 +782,9 @@ def _compare_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list[
         with gr.Column(scale=2):
             run, *buttons = _buttons("Compare", "cmp")
     outputs: list[gr.components.Component] = []
-    for row in (COMPARE_LAYOUT[:len(SCHEDULES)], COMPARE_LAYOUT[len(SCHEDULES):]):  # orders; the rest
+    width = len(SCHEDULES)  # rows of this many columns: the orders, then RadAR and activation
+    for start in range(0, len(COMPARE_LAYOUT), width):
+        row = COMPARE_LAYOUT[start:start + width]
         with gr.Row():
             for arm in row:
                 with gr.Column(min_width=160):
@@ -790,6 +792,8 @@ def _compare_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list[
                                             elem_classes="canvas", elem_id=f"cmp-{arm.key}-canvas"))
                     outputs.append(gr.Markdown(label=f"{arm.label} caption", elem_classes="caption",
                                                elem_id=f"cmp-{arm.key}-caption"))
+            for _ in range(width - len(row)):  # the last row's pictures as wide as the others
+                gr.Column(min_width=160)
     key = gr.State()
     _wire(run, buttons, "cmp", compare, [klass, seed, model, pace], [*outputs, key], outputs[1::2], key,
           outputs[0::2], api_name="compare", show_progress_on=outputs[0::2])
