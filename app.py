@@ -47,10 +47,14 @@ from ear.app_support import (
     OutputFiles,
     Playbacks,
     Range,
+    arm_caption,
+    arm_frames,
     check_format,
     check_keep,
     check_place,
     check_style,
+    compare_arms,
+    compare_steps,
     default_keep,
     edit_upload,
     examples_cache,
@@ -96,6 +100,8 @@ EXTEND_MODEL = extend_model(STARTED.name, MODEL_CHOICES)
 MODELS = ModelRegistry([name for _, name in MODEL_CHOICES],
                        lambda name: attach(EARPipeline.from_pretrained(name), SCHEDULER),
                        preloaded={STARTED.name: attach(STARTED.pipeline, SCHEDULER)})
+# Compare's arms as the page lays them out (the arms of every model have these keys and labels)
+COMPARE_LAYOUT = compare_arms(MODELS.get(None), MODELS.names)
 FILES = OutputFiles()
 PLAYBACKS = Playbacks(FILES)
 STOPS = Stops()
@@ -360,106 +366,117 @@ def check_upload(image: Any) -> list[Any]:
     return [gr.skip() if preview is None else preview, note and f"ℹ️ {note}"]
 
 
-def _order_caption(name: str, trained: str, frame: Frame, seconds: float) -> str:
-    state = frame.state
-    kind = "trained order" if name == trained else f"off-distribution (model trained on {trained})"
-    done = " · done" if state.done else ""
-    return (f"**{name}** · {kind}  \nstep {state.step} / {state.num_steps} · "
-            f"{state.num_known} / {state.known.numel()} tokens · {seconds:.2f} s{done}")
-
-
-@gpu(schedules=SCHEDULES)
+@gpu(total_steps=compare_steps)
 def compare(class_name: str, seed: int, model: str, pace: str = FAST) -> Iterator[list[Any]]:
-    """The same class and seed generated with every order in `ear.order.SCHEDULES`, one step of
-    each in turn, so every order shows its progress as it goes and the short spirals finish long
-    before raster's 256 steps; canvases are paced as in Generate, every order's last step shown.
-    Each order's time counts only its own steps (previews excluded). At the Watch pace, all
-    orders are then played side by side at one pace per step (`_compare_paces`)."""
+    """The same class and seed in every arm of `compare_arms` (the page model in every order of
+    SCHEDULES, RadAR's rings with and without refinement, the page model activated), one step of
+    each in turn, so every arm shows its progress as it goes and the short ones finish long before
+    raster's 256 steps; canvases are paced as in Generate, every arm's last step shown. An arm
+    that does not apply says why where its caption goes. Each arm's time counts only its own
+    steps (previews excluded). At the Watch pace, all arms are then played side by side at one
+    pace per step (`_compare_paces`)."""
     try:
         pipe = MODELS.get(model)
         class_id = resolve_class(pipe, class_name, required=True)
         seed = SEED.check(seed)
-        streams = {name: timed(pipe.stream(class_id, seed=seed, schedule=name)) for name in SCHEDULES}
+        opened = {arm.key: arm_frames(arm, pipe, MODELS.get, class_id, seed)
+                  for arm in compare_arms(pipe, MODELS.names)}
     except ValueError as err:
-        yield from _refuse(err, [None, _warning(err), *[None, ""] * (len(SCHEDULES) - 1), None])
-    trained = pipe.model.config.schedule
+        yield from _refuse(err, [None, _warning(err), *[None, ""] * (len(COMPARE_LAYOUT) - 1), None])
+    headings = {key: heading for key, (heading, _) in opened.items()}  # every arm, in the page's order
+    streams = {key: timed(frames) for key, (_, frames) in opened.items() if frames is not None}
     pacer = PreviewPacer()
-    canvases = {name: FILES.canvases(f"ear-{name}") for name in SCHEDULES}
-    growths = {name: GrowthAnimation() for name in SCHEDULES}
-    spent = dict.fromkeys(SCHEDULES, 0.0)
-    latest: dict[str, Frame] = {}  # each order's newest frame
-    finals: dict[str, str] = {}  # the finished (or stopped) orders' pictures, as shown
+    canvases = {key: FILES.canvases(f"ear-{key}") for key in streams}
+    growths = {key: GrowthAnimation() for key in streams}
+    spent = dict.fromkeys(streams, 0.0)
+    latest: dict[str, Frame] = {}  # each running arm's newest frame
+    finals: dict[str, str] = {}  # the finished (or stopped) arms' pictures, as shown
     waiting: dict[str, Frame] = {}  # ... not shown yet
+    opening = True  # the first update also clears the arms that do not run
     try:
         while streams:
-            for name in list(streams):
-                item = next(streams[name], None)
+            for key in list(streams):
+                item = next(streams[key], None)
                 if item is None:
-                    del streams[name]
+                    del streams[key]
                     continue
                 frame, seconds = item
-                latest[name] = waiting[name] = frame
-                spent[name] += seconds
-                growths[name].add(frame.state, frame.images if frame.state.done else None)
+                latest[key] = waiting[key] = frame
+                spent[key] += seconds
+                growths[key].add(frame.state, frame.images if frame.state.done else None)
             finished = any(frame.state.done for frame in waiting.values())
             kind = FULL if finished else pacer.due()
             if waiting and kind:
                 with pacer.showing(kind):
-                    update = [_order_update(name, waiting.pop(name, None), canvases[name], trained,
-                                            spent[name], kind) for name in SCHEDULES]
-                finals.update((name, image) for name, (image, _) in zip(SCHEDULES, update, strict=True)
-                              if latest[name].state.done and isinstance(image, str))
+                    update = {key: _arm_update(key, waiting.pop(key, None), canvases[key], headings[key],
+                                               spent[key], kind) for key in growths}
+                finals.update((key, image) for key, (image, _) in update.items()
+                              if latest[key].state.done and isinstance(image, str))
                 try:
-                    yield [*(value for pair in update for value in pair), None]
+                    yield [*_arm_values(headings, update, opening), None]
                 except RunStopped:
-                    for name, frame in latest.items():
+                    for key, frame in latest.items():
                         if not frame.state.done:  # its cells so far, decoded once for both uses
                             pictures = frame.decoded()
-                            growths[name].stop(pictures, _strip_label(stopped_caption(frame.caption)))
-                            finals[name] = FILES.image(pictures[0], f"ear-{name}-final")
+                            growths[key].stop(pictures, _strip_label(stopped_caption(frame.caption)))
+                            finals[key] = FILES.image(pictures[0], f"ear-{key}-final")
                     break
-        yield _compare_result(latest, finals, growths, trained, spent, pace == WATCH)
+                opening = False
+        yield _compare_result(headings, latest, finals, growths, spent, pace == WATCH)
     finally:
         for files in canvases.values():
             files.close()
 
 
-def _compare_result(latest: dict[str, Frame], finals: dict[str, str], growths: dict[str, GrowthAnimation],
-                    trained: str, spent: dict[str, float], played: bool) -> list[Any]:
-    """Every order's last canvas and caption (its playback at the Watch pace; a stopped order's
-    cells decoded once), and the playback key: the final update, which the API returns."""
-    key = PLAYBACKS.keep("ear-compare", list(growths.values()), _compare_paces(growths))
-    playbacks = PLAYBACKS.play(key) if played else [None] * len(growths)
-    update: list[Any] = []
-    for name, playback in zip(SCHEDULES, playbacks, strict=True):
-        frame = latest[name]
-        caption = _order_caption(name, trained, frame, spent[name])
+def _arm_values(headings: dict[str, str], update: dict[str, list[Any]], opening: bool) -> list[Any]:
+    """A Compare update's canvases and captions in the page's order: the running arms' as `update`
+    has them; an arm that does not run is cleared to its heading (why not) in the run's first
+    update and left so after."""
+    values: list[Any] = []
+    for key, heading in headings.items():
+        values += update.get(key) or ([None, heading] if opening else [gr.skip(), gr.skip()])
+    return values
+
+
+def _compare_result(headings: dict[str, str], latest: dict[str, Frame], finals: dict[str, str],
+                    growths: dict[str, GrowthAnimation], spent: dict[str, float], played: bool) -> list[Any]:
+    """Every arm's last canvas and caption (its playback at the Watch pace; a stopped arm's cells
+    decoded once; an arm that did not run, its heading) and the playback key: the final update,
+    which the API returns."""
+    held = [growths.get(key) for key in headings]
+    key = PLAYBACKS.keep("ear-compare", held, _compare_paces(held))
+    playbacks = dict(zip(headings, PLAYBACKS.play(key) if played else [None] * len(held), strict=True))
+    update: dict[str, list[Any]] = {}
+    for arm, frame in latest.items():
+        caption = arm_caption(headings[arm], frame.state, spent[arm])
         if not frame.state.done:
             caption = stopped_caption(caption)
-        update += [playback or finals[name], caption]
-    return [*update, key]
+        update[arm] = [playbacks[arm] or finals[arm], caption]
+    return [*_arm_values(headings, update, opening=True), key]
 
 
-def _compare_paces(growths: dict[str, GrowthAnimation]) -> list[dict[str, float]]:
-    """One pace per step for every order until the second-longest has finished (arms' 31 steps);
-    a longer order (raster's 256) then goes faster, labelled, so it ends COMPARE_TAIL_FRAMES
-    frames later."""
-    counts = [growth.frame_count for growth in growths.values()]
-    together = sorted(counts)[-2] if len(counts) > 1 else counts[0]
-    return [{"fast_after": together, "speedup": max(1, math.ceil((n - together) / COMPARE_TAIL_FRAMES))}
-            for n in counts]
+def _compare_paces(growths: list[GrowthAnimation | None]) -> list[dict[str, float]]:
+    """One pace per step for every arm until the second-longest has finished (arms' 31 steps); a
+    longer one (raster's 256) then goes faster, labelled, so it ends COMPARE_TAIL_FRAMES frames
+    later. An arm that did not run has no growth and no options."""
+    counts = [None if growth is None else growth.frame_count for growth in growths]
+    ran = sorted(count for count in counts if count is not None)
+    together = ran[-2] if len(ran) > 1 else ran[0]
+    return [{} if count is None else
+            {"fast_after": together, "speedup": max(1, math.ceil((count - together) / COMPARE_TAIL_FRAMES))}
+            for count in counts]
 
 
-def _order_update(name: str, frame: Frame | None, canvases: Canvases, trained: str,
-                  seconds: float, kind: str) -> list[Any]:
-    """Canvas and caption of one order in a Compare update (a finished picture as lossless PNG)."""
+def _arm_update(key: str, frame: Frame | None, canvases: Canvases, heading: str, seconds: float,
+                kind: str) -> list[Any]:
+    """Canvas and caption of one arm in a Compare update (a finished picture as lossless PNG)."""
     if frame is None:
         return [gr.skip(), gr.skip()]
     if frame.state.done:
-        image = FILES.image(frame.images[0], f"ear-{name}-final")
+        image = FILES.image(frame.images[0], f"ear-{key}-final")
     else:
         image = canvases.show((frame.images if kind == FULL else frame.sketch())[0])
-    return [image, _order_caption(name, trained, frame, seconds)]
+    return [image, arm_caption(heading, frame.state, seconds)]
 
 
 def model_info(model: str) -> tuple[str, dict[str, Any]]:
@@ -755,21 +772,28 @@ def _edit_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State,
 
 
 def _compare_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list[gr.components.Component]:
-    gr.Markdown("Same class, same seed, every generation order. The model only ever saw its training "
-                "order; the others show what happens off-distribution.")
+    gr.Markdown("Same class, same seed, several ways to draw it: the page's model in every generation "
+                "order (it only ever saw its training order; the others show what happens "
+                "off-distribution), RadAR's rings with and without nested refinement, and the model "
+                "with dynamic activation. Each counts its own steps and time.")
     with gr.Row(equal_height=True):
         klass = _class_picker(pipe, scale=3)
         seed = gr.Number(0, label=SEED.label, precision=0, minimum=SEED.lo, maximum=SEED.hi, scale=2)
         with gr.Column(scale=2):
             run, *buttons = _buttons("Compare", "cmp")
     outputs: list[gr.components.Component] = []
-    with gr.Row():
-        for name in SCHEDULES:
-            with gr.Column(min_width=160):
-                outputs.append(gr.Image(label=name, format="png", interactive=False, elem_classes="canvas",
-                                        elem_id=f"cmp-{name}-canvas"))
-                outputs.append(gr.Markdown(label=f"{name} caption", elem_classes="caption",
-                                           elem_id=f"cmp-{name}-caption"))
+    width = len(SCHEDULES)  # rows of this many columns: the orders, then RadAR and activation
+    for start in range(0, len(COMPARE_LAYOUT), width):
+        row = COMPARE_LAYOUT[start:start + width]
+        with gr.Row():
+            for arm in row:
+                with gr.Column(min_width=160):
+                    outputs.append(gr.Image(label=arm.label, format="png", interactive=False,
+                                            elem_classes="canvas", elem_id=f"cmp-{arm.key}-canvas"))
+                    outputs.append(gr.Markdown(label=f"{arm.label} caption", elem_classes="caption",
+                                               elem_id=f"cmp-{arm.key}-caption"))
+            for _ in range(width - len(row)):  # the last row's pictures as wide as the others
+                gr.Column(min_width=160)
     key = gr.State()
     _wire(run, buttons, "cmp", compare, [klass, seed, model, pace], [*outputs, key], outputs[1::2], key,
           outputs[0::2], api_name="compare", show_progress_on=outputs[0::2])
@@ -861,7 +885,7 @@ def build_demo() -> gr.Blocks:
             ext_model, ext_loaded, ext_dependent = _extend_tab(pace)
         with gr.Tab("Edit"):
             edit_dependent = _edit_tab(pipe, model, pace, _by_id(demo, "gen-final"))
-        with gr.Tab("Compare orders"):
+        with gr.Tab("Compare"):
             dependent += _compare_tab(pipe, model, pace)
         with gr.Tab("Model info"):
             dependent += _info_tab(model)

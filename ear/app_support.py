@@ -33,6 +33,7 @@ from PIL import Image
 from ear import hub
 from ear.growth import GrowthAnimation
 from ear.images import atomic_output, load_image, load_mask
+from ear.order import RADAR_SCHEDULES, SCHEDULES, make_schedule
 from ear.preview import preview_factor
 
 T = TypeVar("T")
@@ -430,10 +431,10 @@ class _Held:
     """One run's growth: what is needed to write its playbacks, and the files written so far."""
 
     stem: str
-    growths: list[GrowthAnimation]
+    growths: list[GrowthAnimation | None]
     options: list[dict[str, Any]]
     kept_at: float
-    written: list[Path] | None = None
+    written: list[Path | None] | None = None
 
 
 class Playbacks:
@@ -450,10 +451,11 @@ class Playbacks:
         self._held: OrderedDict[str, _Held] = OrderedDict()
         self._lock = threading.Lock()
 
-    def keep(self, stem: str, growths: Sequence[GrowthAnimation],
+    def keep(self, stem: str, growths: Sequence[GrowthAnimation | None],
              options: Sequence[Mapping[str, Any]] | None = None) -> str:
-        """Hold a run's growths (one per canvas; `options` are `GrowthAnimation.playback`'s
-        arguments for each) and return the key that plays them."""
+        """Hold a run's growths (one per canvas, None for a canvas that shows nothing: a Compare
+        arm that did not run; `options` are `GrowthAnimation.playback`'s arguments for each) and
+        return the key that plays them."""
         options = [dict(o) for o in options] if options is not None else [{} for _ in growths]
         if len(options) != len(growths):
             raise ValueError(f"{len(growths)} growths but {len(options)} sets of options")
@@ -463,18 +465,21 @@ class Playbacks:
             self._expire()
         return key
 
-    def play(self, key: Any) -> list[str]:
-        """The run's playback files, one per growth, under names no browser has shown yet."""
+    def play(self, key: Any) -> list[str | None]:
+        """The run's playback files, one per growth (None for None), under names no browser has
+        shown yet."""
         with self._lock:
             self._expire()
             held = self._held.get(key) if isinstance(key, str) else None
         if held is None:
             raise InputError("There is no recent run to replay here: run it again to watch it grow.")
         if held.written is None:
-            held.written = [growth.playback(self.files.new_path(f"{held.stem}-playback", "gif"), **options)
+            held.written = [None if growth is None else
+                            growth.playback(self.files.new_path(f"{held.stem}-playback", "gif"), **options)
                             for growth, options in zip(held.growths, held.options, strict=True)]
-            return [str(path) for path in held.written]
-        return [str(_linked(path, self.files.new_path(f"{held.stem}-replay", "gif")))
+            return [None if path is None else str(path) for path in held.written]
+        stem = f"{held.stem}-replay"
+        return [None if path is None else str(_linked(path, self.files.new_path(stem, "gif")))
                 for path in held.written]
 
     def _expire(self) -> None:
@@ -575,6 +580,99 @@ def timed(items: Iterator[T]) -> Iterator[tuple[T, float]]:
         except StopIteration:
             return
         yield item, time.perf_counter() - start
+
+
+# ---- Compare ----------------------------------------------------------------------------------
+
+RADAR_ORDER = RADAR_SCHEDULES[0]  # the RadAR arms' rings (ceil-Euclidean, 13 steps on 16 x 16)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One picture of the Compare tab: which model, in which order, with which options, or why it
+    does not run for this page's model (`absent`, said where its caption goes)."""
+
+    key: str  # names its canvas and caption on the page: cmp-<key>-canvas, cmp-<key>-caption
+    label: str
+    model: str | None = None  # a registry name; None: the page's model
+    schedule: str | None = None  # None: the model's trained order
+    refine: bool | None = None  # None: the model's default (refined where it has the head)
+    activation: float | None = None  # the FFN budget tau; None: dense
+    absent: str = ""
+
+
+def compare_arms(page: Any, offered: Sequence[str]) -> tuple[Arm, ...]:
+    """Compare's arms for the page's model `page`, always these keys in this order: the page model
+    on every order of SCHEDULES; RadAR's rings with and without refinement on the RadAR model (the
+    page model itself if it has the correction head and was trained on a RadAR order, else
+    `hub.RADAR_MODEL` where the server `offered` it); the page model at its shipped activation."""
+    if page.can_refine and page.model.config.schedule in RADAR_SCHEDULES:
+        radar, no_radar = None, ""
+    elif hub.RADAR_MODEL in offered:
+        radar, no_radar = hub.RADAR_MODEL, ""
+    else:
+        radar, no_radar = None, "no RadAR model on this server"
+    tau = page.info()["activation"]["tau"] if page.has_activation else None
+    return (*(Arm(order, order, schedule=order) for order in SCHEDULES),
+            Arm("radar-refined", "radar · refined", radar, RADAR_ORDER, refine=True, absent=no_radar),
+            Arm("radar-plain", "radar · no refinement", radar, RADAR_ORDER, refine=False, absent=no_radar),
+            Arm("activated", "activated", activation=tau,
+                absent="" if page.has_activation else "this model ships no dynamic activation"))
+
+
+def compare_steps(grid: int, trained: str) -> int:
+    """The steps of all of Compare's arms for a page model of `grid` trained on `trained`, as if
+    every arm ran (ZeroGPU's duration estimate, made without loading a model): SCHEDULES, the
+    RadAR rings twice, the refined arm's extra content-only pass, the trained order activated."""
+    orders = [*SCHEDULES, RADAR_ORDER, RADAR_ORDER, trained]
+    return sum(make_schedule(order, grid).num_steps for order in orders) + 1
+
+
+def arm_frames(arm: Arm, page: Any, load: Callable[[str], Any], class_id: int, seed: int
+               ) -> tuple[str, Iterator[Any] | None]:
+    """One arm's heading (its label, model and order; or why it does not run, one line) and its
+    frames (None when it does not run): every arm's stream comes from here. Another model than
+    the page's is `load`ed by name and given the page's class by name."""
+    heading = f"**{arm.label}**"
+    if arm.absent:
+        return f"{heading} · {arm.absent}", None
+    try:
+        pipe = page if arm.model is None else load(arm.model)
+    except ValueError:  # the registry has logged why
+        return f"{heading} · model {arm.model} cannot be loaded on this server", None
+    klass: int | None = class_id
+    where = ""
+    if pipe is not page:
+        name = page.class_names[class_id]
+        klass = next((i for i, known in enumerate(pipe.class_names) if known == name), None)
+        if klass is None:
+            return f"{heading} · {pipe.name} has no class {name!r}", None
+        where = f"{pipe.name}, "
+    try:
+        frames = pipe.stream(klass, seed=seed, schedule=arm.schedule, refine=arm.refine,
+                             activation=arm.activation, alone=True)  # (each step timed as its own)
+    except ValueError as err:
+        return f"{heading} · {err}", None
+    trained = pipe.model.config.schedule
+    kind = ("trained order" if (arm.schedule or trained) == trained
+            else f"off-distribution (model trained on {trained})")
+    tau = "" if arm.activation is None else f", tau {arm.activation:g}"
+    return f"{heading} · {where}{kind}{tau}", frames
+
+
+def arm_caption(heading: str, state: Any, seconds: float) -> str:
+    """An arm's caption at a step: its heading, then step, tokens and its own compute time, the
+    cells the correction replaced so far (refined arms) and the FFN's active share (activated)."""
+    facts = [f"step {state.step} / {state.num_steps}", f"{state.num_known} / {state.known.numel()} tokens",
+             f"{seconds:.2f} s"]
+    if state.corrected is not None:
+        count = int(state.corrected.sum())
+        facts.append(f"{count} cell{'s' * (count != 1)} corrected")
+    if state.ffn_active < 1:
+        facts.append(f"FFN {round(100 * state.ffn_active)} % active")
+    if state.done:
+        facts.append("done")
+    return f"{heading}  \n{' · '.join(facts)}"
 
 
 def available_cpus() -> int:

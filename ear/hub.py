@@ -41,6 +41,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 FORMAT = "ear-studio/1"
 DEFAULT_MODEL = "ear-emoji"
 PHOTO_MODEL = "ear-photo"  # the bundled model Extend uses for uploads
+RADAR_MODEL = "radar-emoji"  # the bundled RadAR model (rings + correction head) Compare shows
 COMPONENTS = ("model", "tokenizer")
 OVERRIDE_FIELDS = ("repo", "file", "revision")
 OWN_FILES = {"config": "config.json", "model": "ear.safetensors", "tokenizer": "tokenizer.safetensors"}

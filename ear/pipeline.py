@@ -273,12 +273,14 @@ class EARPipeline:
                top_p: float | None = None, schedule: str | Schedule | None = None,
                style: str | int | None = None, refine: bool | None = None,
                refine_threshold: float | None = None, outline: bool = True, display_size: int = 256,
-               activation: float | None = None) -> Iterator[Frame]:
+               activation: float | None = None, alone: bool = False) -> Iterator[Frame]:
         """A Frame after every step. Arguments are checked now, before the first frame.
-        `activation=tau` runs the model's FFNs activated (see `routed`); the caption says how much."""
+        `activation=tau` runs the model's FFNs activated (see `routed`); the caption says how much.
+        `alone`: sampled here, step by step, never by a server's scheduler, so that each step's
+        time is its own (Compare times its arms; the tokens are the same either way)."""
         states = self.states(class_ids, seed=seed, cfg_scale=cfg_scale, temperature=temperature,
                              top_k=top_k, top_p=top_p, schedule=schedule, style=style, refine=refine,
-                             refine_threshold=refine_threshold, activation=activation)
+                             refine_threshold=refine_threshold, activation=activation, alone=alone)
         return self._frames(states, self.renderer(display_size, outline))
 
     def states(self, class_ids: int | str | Sequence[int | str], **sampling: Any) -> Iterator[StepState]:
@@ -499,11 +501,12 @@ class EARPipeline:
                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                 schedule: str | Schedule | None = None, style: str | int | None = None,
                 known: torch.Tensor | None = None, refine: bool | None = None,
-                refine_threshold: float | None = None, activation: float | None = None
-                ) -> Iterator[StepState]:
+                refine_threshold: float | None = None, activation: float | None = None,
+                alone: bool = False) -> Iterator[StepState]:
         """Checked arguments -> the sampler's generator (which itself starts work lazily).
-        `refine` None: nested refinement where the model has the correction head. Refined and
-        activated rows run on their own (`ear.sampler.sample`), outside a server's shared batches."""
+        `refine` None: nested refinement where the model has the correction head. Refined,
+        activated and `alone` rows run on their own (`ear.sampler.sample`), outside a server's
+        shared batches."""
         settings = self.default_settings.merged(cfg_scale=cfg_scale, temperature=temperature,
                                                 top_k=top_k, top_p=top_p)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | np.integer)
@@ -513,7 +516,7 @@ class EARPipeline:
         labels, order = self.labels(ids, style, seed), self._schedule(schedule)
         on = self.can_refine if refine is None else refine
         refined = refinement(self.model, on, refine_threshold) is not None
-        if refined or activation is not None:
+        if refined or activation is not None or alone:
             return sample(self.model, labels, **asdict(settings), seed=seed, known=known, schedule=order,
                           refine=refined, refine_threshold=refine_threshold,
                           activation=None if activation is None else self.routed(activation))

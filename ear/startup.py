@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache, lru_cache, partial
 from pathlib import Path
@@ -334,10 +334,11 @@ def _count(value: Any, lo: float, hi: float, missing: int) -> int:
         return missing
 
 
-def request_duration(handler: Callable[..., Any], schedules: Sequence[str] = ()) -> Callable[..., int]:
+def request_duration(handler: Callable[..., Any], total_steps: Callable[[int, str], int] | None = None
+                     ) -> Callable[..., int]:
     """A `spaces.GPU(duration=...)` callable for `handler`: it receives the handler's arguments
-    and reads `model`, `num_images` and `zoom_rounds` by name. `schedules`: the handler runs
-    every one of these orders on one image (the Compare tab)."""
+    and reads `model`, `num_images` and `zoom_rounds` by name. `total_steps`: the handler runs one
+    image in several ways (the Compare tab), `total_steps(grid, trained order)` steps in all."""
     signature = inspect.signature(handler)
 
     def duration(*args: Any, **kwargs: Any) -> int:
@@ -347,8 +348,8 @@ def request_duration(handler: Callable[..., Any], schedules: Sequence[str] = ())
             request = {}
         name = str(request.get("model") or "") or None
         params, grid, trained = _model_facts(name, os.environ.get("EAR_STUDIO_MODEL"))
-        if schedules:
-            return gpu_seconds(params, sum(make_schedule(s, grid).num_steps for s in schedules))
+        if total_steps is not None:
+            return gpu_seconds(params, total_steps(grid, trained))
         images = _count(request.get("num_images"), NUM_IMAGES.lo, NUM_IMAGES.hi, 1)
         rounds = max(1, _count(request.get("zoom_rounds"), ZOOM_ROUNDS.lo, ZOOM_ROUNDS.hi, 1))
         steps = make_schedule(trained, grid).num_steps
@@ -358,15 +359,16 @@ def request_duration(handler: Callable[..., Any], schedules: Sequence[str] = ())
 
 
 def zero_gpu(spaces_module: Any | None) -> Callable[..., Any]:
-    """app.py's `@gpu` / `@gpu(schedules=...)`: `spaces.GPU` with a duration that follows the
+    """app.py's `@gpu` / `@gpu(total_steps=...)`: `spaces.GPU` with a duration that follows the
     request (a no-op off ZeroGPU, where `spaces.GPU` returns the handler itself); the plain
     handler when `spaces` is not installed."""
 
-    def gpu(handler: Callable[..., Any] | None = None, *, schedules: Sequence[str] = ()) -> Any:
+    def gpu(handler: Callable[..., Any] | None = None, *,
+            total_steps: Callable[[int, str], int] | None = None) -> Any:
         if handler is None:
-            return partial(gpu, schedules=schedules)
+            return partial(gpu, total_steps=total_steps)
         if spaces_module is None:
             return handler
-        return spaces_module.GPU(handler, duration=request_duration(handler, schedules))
+        return spaces_module.GPU(handler, duration=request_duration(handler, total_steps))
 
     return gpu

@@ -31,7 +31,7 @@ import torch
 import yaml
 from PIL import Image
 
-from ear import app_support
+from ear import app_support, hub
 from ear.app_support import (
     UNCONDITIONAL,
     OutputFiles,
@@ -47,7 +47,7 @@ from ear.order import SCHEDULES, make_schedule
 from ear.pipeline import EARPipeline
 from ear.preview import PENDING_RGB
 from ear.stops import RunStopped
-from tests.helpers import CLASS_NAMES, same_picture, write_tiny_model
+from tests.helpers import CLASS_NAMES, same_picture, tiny_ear, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLING = {"seed": 3, "cfg_scale": 1.5, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
@@ -134,10 +134,17 @@ def pixels(path: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def caption_of(compare_update: list[Any], name: str) -> str:
-    """One order's caption in a Compare update ('' when the update skips it)."""
-    caption = compare_update[2 * SCHEDULES.index(name) + 1]
+ARMS = (*SCHEDULES, "radar-refined", "radar-plain", "activated")  # Compare's arms, in the page's order
+
+
+def caption_of(compare_update: list[Any], key: str) -> str:
+    """One arm's caption in a Compare update ('' when the update skips it)."""
+    caption = compare_update[2 * ARMS.index(key) + 1]
     return "" if is_skip(caption) else caption
+
+
+def canvas_of(compare_update: list[Any], key: str) -> Any:
+    return compare_update[2 * ARMS.index(key)]
 
 
 def is_skip(value: Any) -> bool:
@@ -268,29 +275,47 @@ def test_extend_examples_are_cacheable(app: types.ModuleType) -> None:
 
 
 def test_compare_streams_every_order_side_by_side(app: types.ModuleType, every_step: None) -> None:
+    assert [arm.key for arm in app.COMPARE_LAYOUT] == list(ARMS)
     outs = list(app.compare("fish", 5, app.MODELS.default))
     pipe = app.MODELS.get(None)
     steps = {s: make_schedule(s, pipe.grid).num_steps for s in SCHEDULES}
-    # a canvas per step of the longest order, then the result (every order's picture and caption)
-    assert len(outs) == max(steps.values()) + 1 and all(len(o) == 2 * len(SCHEDULES) + 1 for o in outs)
+    # a canvas per step of the longest order, then the result (every arm's picture and caption)
+    assert len(outs) == max(steps.values()) + 1 and all(len(o) == 2 * len(ARMS) + 1 for o in outs)
     assert all(o[-1] is None for o in outs[:-1]) and isinstance(outs[-1][-1], str)
     result = outs[-1]
-    for i, name in enumerate(SCHEDULES):
-        shown = next(o[2 * i] for o in outs if caption_of(o, name).endswith("done"))
-        assert result[2 * i] == shown and result[2 * i + 1].endswith("done")  # at Fast: no playback
+    for name in SCHEDULES:
+        shown = next(canvas_of(o, name) for o in outs if caption_of(o, name).endswith("done"))
+        assert canvas_of(result, name) == shown  # at Fast: no playback
+        assert caption_of(result, name).endswith("done")
     outs = outs[:-1]
     trained = pipe.model.config.schedule
-    captions = {name: [o[2 * i + 1] for o in outs if not is_skip(o[2 * i + 1])]
-                for i, name in enumerate(SCHEDULES)}
+    captions = {name: [caption_of(o, name) for o in outs if caption_of(o, name)] for name in SCHEDULES}
     for name in SCHEDULES:
         assert len(captions[name]) == steps[name]  # every order shows its progress as it goes
         caption = captions[name][-1]
         assert caption.startswith(f"**{name}**") and caption.endswith("done")
         assert ("trained order" in caption) == (name == trained)
         assert ("off-distribution" in caption) == (name != trained)
+        assert "corrected" not in caption and "active" not in caption  # (a dense model without the head)
         # an order's result arrives as soon as its own steps are done, not when the longest is
         done_at = next(i for i, o in enumerate(outs) if caption_of(o, name).endswith("done"))
         assert done_at == steps[name] - 1
+
+
+def test_compare_arms_that_do_not_apply_say_why(app: types.ModuleType, every_step: None) -> None:
+    """The tiny model has no correction head and ships no activation, and this server offers no
+    RadAR model: those arms show no picture and one line, and the rest of Compare runs."""
+    outs = list(app.compare("fish", 5, app.MODELS.default, "watch"))
+    why = {"radar-refined": "no RadAR model on this server", "radar-plain": "no RadAR model on this server",
+           "activated": "this model ships no dynamic activation"}
+    for key, reason in why.items():
+        assert canvas_of(outs[0], key) is None and canvas_of(outs[-1], key) is None
+        assert caption_of(outs[0], key) == caption_of(outs[-1], key)
+        assert caption_of(outs[-1], key).endswith(reason) and "\n" not in caption_of(outs[-1], key)
+        assert all(is_skip(canvas_of(o, key)) and is_skip(o[2 * ARMS.index(key) + 1]) for o in outs[1:-1])
+        assert app.after_run(caption_of(outs[-1], key), None)[0] == caption_of(outs[-1], key)
+    replayed = app.replay(outs[-1][-1])
+    assert [path is None for path in replayed] == [key in why for key in ARMS]
 
 
 def test_compare_paced_still_shows_every_result(app: types.ModuleType,
@@ -299,6 +324,101 @@ def test_compare_paced_still_shows_every_result(app: types.ModuleType,
     outs = list(app.compare("fish", 5, app.MODELS.default))[:-1]  # (the last: the result)
     finished = [o for o in outs for name in SCHEDULES if caption_of(o, name).endswith("done")]
     assert len(finished) == len(SCHEDULES) and len(outs) < 10
+
+
+def test_compare_draws_what_generate_draws_for_the_same_seed(app: types.ModuleType) -> None:
+    trained = app.MODELS.get(None).model.config.schedule
+    result = list(app.compare("fish", 5, app.MODELS.default))[-1]
+    generated = generate(app, class_name="fish", seed=5)[-1][2][0]  # (SAMPLING is the default preset)
+    assert same_picture(pixels(canvas_of(result, trained)), pixels(generated))
+
+
+@pytest.fixture(scope="module")
+def radar_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny model trained on RadAR's rings with the correction head (random weights)."""
+    model = tiny_ear(32, 8, num_classes=len(CLASS_NAMES), schedule="radar", correction=True)
+    return str(write_tiny_model(tmp_path_factory.mktemp("radar") / "tiny-radar", model=model))
+
+
+@pytest.fixture
+def offers_radar(app: types.ModuleType, radar_model: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The server offers a RadAR model (as it will once `hub.RADAR_MODEL` is in the registry)."""
+    monkeypatch.setattr(app_support.hub, "RADAR_MODEL", radar_model)
+    monkeypatch.setattr(app.MODELS, "names", [*app.MODELS.names, radar_model])
+    return radar_model
+
+
+def test_compare_streams_radar_rings_with_and_without_refinement(app: types.ModuleType, offers_radar: str,
+                                                                 every_step: None) -> None:
+    outs = list(app.compare("fish", 5, app.MODELS.default))
+    radar = app.MODELS.get(offers_radar)
+    steps = make_schedule("radar", radar.grid).num_steps
+    for key in ("radar-refined", "radar-plain"):
+        captions = [caption_of(o, key) for o in outs[:-1] if caption_of(o, key)]
+        assert len(captions) == steps and captions[-1].endswith("done")
+        assert f"· {radar.name}, trained order  \nstep {steps} / {steps} · " in captions[-1]
+        assert ("cells corrected" in captions[-1]) == (key == "radar-refined")
+        assert Path(canvas_of(outs[-1], key)).is_file() and caption_of(outs[-1], key) == captions[-1]
+    arms = {arm.key: arm for arm in app_support.compare_arms(app.MODELS.get(None), app.MODELS.names)}
+    page = app.MODELS.get(None)
+    for key, refined in (("radar-refined", True), ("radar-plain", False)):
+        _, frames = app_support.arm_frames(arms[key], page, app.MODELS.get, 2, 5)
+        states = [frame.state for frame in frames]
+        assert len(states) == steps
+        assert all((state.corrected is not None) == refined for state in states), key
+    assert int(states[-1].known.sum()) == radar.grid ** 2
+
+
+def test_compare_runs_radar_on_the_page_model_when_it_is_one(app: types.ModuleType, radar_model: str) -> None:
+    page = EARPipeline.from_pretrained(radar_model)
+    arms = {arm.key: arm for arm in app_support.compare_arms(page, offered=[])}
+    assert [*arms] == list(ARMS)
+    for key in ("radar-refined", "radar-plain"):
+        assert arms[key].model is None and not arms[key].absent and arms[key].schedule == "radar"
+    heading, frames = app_support.arm_frames(arms["radar-refined"], page, app.MODELS.get, 0, 1)
+    assert heading == "**radar · refined** · trained order" and frames is not None
+    heading, _ = app_support.arm_frames(arms["arms"], page, app.MODELS.get, 0, 1)
+    assert heading == "**arms** · off-distribution (model trained on radar)"
+
+
+def test_a_radar_model_without_the_class_or_that_cannot_load_says_so(app: types.ModuleType,
+                                                                      radar_model: str) -> None:
+    page, arm = app.MODELS.get(None), app_support.Arm("radar-refined", "radar · refined", "elsewhere",
+                                                       "radar", refine=True)
+    other = EARPipeline.from_pretrained(radar_model)
+    other.class_names = ["owl", "fox", "bee"]
+    heading, frames = app_support.arm_frames(arm, page, lambda name: other, 2, 5)
+    assert frames is None and heading == f"**radar · refined** · {other.name} has no class 'fish, goldfish'"
+
+    def unavailable(name: str) -> Any:
+        raise app_support.InputError("Model 'elsewhere' cannot be loaded on this server: its files ...")
+
+    heading, frames = app_support.arm_frames(arm, page, unavailable, 2, 5)
+    assert frames is None
+    assert heading == "**radar · refined** · model elsewhere cannot be loaded on this server"
+
+
+def test_compare_shows_the_activated_arm_on_a_model_that_ships_activation(app: types.ModuleType) -> None:
+    if {s.name: s.status for s in hub.list_models()}.get("ear-emoji") != "bundled":
+        pytest.skip("the bundled ear-emoji model is not here")
+    emoji = app.MODELS.get("ear-emoji")
+    arm = next(a for a in app_support.compare_arms(emoji, app.MODELS.names) if a.key == "activated")
+    tau = emoji.info()["activation"]["tau"]
+    assert arm.activation == tau and not arm.absent and arm.schedule is None
+    heading, frames = app_support.arm_frames(arm, emoji, app.MODELS.get, 0, 3)
+    assert heading == f"**activated** · trained order, tau {tau:g}"
+    state = list(frames)[-1].state
+    caption = app_support.arm_caption(heading, state, 0.25)
+    assert state.done and 0 < state.ffn_active < 1
+    assert re.search(r"0\.25 s · FFN \d+ % active · done$", caption), caption
+
+
+def test_the_gpu_budget_counts_every_compare_arm(app: types.ModuleType) -> None:
+    """ZeroGPU's estimate counts the steps of every arm, and the refined arm's extra pass."""
+    for grid, trained in ((8, "arms"), (16, "arms"), (16, "radar")):
+        steps = sum(make_schedule(arm.schedule or trained, grid).num_steps + (arm.refine is True)
+                    for arm in app.COMPARE_LAYOUT)
+        assert app_support.compare_steps(grid, trained) == steps
 
 
 # ---- playback at a human pace -------------------------------------------------------------------
@@ -393,28 +513,31 @@ def test_compare_at_the_watch_pace_plays_every_order_side_by_side(app: types.Mod
     steps = {s: make_schedule(s, pipe.grid).num_steps for s in SCHEDULES}
     result = outs[-1]
     together = sorted(steps.values())[-2]
-    for i, name in enumerate(SCHEDULES):
-        frames, durations, loops = gif_timing(result[2 * i])
-        assert not loops and result[2 * i + 1].endswith("done")
+    for name in SCHEDULES:
+        frames, durations, loops = gif_timing(canvas_of(result, name))
+        assert not loops and caption_of(result, name).endswith("done")
         assert durations[0] == round(1000 * app.PLAYBACK_STEP_S)
         if steps[name] <= together:
             assert frames == steps[name]  # one step per frame, the same pace for all
         else:  # the long one keeps pace until the others are done, then goes faster, labelled
             assert together < frames <= together + app.COMPARE_TAIL_FRAMES + 1
         assert sum(durations) < 10_000
-    assert len(app.replay(result[-1])) == len(SCHEDULES)
+    assert len(app.replay(result[-1])) == len(ARMS)
 
 
-def test_a_stopped_compare_plays_what_each_order_got_to(app: types.ModuleType, every_step: None) -> None:
+def test_a_stopped_compare_plays_what_each_order_got_to(app: types.ModuleType, offers_radar: str,
+                                                        every_step: None) -> None:
     run = app.compare("fish", 5, app.MODELS.default, "watch")
     for _ in range(4):
         next(run)
     result = run.throw(RunStopped())
-    for i, name in enumerate(SCHEDULES):
-        steps = make_schedule(name, app.MODELS.get(None).grid).num_steps
-        frames = gif_timing(result[2 * i])[0]
-        assert frames == min(4, steps), name
-        assert ("stopped at step 4" in result[2 * i + 1]) == (steps > 4)
+    for arm in app_support.compare_arms(app.MODELS.get(None), app.MODELS.names)[:-1]:  # orders, rings
+        grid = app.MODELS.get(None if arm.model is None else offers_radar).grid
+        steps = make_schedule(arm.schedule, grid).num_steps
+        assert gif_timing(canvas_of(result, arm.key))[0] == min(4, steps), arm.key
+        assert ("stopped at step 4" in caption_of(result, arm.key)) == (steps > 4)
+    assert canvas_of(result, "activated") is None
+    assert caption_of(result, "activated").endswith("this model ships no dynamic activation")
 
 
 def test_a_blank_seed_means_a_random_one_said_in_the_caption(app: types.ModuleType) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ear import hub, startup
-from ear.order import SCHEDULES
+from ear.app_support import compare_steps
 from ear.pipeline import EARPipeline
 from ear.startup import Hardware, HubAccess
 from tests.helpers import add_to_hub_cache
@@ -264,7 +264,7 @@ def test_duration_follows_model_size_images_and_rounds(tiny_dir: Path, monkeypat
     assert gen("x", 1, 0, str(tiny_dir.parent)) == gen("x", 1, 0, "EAR-adaLN-XL")  # not offered
     zoom = [ext(None, 8, None, rounds, 0, "EAR-adaLN-L") for rounds in (0, 1, 3, 6)]
     assert zoom[0] == zoom[1] < zoom[2] < zoom[3]
-    everything = startup.request_duration(compare, SCHEDULES)("x", 0, "EAR-adaLN-XL")
+    everything = startup.request_duration(compare, compare_steps)("x", 0, "EAR-adaLN-XL")
     assert everything > gen("x", 1, 0, "EAR-adaLN-XL")  # the raster order alone takes 256 steps
     assert all(startup.REQUEST_S < s <= startup.MAX_GPU_S for s in [*xl, *by_size, *zoom, everything])
 
@@ -293,11 +293,11 @@ def test_zero_gpu_decorator() -> None:
         return task
 
     gpu = startup.zero_gpu(types.SimpleNamespace(GPU=fake_gpu))
-    assert gpu(generate) is generate and gpu(schedules=SCHEDULES)(compare) is compare
+    assert gpu(generate) is generate and gpu(total_steps=compare_steps)(compare) is compare
     assert seen["generate"]("x", 8, 0, "EAR-adaLN-XL") > seen["generate"]("x", 1, 0, "EAR-adaLN-XL")
     assert seen["compare"]("x", 0, "EAR-adaLN-XL") > seen["generate"]("x", 1, 0, "EAR-adaLN-XL")
     plain = startup.zero_gpu(None)
-    assert plain(generate) is generate and plain(schedules=SCHEDULES)(compare) is compare
+    assert plain(generate) is generate and plain(total_steps=compare_steps)(compare) is compare
 
 
 def test_picker_labels_the_start_up_model(tiny_dir: Path) -> None:
