@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from ear.growth import FULL, SKETCH, GrowthAnimation, PreviewPacer
 from ear.pipeline import EARPipeline
 from ear.preview import (
     CANVAS_RGB,
+    CORRECTED_RGB,
     OUTLINE_RGB,
     PENDING_RGB,
     PreviewRenderer,
@@ -85,6 +87,33 @@ def test_outline_marks_the_new_cells_only_while_growing(states) -> None:
     assert not np.all(plain == OUTLINE_RGB, axis=-1).any()
     done = np.asarray(render_frame(all_states[-1], tokenizer, display_size=64)[0])
     assert not np.all(done == OUTLINE_RGB, axis=-1).all(axis=-1).any()
+
+
+def test_cells_the_correction_redrew_get_their_own_outline_per_row(states) -> None:
+    """Nested refinement's `corrected` cells: outlined in CORRECTED_RGB exactly on their edge, in
+    their own row only, beside the step's new cells (OUTLINE_RGB); none without refinement or on
+    the finished picture."""
+    tokenizer, all_states = states
+    state = all_states[6]
+    old = (state.known & ~state.new).nonzero().tolist()  # cells drawn before this step
+    corrected = torch.zeros_like(state.tokens, dtype=torch.bool)
+    for row, col in (old[0], old[1], old[-1]):
+        corrected[0, row, col] = True
+    renderer = PreviewRenderer(tokenizer, display_size=64)
+    frames = [np.asarray(f) for f in renderer.render(dataclasses.replace(state, corrected=corrected))]
+    wanted = renderer.cells.outline(corrected[0])
+    assert wanted.any() and np.array_equal(np.all(frames[0] == CORRECTED_RGB, axis=-1), wanted)
+    assert not np.all(frames[1] == CORRECTED_RGB, axis=-1).any()  # row 1 had nothing corrected
+    new = np.all(frames[0] == OUTLINE_RGB, axis=-1)
+    assert np.array_equal(new, renderer.cells.outline(state.new))  # the step's outline as before
+    for plain in (state, dataclasses.replace(state, corrected=torch.zeros_like(corrected))):
+        assert not np.all(np.asarray(renderer.render(plain)[0]) == CORRECTED_RGB, axis=-1).any()
+    done = dataclasses.replace(all_states[-1], corrected=torch.ones_like(corrected))
+    assert not np.all(np.asarray(renderer.render(done)[0]) == CORRECTED_RGB, axis=-1).any()
+    assert preview.correction_note(state, True) == ""
+    assert preview.correction_note(dataclasses.replace(state, corrected=corrected), True) == \
+        f" · 3 corrected ({preview.CORRECTED_COLOUR})"
+    assert preview.correction_note(done, True) == f" · {corrected.numel()} corrected"  # no outline there
 
 
 def test_small_tokenizers_are_upscaled_crisply(states) -> None:
