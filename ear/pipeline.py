@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 
 from ear import hub
 from ear.activate import ACTIVATION_FILE, Activation
-from ear.flops import activation_saving
+from ear.flops import SAVING_KEYS, activation_saving
 from ear.images import ImageSource, center_crop_resize, load_image, load_mask, to_tensor
 from ear.model import EAR
 from ear.order import Schedule, make_schedule
@@ -211,7 +211,7 @@ class EARPipeline:
             return None
         with self._counting:
             activation = self._own_activation()
-            if "flops_active" not in activation.report:
+            if not set(SAVING_KEYS) <= activation.report.keys():
                 activation.report.update(self.activation_saving(activation))
         return {**asdict(activation.config), **activation.report}
 
@@ -545,7 +545,7 @@ class EARPipeline:
             caption = (f"step {state.step} / {state.num_steps} · {state.num_known} / {cells} tokens · "
                        f"{state.elapsed:.2f} s")
             if state.ffn_active < 1:
-                caption += f" · FFN {state.ffn_active:.0%} active"
+                caption += f" · FFN {state.ffn_active * 100:.0f} % active"  # as the docs write it
             caption += correction_note(state, renderer.outline)
             others = state.requests_in_flight - 1 if isinstance(state, ServedState) else 0
             if others > 0:  # a batch shared with other visitors: why it may take longer
