@@ -342,6 +342,23 @@ def test_growth_animation_holds_every_step_painted_from_the_finished_pictures(st
     assert [p.name for p in tmp_path.iterdir()] == ["growth.gif"]
 
 
+def test_growth_animation_outlines_corrected_cells_as_the_canvas_does(states, tmp_path) -> None:
+    tokenizer, all_states = states
+    step = all_states[6]
+    corrected = torch.zeros_like(step.tokens, dtype=torch.bool)
+    corrected[1][(step.known & ~step.new)] = True  # row 1: every cell drawn before this step
+    marked = [dataclasses.replace(s, corrected=corrected if s is step else torch.zeros_like(corrected))
+              for s in all_states]
+    growth, _ = _growth(marked, tokenizer)
+    with Image.open(growth.save(tmp_path / "growth.gif")) as gif:
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            shown = np.all(np.asarray(gif.convert("RGB")) == CORRECTED_RGB, axis=-1)
+            live = np.asarray(make_grid(PreviewRenderer(tokenizer, 64, fill_token=0).render(marked[i])))
+            assert np.array_equal(shown, np.all(live == CORRECTED_RGB, axis=-1)), i  # where the canvas has it
+            assert shown.any() == (i == 6)
+
+
 def test_growth_animation_as_mp4(states, tmp_path) -> None:
     if preview.ffmpeg_exe() is None:
         pytest.skip("no ffmpeg binary (imageio-ffmpeg) here")
