@@ -854,8 +854,9 @@ def select_model(name: str, previous: str, updates: Callable[[EARPipeline, str],
 
 
 HEAVY: dict[str, Any] = {"concurrency_id": "ear", "preprocess": False}
-PAGE_DEPENDENT = 15  # outputs of _page_updates: class and style pickers, presets, sliders, Generate's
-# refine and activation controls, info
+# outputs of _page_updates: class and style pickers, presets, sliders, Generate's refine and
+# activation controls, info
+PAGE_DEPENDENT = 15
 EXTEND_DEPENDENT = 8  # outputs of _extend_updates: class, style, keep sizes, presets, sliders
 
 

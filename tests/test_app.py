@@ -513,6 +513,8 @@ def test_refine_and_activation_controls_follow_the_model(app: types.ModuleType, 
     fn = next(f for f in app.demo.fns.values() if f.api_name == "generate")
     assert [getattr(b, "elem_id", None) for b in fn.inputs[-3:]] == \
         ["gen-refine", "gen-activation", "gen-activation-tau"]
+    api = app.demo.get_api_info()["named_endpoints"]["/generate"]["parameters"]
+    assert [p["parameter_name"] for p in api[-4:]] == ["style", "refine", "activation", "activation_tau"]
 
 
 def speedy_captions(app: types.ModuleType, model: str, **speedups: Any) -> list[str]:
