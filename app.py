@@ -30,6 +30,7 @@ import torch
 
 from ear import startup
 from ear.app_support import (
+    ACTIVATION_TAU,
     ANIMATION_FORMATS,
     ANY_STYLE,
     CFG,
@@ -67,6 +68,8 @@ from ear.app_support import (
     resolve_class,
     sampling_kwargs,
     seed_note,
+    shipped_tau,
+    speedup_kwargs,
     stopped_caption,
     threads_per_request,
     timed,
@@ -75,7 +78,7 @@ from ear.app_support import (
 from ear.growth import FULL, PLAYBACK_STEP_S, SKETCH, GrowthAnimation, PreviewPacer
 from ear.order import SCHEDULES
 from ear.pipeline import PLACES, EARPipeline, Frame
-from ear.preview import make_grid
+from ear.preview import CORRECTED_COLOUR, make_grid
 from ear.serving import ProcessScheduler, attach, from_environment, log_batches
 from ear.stops import RunStopped, Stops
 
@@ -279,16 +282,20 @@ def _pace(growth: GrowthAnimation) -> dict[str, float]:
 @gpu
 def generate(class_name: str, num_images: int, seed: int, cfg_scale: float, temperature: float,
              top_k: int, top_p: float, model: str, animation_format: str,
-             style: str = ANY_STYLE, pace: str = FAST) -> Iterator[list[Any]]:
+             style: str = ANY_STYLE, pace: str = FAST, refine: bool | None = None,
+             activation: bool = False, activation_tau: float | None = None) -> Iterator[list[Any]]:
     """Grow `num_images` images of a class: live canvases, then the final images (a gallery) and
-    the growth as a GIF/MP4 file (a blank seed: a random one, said in the caption)."""
+    the growth as a GIF/MP4 file (a blank seed: a random one, said in the caption). `refine`:
+    nested refinement (None: where the model has the correction head); `activation`: the FFNs
+    activated at `activation_tau` (None: the shipped tau)."""
     try:
         pipe = MODELS.get(model)
         class_id = resolve_class(pipe, class_name, required=True)
         batch = [class_id] * NUM_IMAGES.check(num_images)
         kwargs = sampling_kwargs(pipe, seed, cfg_scale, temperature, top_k, top_p)
         fmt = check_format(animation_format)
-        frames = pipe.stream(batch, style=check_style(pipe, style), **kwargs)
+        speedups = speedup_kwargs(pipe, refine, activation, activation_tau)
+        frames = pipe.stream(batch, style=check_style(pipe, style), **kwargs, **speedups)
     except ValueError as err:
         yield from _refuse(err, [None, _warning(err), None, None, None])
     yield from _play(frames, "ear-generate", fmt, pace, first=SKETCH, note=seed_note(seed, kwargs["seed"]))
@@ -657,6 +664,27 @@ def _style_picker(pipe: EARPipeline, prefix: str) -> gr.Dropdown:
                        info="whose drawings to follow; Any alternates them")
 
 
+def _speedup_values(pipe: EARPipeline) -> list[dict[str, Any]]:
+    """Refine (shown and on where the model has the correction head), dynamic activation (shown
+    where it ships routers; off) and its tau (the shipped one): what a model change resets."""
+    tau = shipped_tau(pipe)
+    return [{"visible": pipe.can_refine, "value": pipe.can_refine},
+            {"visible": tau is not None, "value": False},
+            {"visible": tau is not None, "value": ACTIVATION_TAU.hi if tau is None else tau}]
+
+
+def _speedup_controls(pipe: EARPipeline) -> list[gr.components.Component]:
+    """The Generate tab's RadAR and ActVAR controls (`_speedup_values`)."""
+    refine, activation, tau = _speedup_values(pipe)
+    return [gr.Checkbox(label="Refine (RadAR)", elem_id="gen-refine", **refine,
+                        info="redraw the cells the model finds implausible one step later (outlined in "
+                             f"{CORRECTED_COLOUR})"),
+            gr.Checkbox(label="Dynamic activation (ActVAR)", elem_id="gen-activation", **activation,
+                        info="run only the FFN experts each token's router picks"),
+            _slider(ACTIVATION_TAU, tau.pop("value"), 0.05, elem_id="gen-activation-tau", **tau,
+                    info="dynamic-k: experts predicted at >= (1 - tau) x the largest run; 1 = all")]
+
+
 def _generate_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list[gr.components.Component]:
     with gr.Row():
         with gr.Column(scale=1):
@@ -665,6 +693,7 @@ def _generate_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list
             count = gr.Slider(NUM_IMAGES.lo, NUM_IMAGES.hi, value=DEFAULT_IMAGES, step=1,
                               label=NUM_IMAGES.label, info="shown as a grid")
             sampling, refilled = _sampling_controls(pipe, model)
+            speedups = _speedup_controls(pipe)
             fmt = _format_picker()
             run, *buttons = _buttons("Generate", "gen")
         with gr.Column(scale=2):
@@ -673,9 +702,9 @@ def _generate_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list
                                 format="png", height="auto", object_fit="contain", render=False,
                                 interactive=False, elem_id="gen-final")
             outputs = _outputs("gen", finals)
-    _wire(run, buttons, "gen", generate, [klass, count, *sampling, model, fmt, style, pace], outputs,
-          [outputs[1]], outputs[4], [outputs[0]], api_name="generate", show_progress_on=outputs[0])
-    return [klass, style, *refilled]
+    _wire(run, buttons, "gen", generate, [klass, count, *sampling, model, fmt, style, pace, *speedups],
+          outputs, [outputs[1]], outputs[4], [outputs[0]], api_name="generate", show_progress_on=outputs[0])
+    return [klass, style, *refilled, *speedups]
 
 
 def _extend_tab(pace: gr.State) -> tuple[gr.Dropdown, gr.State, list[gr.components.Component]]:
@@ -824,8 +853,10 @@ def _page_updates(pipe: EARPipeline, name: str) -> list[Any]:
     order: Generate, Compare, Model info, Edit."""
     style = gr.Dropdown(**_style_choices(pipe))
     classes = {"choices": pipe.class_names, "value": pipe.default_class}
-    return [gr.Dropdown(**classes), style, *_slider_updates(pipe), gr.Dropdown(**classes), *model_info(name),
-            gr.Dropdown(**_optional_class_choices(pipe)), style]
+    refine, activation, tau = _speedup_values(pipe)
+    speedups = [gr.Checkbox(**refine), gr.Checkbox(**activation), gr.Slider(**tau)]
+    return [gr.Dropdown(**classes), style, *_slider_updates(pipe), *speedups, gr.Dropdown(**classes),
+            *model_info(name), gr.Dropdown(**_optional_class_choices(pipe)), style]
 
 
 def _extend_updates(pipe: EARPipeline, name: str) -> list[Any]:
@@ -847,7 +878,9 @@ def select_model(name: str, previous: str, updates: Callable[[EARPipeline, str],
 
 
 HEAVY: dict[str, Any] = {"concurrency_id": "ear", "preprocess": False}
-PAGE_DEPENDENT = 12  # outputs of _page_updates: class and style pickers, presets, sliders, info
+# outputs of _page_updates: class and style pickers, presets, sliders, Generate's refine and
+# activation controls, info
+PAGE_DEPENDENT = 15
 EXTEND_DEPENDENT = 8  # outputs of _extend_updates: class, style, keep sizes, presets, sliders
 
 

@@ -6,10 +6,9 @@ skip only, and activated (the skip plus routed experts and token gates, `ear.rou
 
 "dense" is the engine as it was (every row through every layer), "skip" the engine with the
 content-token skip (exact), "active" the activated path at the shipped tau (or --tau). FLOPs are
-counted, not estimated: every variant runs once more with plain linears under
+counted, not estimated (`ear.flops`): every variant runs once more with plain linears under
 `torch.utils.flop_counter.FlopCounterMode` (2 x multiply-adds of the transformer per image, CFG
-rows included, routers and gates included, the tokenizer excluded; the CPU flash-attention op,
-which the counter does not know, is registered with its two products). Seconds per image at batch
+rows included, routers and gates included, the tokenizer excluded). Seconds per image at batch
 1 and 16 use the default runner (timed kernels), the variants interleaved per round, medians.
 Quality against dense at --temperature (samples vary there): teacher-forced top-1 agreement (both
 paths given the dense path's own sampled tokens) and, on one image per class with the same seeds,
@@ -28,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ear.activate import Activation
 from ear.engine import configure, runner_for
+from ear.flops import flops_per_image
 from ear.images import to_uint8
 from ear.model import EAR
 from ear.pipeline import EARPipeline
@@ -43,25 +42,18 @@ from ear.sampler import decode, generate
 VARIANTS = ("dense", "skip", "active")
 
 
-@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
-def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    batch, heads, queries, dim = query_shape
-    return 2 * batch * heads * queries * key_shape[2] * (dim + value_shape[3])
-
-
 def _variant(model: EAR, name: str, routed: RoutedFFN) -> RoutedFFN | None:
     """Set the runner up for one variant; returns the FFN to hand to the sampler."""
     runner_for(model).content_outputs = name == "dense"
     return routed if name == "active" else None
 
 
-def flops_per_image(model: EAR, name: str, routed: RoutedFFN, classes: list[int], cfg: float,
-                    temperature: float) -> float:
-    configure(model, linear="plain")
-    ffn = _variant(model, name, routed)
-    with FlopCounterMode(display=False) as counter:
-        generate(model, classes, seed=0, cfg_scale=cfg, temperature=temperature, activation=ffn)
-    return counter.get_total_flops() / len(classes)
+def count_flops(model: EAR, name: str, routed: RoutedFFN, classes: list[int], cfg: float,
+                temperature: float) -> float:
+    """FLOPs per image of one variant (`ear.flops`: counted on the plain-linear runner)."""
+    flops, _ = flops_per_image(model, classes, activation=routed if name == "active" else None,
+                               every_row=name == "dense", cfg_scale=cfg, temperature=temperature)
+    return flops
 
 
 def seconds_per_image(model: EAR, routed: RoutedFFN, batch: int, rounds: int, cfg: float,
@@ -152,7 +144,7 @@ def main() -> None:
     classes = list(range(0, model.config.num_classes, model.config.num_classes // count))[:count]
     result: dict[str, object] = {"model": args.model, "tau": routed.tau, "cfg_scale": cfg, "temperature": t,
                                  "threads": torch.get_num_threads()}
-    flops = {name: flops_per_image(model, name, routed, classes, cfg, t) for name in VARIANTS}
+    flops = {name: count_flops(model, name, routed, classes, cfg, t) for name in VARIANTS}
     result.update(flops_dense=flops["dense"], flops_free_skip_only=flops["skip"],
                   flops_active=flops["active"],
                   flops_ratio_active=flops["active"] / flops["dense"],
@@ -175,7 +167,7 @@ def main() -> None:
     sweep = []
     for tau in [float(x) for x in args.taus.split(",") if x]:
         at = routed.at(tau)
-        sweep.append({"tau": tau, "flops_ratio": flops_per_image(model, "active", at, classes, cfg, t)
+        sweep.append({"tau": tau, "flops_ratio": count_flops(model, "active", at, classes, cfg, t)
                       / flops["dense"], "agreement": agreement(model, at, classes, cfg, t)})
         print(f"tau {tau}: FLOPs x{sweep[-1]['flops_ratio']:.3f}, agreement {sweep[-1]['agreement']:.4f}",
               flush=True)

@@ -362,10 +362,12 @@ def cmd_activate(args: argparse.Namespace) -> None:
             bar.set_description(stage)
             bar.update(1)
 
-        activation, report = convert(pipe.model, config, args.budget, args.samples, args.router_steps,
-                                     args.distill_steps, progress=progress)
+        activation, _ = convert(pipe.model, config, args.budget, args.samples, args.router_steps,
+                                args.distill_steps, progress=progress)
+        bar.set_description("counting FLOPs")
+        activation.report.update(pipe.activation_saving(activation))  # kept in the file: Model info
     path = activation.save(args.out)
-    print(json.dumps({"written": str(path), **report}))
+    print(json.dumps({"written": str(path), **activation.report}))
 
 
 def cmd_models(args: argparse.Namespace) -> None:

@@ -86,6 +86,7 @@ TOP_P = Range("Top-p", 0.05, 1.0)
 NUM_IMAGES = Range("Number of images", 1, 8, integer=True)
 ZOOM_ROUNDS = Range("Zoom-out rounds", 0, 6, integer=True)
 REFINE_ROUNDS = Range("Refinement rounds", 0, 4, integer=True)
+ACTIVATION_TAU = Range("Activation tau", 0.05, 1.0)  # dynamic-k's budget knob (ear.routed)
 
 
 def is_blank(value: Any) -> bool:
@@ -113,6 +114,30 @@ def sampling_kwargs(pipeline: Any, seed: Any, cfg_scale: Any, temperature: Any, 
         "top_k": TOP_K.check(top_k, hi=pipeline.tokenizer.codebook_size),
         "top_p": TOP_P.check(top_p),
     }
+
+
+def speedup_kwargs(pipeline: Any, refine: Any, activation: Any, tau: Any) -> dict[str, Any]:
+    """Checked `refine` / `activation` keywords for `EARPipeline.stream`: refine None leaves
+    nested refinement to the model (on where it has the correction head; asked of one without,
+    the pipeline refuses it); activation on runs the FFNs at `tau` (blank: the shipped tau)."""
+    for label, value in (("Refine (RadAR)", refine), ("Dynamic activation (ActVAR)", activation)):
+        if value is not None and not isinstance(value, bool):
+            raise InputError(f"{label} must be true or false, got {str(value)[:40]!r}.")
+    kwargs: dict[str, Any] = {"refine": refine}
+    if activation:
+        shipped = shipped_tau(pipeline)
+        if shipped is None:
+            raise InputError(f"{pipeline.name} has no dynamic activation (no routers ship with it): "
+                             f"turn it off.")
+        kwargs["activation"] = shipped if is_blank(tau) else ACTIVATION_TAU.check(tau)
+    return kwargs
+
+
+def shipped_tau(pipeline: Any) -> float | None:
+    """The tau the model's activation was made for, within the page's range (the slider's
+    default); None for a model without one."""
+    info = pipeline.info()["activation"]
+    return None if info is None else min(max(float(info["tau"]), ACTIVATION_TAU.lo), ACTIVATION_TAU.hi)
 
 
 def check_format(value: Any) -> str:
@@ -749,6 +774,17 @@ def public_info(info: dict[str, Any]) -> dict[str, Any]:
     return {**info, "source": public_source(info["source"])}
 
 
+def activation_summary(activation: dict[str, Any] | None) -> str:
+    """Model info's line on dynamic activation: experts, tau, the FFN share run and the counted
+    saving of total FLOPs per image against the dense engine (`EARPipeline.info`)."""
+    if activation is None:
+        return "no (no routers ship with the model)"
+    change = (activation["flops_active"] / activation["flops_dense"] - 1) * 100
+    return (f"{activation['experts']} experts, tau {activation['tau']:g}, FFN "
+            f"{activation['ffn_active'] * 100:.0f} % active, total FLOPs "
+            f"{'−' if change < 0 else '+'}{abs(change):.1f} % (counted)")
+
+
 def info_markdown(info: dict[str, Any]) -> str:
     """`public_info(...)` as a Markdown table for the Model info panel, headed by the model's name."""
     cached = {True: "yes", False: "no (downloads on first use)", None: "n/a (bundled or local)"}
@@ -761,6 +797,9 @@ def info_markdown(info: dict[str, Any]) -> str:
         ("Classes", str(info["classes"])), ("Licence", info["licence"] or "not stated"),
         ("Attribution", info["attribution"] or "not stated"),
         ("Cached from the Hub", cached.get(info.get("cached"), str(info.get("cached")))),
+        ("Refinement (RadAR)", "yes, on by default (the model has the correction head)" if info["refinement"]
+         else "no (the model has no correction head)"),
+        ("Dynamic activation (ActVAR)", activation_summary(info["activation"])),
     ]
     body = "\n".join(f"| {key} | {str(value).replace('|', '/')} |" for key, value in rows)
     return f"| Model | {info['name']} |\n|---|---|\n{body}"

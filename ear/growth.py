@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ear.images import atomic_output
 from ear.preview import (
     CANVAS_RGB,
+    CORRECTED_RGB,
     GRID_RGB,
     OUTLINE_RGB,
     CellGrid,
@@ -49,10 +50,10 @@ PLAYBACK_HOLD_S = 1.0  # the last frame's own time (it stays on screen afterward
 STRIP_RGB, TEXT_RGB = (17, 19, 24), (236, 238, 242)  # the playback's step counter under the pictures
 # GIF palette: the finished pictures' colours, then one slot meaning "as in the previous frame"
 # (GIF transparency: unchanged pixels cost almost nothing to encode), then the canvas colours.
-RESERVED = (*CANVAS_RGB, GRID_RGB, OUTLINE_RGB, STRIP_RGB, TEXT_RGB)
+RESERVED = (*CANVAS_RGB, GRID_RGB, OUTLINE_RGB, STRIP_RGB, TEXT_RGB, CORRECTED_RGB)
 UNCHANGED_SLOT = 255 - len(RESERVED)
 SLOTS = np.asarray([UNCHANGED_SLOT + 1, UNCHANGED_SLOT + 2], np.uint8)  # the checkerboard's colours
-GRID_SLOT, OUTLINE_SLOT, STRIP_SLOT, TEXT_SLOT = (UNCHANGED_SLOT + i for i in (3, 4, 5, 6))
+GRID_SLOT, OUTLINE_SLOT, STRIP_SLOT, TEXT_SLOT, CORRECTED_SLOT = (UNCHANGED_SLOT + i for i in range(3, 8))
 
 
 class PreviewPacer:
@@ -120,11 +121,13 @@ class PreviewPacer:
 
 @dataclass
 class _Step:
-    """One unfinished step, kept as the cells known and the cells it added, and its counter."""
+    """One unfinished step, kept as the cells known and the cells it added, its counter, and
+    under nested refinement each row's cells corrected so far ((B, g, g), else None)."""
 
     known: np.ndarray
     new: np.ndarray
     label: str
+    corrected: np.ndarray | None = None
 
 
 @dataclass
@@ -156,7 +159,8 @@ class GrowthAnimation:
         frame's counter in the playback (by default "step k / n")."""
         label = label or f"step {state.step} / {state.num_steps}"
         if not state.done:
-            self._open.append(_Step(state.known.numpy().copy(), state.new.numpy().copy(), label))
+            corrected = None if state.corrected is None else state.corrected.numpy().copy()
+            self._open.append(_Step(state.known.numpy().copy(), state.new.numpy().copy(), label, corrected))
             return
         if not pictures:
             raise ValueError("a finished step needs its pictures")
@@ -183,7 +187,7 @@ class GrowthAnimation:
         segments, gap = self._shown()
         if path.suffix.lower() == ".mp4":
             frames = [f for s in segments for f in _reveal(s, _grid(s.pictures, gap), CANVAS, GRID_RGB,
-                                                           OUTLINE_RGB, gap)]
+                                                           (OUTLINE_RGB, CORRECTED_RGB), gap)]
             return write_mp4(same_size(frames), path, fps, hold_last)
         frames = [(frame, palette) for s in segments for frame, palette, _ in _palette_frames(s, gap)]
         durations = [1000.0 / fps] * len(frames)
@@ -278,16 +282,18 @@ def _palette_frames(segment: _Segment, gap: int) -> Iterator[tuple[np.ndarray, l
     colours = (quantized.getpalette() or [])[:3 * UNCHANGED_SLOT]
     palette = colours + [0] * (3 * (UNCHANGED_SLOT + 1) - len(colours)) + [c for rgb in RESERVED for c in rgb]
     labels = [step.label for step in segment.steps] + [segment.label]
-    frames = _reveal(segment, np.asarray(quantized), SLOTS, GRID_SLOT, OUTLINE_SLOT, gap)
+    frames = _reveal(segment, np.asarray(quantized), SLOTS, GRID_SLOT, (OUTLINE_SLOT, CORRECTED_SLOT), gap)
     for frame, label in zip(frames, labels, strict=True):
         yield frame, palette, label
 
 
 def _reveal(segment: _Segment, finished: np.ndarray, canvas: np.ndarray, gap_fill: object,
-            outline: object, gap: int) -> Iterator[np.ndarray]:
+            outlines: tuple[object, object], gap: int) -> Iterator[np.ndarray]:
     """The segment's frames from its finished grid (RGB pixels or palette indices): per
     unfinished step the known cells' pixels, `canvas[checkerboard]` elsewhere, the step's own cells
-    outlined; then the finished grid itself."""
+    outlined in `outlines[0]` and each row's corrected cells in `outlines[1]`, as the live canvas
+    draws them; then the finished grid itself."""
+    outline, corrected = outlines
     if segment.steps:
         n, size = len(segment.pictures), segment.pictures[0].size[0]
         cells = CellGrid(segment.steps[0].known.shape[0], size)
@@ -296,6 +302,8 @@ def _reveal(segment: _Segment, finished: np.ndarray, canvas: np.ndarray, gap_fil
         for step in segment.steps:
             shown = tile([cells.mask(step.known)] * n, gap, False)
             frame = np.where(shown.reshape(shown.shape + extra), finished, background)
+            if step.corrected is not None:
+                frame[tile([cells.outline(rows) for rows in step.corrected], gap, False)] = corrected
             frame[tile([cells.outline(step.new)] * n, gap, False)] = outline
             yield frame
     yield finished

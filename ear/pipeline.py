@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import random
+import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -22,10 +23,11 @@ from PIL import Image, ImageOps
 
 from ear import hub
 from ear.activate import ACTIVATION_FILE, Activation
+from ear.flops import SAVING_KEYS, activation_saving
 from ear.images import ImageSource, center_crop_resize, load_image, load_mask, to_tensor
 from ear.model import EAR
 from ear.order import Schedule, make_schedule
-from ear.preview import PreviewRenderer, module_device, neutral_token
+from ear.preview import PreviewRenderer, correction_note, module_device, neutral_token
 from ear.refine import refinement
 from ear.routed import RoutedFFN, check_tau
 from ear.sampler import UNKNOWN, SamplingParams, StepState, known_log_likelihood, sample, state_count
@@ -117,6 +119,7 @@ class EARPipeline:
         self._activation_file: Path | None = folder / ACTIVATION_FILE if folder.is_dir() else None
         self._activation: Activation | None = None
         self._routed: dict[float, RoutedFFN] = {}
+        self._counting = threading.Lock()  # one FLOPs count at a time (info() of several visitors)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = hub.DEFAULT_MODEL, device: str | torch.device | None = None,
@@ -175,25 +178,42 @@ class EARPipeline:
     def routed(self, tau: float) -> RoutedFFN:
         """The activated FFNs at `tau` (the budget knob: 1 runs every expert, lower fewer)."""
         tau = check_tau(tau)
+        activation = self._own_activation()
+        if tau not in self._routed:  # one per tau: CUDA graphs are captured per FFN
+            first = next(iter(self._routed.values()), None)
+            self._routed[tau] = first.at(tau) if first else RoutedFFN(activation, tau)
+        return self._routed[tau]
+
+    def _own_activation(self) -> Activation:
+        """The activation in use, loaded from beside the model's files on first use."""
         if self._activation is None:
             if not self.has_activation:
                 raise ValueError(f"{self.name} ships no dynamic activation ({ACTIVATION_FILE}): make "
                                  f"one with `python -m ear activate`, or leave activation off")
             assert self._activation_file is not None
             self.load_activation(self._activation_file.parent)
-        if tau not in self._routed:  # one per tau: CUDA graphs are captured per FFN
-            first = next(iter(self._routed.values()), None)
-            self._routed[tau] = first.at(tau) if first else RoutedFFN(self._activation, tau)
-        return self._routed[tau]
+        assert self._activation is not None
+        return self._activation
+
+    def activation_saving(self, activation: Activation | None = None) -> dict[str, float]:
+        """Counted total FLOPs per image, dense (the engine before the content-token skip) and
+        activated at the activation's tau, and the FFN share run (`ear.flops.activation_saving`):
+        one image of the default class, seed 0, the default preset."""
+        if activation is None:
+            activation = self._own_activation()
+        labels = self.labels([self.class_id(self.default_class)], seed=0)
+        return activation_saving(self.model, activation, labels, seed=0, **asdict(self.default_settings))
 
     def _activation_info(self) -> dict[str, Any] | None:
+        """The activation's config and report; a report without FLOPs (a file written before
+        `ear activate` counted them) has them counted here once, on first use (seconds)."""
         if not self.has_activation:
             return None
-        if self._activation is None:
-            assert self._activation_file is not None
-            self.load_activation(self._activation_file.parent)
-        assert self._activation is not None
-        return {**asdict(self._activation.config), **self._activation.report}
+        with self._counting:
+            activation = self._own_activation()
+            if not set(SAVING_KEYS) <= activation.report.keys():
+                activation.report.update(self.activation_saving(activation))
+        return {**asdict(activation.config), **activation.report}
 
     def class_id(self, name_or_id: str | int) -> int:
         """A class index from an index or a (case-insensitive) name or synonym."""
@@ -528,7 +548,8 @@ class EARPipeline:
             caption = (f"step {state.step} / {state.num_steps} · {state.num_known} / {cells} tokens · "
                        f"{state.elapsed:.2f} s")
             if state.ffn_active < 1:
-                caption += f" · FFN {state.ffn_active:.0%} active"
+                caption += f" · FFN {state.ffn_active * 100:.0f} % active"  # as the docs write it
+            caption += correction_note(state, renderer.outline)
             others = state.requests_in_flight - 1 if isinstance(state, ServedState) else 0
             if others > 0:  # a batch shared with other visitors: why it may take longer
                 caption += f" · shared with {others} other visitor{'s' * (others != 1)}"

@@ -37,7 +37,8 @@ CANVAS_RGB = ((34, 36, 42), (44, 46, 54))  # dim checkerboard for cells not gene
 PENDING_RGB = ((92, 96, 110), (108, 112, 126))  # generated, not decoded yet (decode budget)
 DECODE_SHARE = 0.5  # previews may take at most half as long as everything else ...
 DECODE_SLACK = 1.0  # ... after this many seconds of decoding, which small models never use up
-OUTLINE_RGB = (255, 176, 32)
+OUTLINE_RGB = (255, 176, 32)  # the cells the step added
+CORRECTED_RGB, CORRECTED_COLOUR = (0, 200, 255), "cyan"  # cells nested refinement redrew (captions name it)
 ANIMATION_SUFFIXES = (".gif", ".mp4")
 
 
@@ -101,7 +102,8 @@ class PreviewRenderer:
 
     def render(self, state: StepState, decode: bool | None = None) -> list[Image.Image]:
         """One frame per batch item: known cells decoded (or pending), the rest dim, this step's
-        cells outlined (except on the last step: the finished picture). `decode=None` decodes
+        cells outlined and the row's cells nested refinement redrew so far outlined in
+        CORRECTED_RGB (except on the last step: the finished picture). `decode=None` decodes
         within the decode budget; False never decodes (the pixels last decoded in this stream,
         newer cells as pending tiles: a sketch costing no tokenizer call); True always does.
         The last step is always decoded."""
@@ -123,6 +125,10 @@ class PreviewRenderer:
         frames = np.where(shown, pixels, np.where(pending, self.pending[None], self.canvas[None]))
         frames = np.broadcast_to(frames, (state.tokens.shape[0], *frames.shape[1:])).copy()
         if self.outline:
+            rows = [] if state.corrected is None else state.corrected.numpy()
+            for frame, corrected in zip(frames, rows, strict=False):  # (none without refinement)
+                if corrected.any():
+                    frame[self.cells.outline(corrected)] = CORRECTED_RGB
             frames[:, self.cells.outline(state.new)] = OUTLINE_RGB
         return [Image.fromarray(f) for f in frames]
 
@@ -133,8 +139,9 @@ class PreviewRenderer:
         fresh = self._pixels is None or state.step <= self._last_step
         if state.done or not fresh:
             return None
+        corrected = None if state.corrected is None else state.corrected.numpy().tobytes()
         return (self.display_size, self.outline, state.tokens.shape, state.known.numpy().tobytes(),
-                state.new.numpy().tobytes())
+                state.new.numpy().tobytes(), corrected)
 
     def _affordable(self) -> bool:
         """Whether decoding this frame keeps previews within the decode budget."""
@@ -171,6 +178,15 @@ class PreviewRenderer:
             frame.paste(image.resize((w, w), Image.Resampling.LANCZOS), corner)
             frames.append(frame)
         return frames
+
+
+def correction_note(state: StepState, outlined: bool) -> str:
+    """The caption's count of redrawn cells under refinement (naming their outline's colour where
+    it is drawn: not on the finished picture); '' without refinement."""
+    if state.corrected is None:
+        return ""
+    colour = f" ({CORRECTED_COLOUR})" if outlined and not state.done else ""
+    return f" · {int(state.corrected.sum())} corrected{colour}"
 
 
 @functools.lru_cache(maxsize=8)

@@ -4,6 +4,7 @@ the dense model bit for bit, routers learn the experts' norms, and what is store
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from ear.activate import (
     train_routers,
 )
 from ear.engine import runner_for
+from ear.flops import SAVING_KEYS, activation_saving, flops_per_image
 from ear.model import FeedForward
 from ear.pipeline import EARPipeline
 from ear.routed import RoutedFFN
@@ -135,8 +137,14 @@ def test_the_cli_converts_a_model_on_its_own_samples(tmp_path, capsys) -> None:
     assert main([*args, str(tmp_path / "act")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert 0 < report["ffn_share"] <= 1 and 0 <= report["agreement"] <= 1
-    model = EARPipeline.from_pretrained(str(folder)).model
-    assert Activation.load(tmp_path / "act", model).config.experts == 2
+    assert 0 < report["flops_active"] < report["flops_dense"] and 0 < report["ffn_active"] <= 1
+    pipe = EARPipeline.from_pretrained(str(folder))
+    written = Activation.load(tmp_path / "act", pipe.model)
+    assert written.config.experts == 2
+    assert {"written": str(tmp_path / "act" / ACTIVATION_FILE), **written.report} == report  # counts kept
+    pipe.load_activation(tmp_path / "act")
+    with mock.patch("ear.pipeline.activation_saving", side_effect=AssertionError("counted again")):
+        assert pipe.info()["activation"]["flops_dense"] == report["flops_dense"]
     assert main([*args, str(tmp_path / "bad"), "--budget", "0"]) == 2  # refused in one sentence
     assert "budget" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
@@ -266,6 +274,20 @@ def test_the_pipeline_and_cli_run_a_shipped_activation(tmp_path, capsys) -> None
     assert main(["generate", "--model", str(folder), "--class", "cat", "--activation", "2", "--quiet",
                  "--out", str(out)]) == 2
     assert "activation must be a number in [0, 1]" in capsys.readouterr().err
+
+
+def test_flops_are_counted_without_changing_the_models_runner(model, trained) -> None:
+    """The count runs on a plain runner of its own and one thread, then puts both back; the
+    dense count (every row) exceeds the skip's, the activated one at tau 0 is smaller still."""
+    runner, threads = runner_for(model), torch.get_num_threads()
+    every, _ = flops_per_image(model, [1, 2], every_row=True, seed=0)
+    skip, dense_share = flops_per_image(model, [1, 2], seed=0)
+    active, share = flops_per_image(model, [1, 2], activation=RoutedFFN(trained, 0.0), seed=0)
+    assert every > skip > active > 0 and dense_share == 1 and 0 < share < 1
+    assert runner_for(model) is runner and torch.get_num_threads() == threads
+    assert flops_per_image(model, [1, 2], seed=0)[0] == skip  # counted, the same every time
+    saving = activation_saving(model, trained, [1], tau=0.0)
+    assert set(saving) == set(SAVING_KEYS) and saving["flops_active"] < saving["flops_dense"]
 
 
 def test_the_bundled_model_ships_its_activation() -> None:

@@ -32,6 +32,7 @@ import yaml
 from PIL import Image
 
 from ear import app_support, hub
+from ear.activate import Activation, ActivationConfig
 from ear.app_support import (
     UNCONDITIONAL,
     OutputFiles,
@@ -580,6 +581,131 @@ def test_select_model_refills_controls_or_goes_back(app: types.ModuleType,
     with pytest.warns(UserWarning, match="not downloaded on this server"):
         out = app.select_model("EAR-adaLN-B", app.MODELS.default)
     assert out[:2] == [app.MODELS.default] * 2 and all(is_skip(o) for o in out[2:])
+
+
+# ---- RadAR and ActVAR controls -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def speedy(app: types.ModuleType, tiny: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Tiny models beside the page's: one with the correction head, one that ships routers."""
+    root = tmp_path_factory.mktemp("speedy")
+    refined = write_tiny_model(root / "refined", model=tiny_ear(32, 8, seed=0, correction=True))
+    activated = write_tiny_model(root / "activated", seed=1)
+    model = EARPipeline.from_pretrained(str(activated)).model
+    Activation(model, ActivationConfig(experts=2, router_hidden=8, tau=0.4)).save(activated)
+    return {"plain": tiny, "refined": str(refined), "activated": str(activated)}
+
+
+@pytest.fixture
+def speedy_models(app: types.ModuleType, speedy: dict[str, str],
+                  monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The page's registry holds the tiny models, served as the app serves its own; returns the
+    names of the models whose request went to the server's shared batches (refined and
+    activated requests run on their own)."""
+    served: list[str] = []
+
+    def load(name: str) -> EARPipeline:
+        pipe = app.attach(EARPipeline.from_pretrained(name), app.SCHEDULER)
+        shared = pipe.sampler
+
+        def counted(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            served.append(name)
+            return shared(*args, **kwargs)
+
+        pipe.sampler = counted
+        return pipe
+
+    monkeypatch.setattr(app, "MODELS", app_support.ModelRegistry(list(speedy.values()), load, capacity=3))
+    return served
+
+
+def speedup_updates(app: types.ModuleType, name: str) -> list[dict[str, Any]]:
+    """The Generate tab's Refine, Dynamic activation and tau updates of a model change."""
+    out = app.select_model(name, name)[2:]
+    first = 2 + len(app._slider_updates(app.MODELS.get(name)))  # after class, style, sampling
+    return [{"visible": u.visible, "value": u.value} for u in out[first:first + 3]]
+
+
+def test_refine_and_activation_controls_follow_the_model(app: types.ModuleType, speedy: dict[str, str],
+                                                         speedy_models: list[str]) -> None:
+    hidden = {"visible": False, "value": False}
+    assert speedup_updates(app, speedy["plain"]) == [hidden, hidden, {"visible": False, "value": 1.0}]
+    assert speedup_updates(app, speedy["refined"])[:2] == [{"visible": True, "value": True}, hidden]
+    assert speedup_updates(app, speedy["activated"]) == [hidden, {"visible": True, "value": False},
+                                                         {"visible": True, "value": 0.4}]
+    fn = next(f for f in app.demo.fns.values() if f.api_name == "generate")
+    assert [getattr(b, "elem_id", None) for b in fn.inputs[-3:]] == \
+        ["gen-refine", "gen-activation", "gen-activation-tau"]
+    api = app.demo.get_api_info()["named_endpoints"]["/generate"]["parameters"]
+    assert [p["parameter_name"] for p in api[-4:]] == ["style", "refine", "activation", "activation_tau"]
+
+
+def speedy_captions(app: types.ModuleType, model: str, **speedups: Any) -> list[str]:
+    """Every caption of a 2-image Generate run at temperature 3 (a ring's draws disagree)."""
+    runs = app.generate("cat", 2, 3, 1.0, 3.0, 0, 1.0, model, "gif", "Any", "fast", **speedups)
+    return [update[1] for update in runs]
+
+
+def test_generate_refines_on_a_model_with_the_correction_head(
+        app: types.ModuleType, speedy: dict[str, str], speedy_models: list[str], every_step: None) -> None:
+    refined = speedy_captions(app, speedy["refined"])  # on by default where the model has the head
+    counts = [int(m.group(1)) for c in refined if (m := re.search(r" · (\d+) corrected", c))]
+    assert len(counts) == len(refined) and counts == sorted(counts) and counts[-1] > 0, refined
+    assert "corrected (cyan)" in refined[1] and "(cyan)" not in refined[-1]  # no outline when finished
+    assert speedy_captions(app, speedy["refined"], refine=True)[-1].split(" · ")[-2] == \
+        refined[-1].split(" · ")[-2]  # the same seed corrects the same cells
+    assert speedy_models == []  # refined requests run on their own, outside the shared batches
+    assert not any("corrected" in c for c in speedy_captions(app, speedy["refined"], refine=False))
+    assert speedy_models == [speedy["refined"]]
+
+
+def test_generate_activated_says_how_much_of_the_ffn_ran(
+        app: types.ModuleType, speedy: dict[str, str], speedy_models: list[str]) -> None:
+    for tau in (0.05, None):  # None: the shipped tau
+        caption = speedy_captions(app, speedy["activated"], activation=True, activation_tau=tau)[-1]
+        assert re.search(r" · FFN \d+ % active", caption), caption
+    assert not any("FFN" in c for c in speedy_captions(app, speedy["activated"], activation_tau=0.05))
+    assert speedy_models == [speedy["activated"]]  # only the dense run shared a batch
+
+
+def test_model_info_says_what_refinement_and_activation_offer(
+        app: types.ModuleType, speedy: dict[str, str], speedy_models: list[str]) -> None:
+    text, info = app.model_info(speedy["activated"])
+    act = info["activation"]
+    assert act["flops_active"] < act["flops_dense"] and 0 < act["ffn_active"] < 1
+    saving = (1 - act["flops_active"] / act["flops_dense"]) * 100
+    share = act["ffn_active"] * 100
+    assert f"| Dynamic activation (ActVAR) | 2 experts, tau 0.4, FFN {share:.0f} % active, total FLOPs " \
+           f"−{saving:.1f} % (counted) |" in text
+    assert "| Refinement (RadAR) | no" in text
+    text, info = app.model_info(speedy["refined"])
+    assert "| Refinement (RadAR) | yes" in text and "| Dynamic activation (ActVAR) | no" in text
+
+
+@pytest.mark.parametrize(("model", "speedups", "fragment"), [
+    ("plain", {"refine": True}, "correction objective"),
+    ("plain", {"activation": True}, "has no dynamic activation"),
+    ("refined", {"refine": "yes"}, "Refine (RadAR) must be true or false"),
+    ("activated", {"activation": 1}, "Dynamic activation (ActVAR) must be true or false"),
+    ("activated", {"activation": True, "activation_tau": 2}, "Activation tau must be between 0.05 and 1"),
+    ("activated", {"activation": True, "activation_tau": "x"}, "Activation tau must be a number"),
+])
+def test_bad_refine_and_activation_values_are_one_sentence(
+        app: types.ModuleType, speedy: dict[str, str], speedy_models: list[str], model: str,
+        speedups: dict[str, Any], fragment: str) -> None:
+    message = assert_user_error(lambda: speedy_captions(app, speedy[model], **speedups), fragment)
+    assert message.count(". ") == 0 and "\n" not in message
+
+
+def test_the_bundled_model_offers_activation_and_counts_its_saving(app: types.ModuleType,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """ear-emoji ships routers: the controls show and Model info shows the counted FLOPs saving."""
+    monkeypatch.setattr(app, "MODELS", app_support.ModelRegistry(["ear-emoji"], EARPipeline.from_pretrained))
+    refine, activation, tau = speedup_updates(app, "ear-emoji")
+    assert refine["visible"] is False and activation == {"visible": True, "value": False}
+    assert tau["visible"] and tau["value"] == app.MODELS.get("ear-emoji").info()["activation"]["tau"]
+    assert re.search(r"\| Dynamic activation \(ActVAR\) \| 4 experts, tau 0\.\d+, FFN \d+ % active, "
+                     r"total FLOPs −\d+\.\d % \(counted\) \|", app.model_info("ear-emoji")[0])
 
 
 # ---- hosting ----------------------------------------------------------------------------------

@@ -415,3 +415,25 @@ def test_model_info_is_a_readable_table_without_server_paths(page: Any, server: 
     if server[1] == "ear-emoji":
         assert "bundled with the app" in text
     page.screenshot(path=ARTIFACTS / "browser-model-info.png")
+
+
+def test_generate_offers_what_the_model_can_speed_up(page: Any, server: tuple[str, str]) -> None:
+    """Refine shows only for a model with the correction head, dynamic activation only for one
+    that ships routers; turned on, the run's caption says how much of the FFN ran."""
+    pipe = EARPipeline.from_pretrained(server[1])
+    open_tab(page, "Generate")
+    assert page.locator("#gen-refine").is_visible() == pipe.can_refine
+    activation = page.locator("#gen-activation")
+    assert activation.is_visible() == pipe.has_activation
+    if not pipe.has_activation:
+        return
+    tau = page.locator("#gen-activation-tau input[type=number]")
+    assert float(tau.input_value()) == pipe.info()["activation"]["tau"]
+    activation.locator("input[type=checkbox]").check()
+    tau.fill("0.5")
+    tau.press("Enter")
+    page.click("#gen-run")
+    wait_caption(page, "#gen-caption", "done")
+    assert re.search(r"FFN \d+ % active", page.locator("#gen-caption").inner_text())
+    page.screenshot(path=ARTIFACTS / "browser-activation.png", full_page=True)
+    activation.locator("input[type=checkbox]").uncheck()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from ear.growth import FULL, SKETCH, GrowthAnimation, PreviewPacer
 from ear.pipeline import EARPipeline
 from ear.preview import (
     CANVAS_RGB,
+    CORRECTED_RGB,
     OUTLINE_RGB,
     PENDING_RGB,
     PreviewRenderer,
@@ -85,6 +87,33 @@ def test_outline_marks_the_new_cells_only_while_growing(states) -> None:
     assert not np.all(plain == OUTLINE_RGB, axis=-1).any()
     done = np.asarray(render_frame(all_states[-1], tokenizer, display_size=64)[0])
     assert not np.all(done == OUTLINE_RGB, axis=-1).all(axis=-1).any()
+
+
+def test_cells_the_correction_redrew_get_their_own_outline_per_row(states) -> None:
+    """Nested refinement's `corrected` cells: outlined in CORRECTED_RGB exactly on their edge, in
+    their own row only, beside the step's new cells (OUTLINE_RGB); none without refinement or on
+    the finished picture."""
+    tokenizer, all_states = states
+    state = all_states[6]
+    old = (state.known & ~state.new).nonzero().tolist()  # cells drawn before this step
+    corrected = torch.zeros_like(state.tokens, dtype=torch.bool)
+    for row, col in (old[0], old[1], old[-1]):
+        corrected[0, row, col] = True
+    renderer = PreviewRenderer(tokenizer, display_size=64)
+    frames = [np.asarray(f) for f in renderer.render(dataclasses.replace(state, corrected=corrected))]
+    wanted = renderer.cells.outline(corrected[0])
+    assert wanted.any() and np.array_equal(np.all(frames[0] == CORRECTED_RGB, axis=-1), wanted)
+    assert not np.all(frames[1] == CORRECTED_RGB, axis=-1).any()  # row 1 had nothing corrected
+    new = np.all(frames[0] == OUTLINE_RGB, axis=-1)
+    assert np.array_equal(new, renderer.cells.outline(state.new))  # the step's outline as before
+    for plain in (state, dataclasses.replace(state, corrected=torch.zeros_like(corrected))):
+        assert not np.all(np.asarray(renderer.render(plain)[0]) == CORRECTED_RGB, axis=-1).any()
+    done = dataclasses.replace(all_states[-1], corrected=torch.ones_like(corrected))
+    assert not np.all(np.asarray(renderer.render(done)[0]) == CORRECTED_RGB, axis=-1).any()
+    assert preview.correction_note(state, True) == ""
+    assert preview.correction_note(dataclasses.replace(state, corrected=corrected), True) == \
+        f" · 3 corrected ({preview.CORRECTED_COLOUR})"
+    assert preview.correction_note(done, True) == f" · {corrected.numel()} corrected"  # no outline there
 
 
 def test_small_tokenizers_are_upscaled_crisply(states) -> None:
@@ -311,6 +340,23 @@ def test_growth_animation_holds_every_step_painted_from_the_finished_pictures(st
             assert np.abs(got - want).mean() < 3, i
         assert gif.info["duration"] == pytest.approx(1100, abs=10)  # the last frame, held
     assert [p.name for p in tmp_path.iterdir()] == ["growth.gif"]
+
+
+def test_growth_animation_outlines_corrected_cells_as_the_canvas_does(states, tmp_path) -> None:
+    tokenizer, all_states = states
+    step = all_states[6]
+    corrected = torch.zeros_like(step.tokens, dtype=torch.bool)
+    corrected[1][(step.known & ~step.new)] = True  # row 1: every cell drawn before this step
+    marked = [dataclasses.replace(s, corrected=corrected if s is step else torch.zeros_like(corrected))
+              for s in all_states]
+    growth, _ = _growth(marked, tokenizer)
+    with Image.open(growth.save(tmp_path / "growth.gif")) as gif:
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            shown = np.all(np.asarray(gif.convert("RGB")) == CORRECTED_RGB, axis=-1)
+            live = np.asarray(make_grid(PreviewRenderer(tokenizer, 64, fill_token=0).render(marked[i])))
+            assert np.array_equal(shown, np.all(live == CORRECTED_RGB, axis=-1)), i  # where the canvas has it
+            assert shown.any() == (i == 6)
 
 
 def test_growth_animation_as_mp4(states, tmp_path) -> None:
