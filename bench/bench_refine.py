@@ -37,9 +37,7 @@ ARMS = {"ear": ("ear", False), "radar": ("radar", True), "radar_norefine": ("rad
 
 
 def last_state(pipe: EARPipeline, ids: list[int], seed: int, settings: dict[str, Any], refine: bool) -> Any:
-    state = None
-    for state in pipe.states(ids, seed=seed, refine=refine, **settings):
-        pass
+    *_, state = pipe.states(ids, seed=seed, refine=refine, **settings)
     return state
 
 
