@@ -499,7 +499,10 @@ def _slider(r: Range, value: float, step: float, **kwargs: Any) -> gr.Slider:
     return gr.Slider(r.lo, kwargs.pop("maximum", r.hi), value=value, step=step, label=r.label, **kwargs)
 
 
-def _preset_name(pipe: EARPipeline) -> str:
+def _preset_name(pipe: EARPipeline, wanted: str | None = None) -> str:
+    """`wanted` where the model has a preset of that name (Edit opens on "edit"), else its default."""
+    if wanted in pipe.presets:
+        return wanted
     return next(name for name, settings in pipe.presets.items() if settings is pipe.default_settings)
 
 
@@ -514,17 +517,19 @@ def apply_preset(preset: str, model: str) -> list[float]:
     return [settings.cfg_scale, settings.temperature, settings.top_k, settings.top_p]
 
 
-def _sampling_controls(pipe: EARPipeline, model: gr.Dropdown) -> tuple[list[Any], list[Any]]:
+def _sampling_controls(pipe: EARPipeline, model: gr.Dropdown, wanted: str | None = None
+                       ) -> tuple[list[Any], list[Any]]:
     """Seed (with a random button), a preset picker and the four sampling sliders.
 
     Returns the handler inputs (seed and sliders) and the controls a model change refills."""
-    preset = pipe.default_settings
+    name = _preset_name(pipe, wanted)
+    preset = pipe.presets[name]
     with gr.Row(equal_height=True):
         seed = gr.Number(0, label=SEED.label, precision=0, minimum=SEED.lo, maximum=SEED.hi, scale=3)
         dice = gr.Button("Random", size="sm", scale=1, min_width=80)
     dice.click(None, js=RANDOM_SEED_JS, outputs=seed, queue=False, api_visibility="private")
     with gr.Accordion("Sampling", open=False):
-        presets = gr.Dropdown(list(pipe.presets), value=_preset_name(pipe), label="Preset",
+        presets = gr.Dropdown(list(pipe.presets), value=name, label="Preset",
                               info="the model's recommended settings")
         cfg = _slider(CFG, preset.cfg_scale, 0.05, info="classifier-free guidance; 1 = none")
         temperature = _slider(TEMPERATURE, preset.temperature, 0.05)
@@ -707,15 +712,20 @@ def _generate_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list
     return [klass, style, *refilled, *speedups]
 
 
+def _picture_model_picker(prefix: str) -> gr.Dropdown:
+    """The model picker of a tab that works on the visitor's own picture (Extend, Edit): uploads
+    are photos more often than emoji, so it opens on EXTEND_MODEL, not the page's model."""
+    return gr.Dropdown(MODEL_CHOICES, value=EXTEND_MODEL, label="Model for your picture", filterable=False,
+                       elem_id=f"{prefix}-model", info="ear-photo has learnt how photographs continue")
+
+
 def _extend_tab(pace: gr.State) -> tuple[gr.Dropdown, gr.State, list[gr.components.Component]]:
     """The Extend tab, with a model picker of its own (uploads are photos more often than emoji):
     returns it, the State of the model loaded for it, and the controls that follow it."""
     pipe = MODELS.get(EXTEND_MODEL)
     with gr.Row():
         with gr.Column(scale=1):
-            model = gr.Dropdown(MODEL_CHOICES, value=EXTEND_MODEL, label="Model for your picture",
-                                filterable=False, elem_id="ext-model",
-                                info="ear-photo has learnt how photographs continue")
+            model = _picture_model_picker("ext")
             image = gr.Image(label="Your picture", type="filepath", sources=["upload", "clipboard"],
                              elem_id="ext-image")
             note = gr.Markdown(elem_id="ext-upload-note")
@@ -774,10 +784,14 @@ def last_generated(gallery: Any) -> Any:
     return {"background": picture, "layers": [], "composite": picture}
 
 
-def _edit_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State,
-              generated: gr.Gallery | None) -> list[gr.components.Component]:
+def _edit_tab(pace: gr.State, generated: gr.Gallery | None
+              ) -> tuple[gr.Dropdown, gr.State, list[gr.components.Component]]:
+    """The Edit tab, with its own model picker as Extend's: returns it, the State of the model
+    loaded for it, and the controls that follow it (`_edit_updates`)."""
+    pipe = MODELS.get(EXTEND_MODEL)
     with gr.Row():
         with gr.Column(scale=1):
+            model = _picture_model_picker("edit")
             editor = gr.ImageEditor(label="Your picture: paint over what to redraw", type="pil",
                                     image_mode="RGBA", sources=["upload", "clipboard"], format="png",
                                     transforms=(), layers=False, elem_id="edit-image",
@@ -785,9 +799,10 @@ def _edit_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State,
             take = gr.Button("Use the last generated picture", size="sm", elem_id="edit-take")
             klass = _optional_class_picker(pipe)
             style = _style_picker(pipe, "edit")
-            refine = gr.Slider(REFINE_ROUNDS.lo, REFINE_ROUNDS.hi, value=0, step=1, label=REFINE_ROUNDS.label,
+            refine = gr.Slider(REFINE_ROUNDS.lo, REFINE_ROUNDS.hi, value=EDIT_ROUNDS, step=1,
+                               label=REFINE_ROUNDS.label,
                                info="redraw n more times, keep the draw that fits the rest best")
-            sampling, _ = _sampling_controls(pipe, model)
+            sampling, refilled = _sampling_controls(pipe, model, EDIT_PRESET)
             fmt = _format_picker()
             run, *buttons = _buttons("Redraw", "edit")
         with gr.Column(scale=2):
@@ -797,7 +812,7 @@ def _edit_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State,
     _wire(run, buttons, "edit", _with_editor(editor, edit),
           [editor, klass, refine, *sampling, model, fmt, style, pace], outputs, [outputs[1]], outputs[4],
           [outputs[0]], api_name="edit", show_progress_on=outputs[0])
-    return [klass, style]
+    return model, gr.State(EXTEND_MODEL), [klass, style, *refilled]
 
 
 def _compare_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list[gr.components.Component]:
@@ -839,10 +854,11 @@ def _info_tab(model: gr.Dropdown) -> list[gr.components.Component]:
     return [view, raw]
 
 
-def _slider_updates(pipe: EARPipeline) -> list[Any]:
+def _slider_updates(pipe: EARPipeline, wanted: str | None = None) -> list[Any]:
     """The preset picker and the four sampling sliders, as `_sampling_controls` builds them."""
-    preset = pipe.default_settings
-    return [gr.Dropdown(choices=list(pipe.presets), value=_preset_name(pipe)),
+    name = _preset_name(pipe, wanted)
+    preset = pipe.presets[name]
+    return [gr.Dropdown(choices=list(pipe.presets), value=name),
             gr.Slider(value=preset.cfg_scale), gr.Slider(value=preset.temperature),
             gr.Slider(value=preset.top_k, maximum=pipe.tokenizer.codebook_size),
             gr.Slider(value=preset.top_p)]
@@ -850,19 +866,25 @@ def _slider_updates(pipe: EARPipeline) -> list[Any]:
 
 def _page_updates(pipe: EARPipeline, name: str) -> list[Any]:
     """New choices and presets for the controls that follow the page's model, in `build_demo`'s
-    order: Generate, Compare, Model info, Edit."""
+    order: Generate, Compare, Model info."""
     style = gr.Dropdown(**_style_choices(pipe))
     classes = {"choices": pipe.class_names, "value": pipe.default_class}
     refine, activation, tau = _speedup_values(pipe)
     speedups = [gr.Checkbox(**refine), gr.Checkbox(**activation), gr.Slider(**tau)]
     return [gr.Dropdown(**classes), style, *_slider_updates(pipe), *speedups, gr.Dropdown(**classes),
-            *model_info(name), gr.Dropdown(**_optional_class_choices(pipe)), style]
+            *model_info(name)]
 
 
 def _extend_updates(pipe: EARPipeline, name: str) -> list[Any]:
     """The same for the controls that follow the Extend tab's own model, in `_extend_tab`'s order."""
     return [gr.Dropdown(**_optional_class_choices(pipe)), gr.Dropdown(**_style_choices(pipe)),
             gr.Dropdown(choices=keep_choices(pipe), value=default_keep(pipe)), *_slider_updates(pipe)]
+
+
+def _edit_updates(pipe: EARPipeline, name: str) -> list[Any]:
+    """The same for the Edit tab's own model, in `_edit_tab`'s order (its "edit" preset first)."""
+    return [gr.Dropdown(**_optional_class_choices(pipe)), gr.Dropdown(**_style_choices(pipe)),
+            *_slider_updates(pipe, EDIT_PRESET)]
 
 
 def select_model(name: str, previous: str, updates: Callable[[EARPipeline, str], list[Any]] = _page_updates,
@@ -880,8 +902,11 @@ def select_model(name: str, previous: str, updates: Callable[[EARPipeline, str],
 HEAVY: dict[str, Any] = {"concurrency_id": "ear", "preprocess": False}
 # outputs of _page_updates: class and style pickers, presets, sliders, Generate's refine and
 # activation controls, info
-PAGE_DEPENDENT = 15
+PAGE_DEPENDENT = 13
 EXTEND_DEPENDENT = 8  # outputs of _extend_updates: class, style, keep sizes, presets, sliders
+EDIT_DEPENDENT = 7  # outputs of _edit_updates: class, style, presets, sliders
+EDIT_PRESET = "edit"  # the preset the Edit tab opens on where a model has one
+EDIT_ROUNDS = 4  # refinement rounds the Edit tab opens on (bench_edit: the halves clear 3 dB there)
 
 
 def _same(value: Any) -> Any:
@@ -917,19 +942,21 @@ def build_demo() -> gr.Blocks:
         with gr.Tab("Extend"):
             ext_model, ext_loaded, ext_dependent = _extend_tab(pace)
         with gr.Tab("Edit"):
-            edit_dependent = _edit_tab(pipe, model, pace, _by_id(demo, "gen-final"))
+            edit_model, edit_loaded, edit_dependent = _edit_tab(pace, _by_id(demo, "gen-final"))
         with gr.Tab("Compare"):
             dependent += _compare_tab(pipe, model, pace)
         with gr.Tab("Model info"):
             dependent += _info_tab(model)
-        dependent += edit_dependent  # last in `_page_updates` too
         # `select`, not `input` (Gradio 6's dropdown fires that twice per pick) nor `change` (also
         # fired when a failed load puts the previous model back)
         model.select(select_model, [model, loaded], [model, loaded, *dependent], api_visibility="private",
                      concurrency_id="ear")
-        ext_model.select(functools.partial(select_model, updates=_extend_updates, count=EXTEND_DEPENDENT),
-                         [ext_model, ext_loaded], [ext_model, ext_loaded, *ext_dependent],
-                         api_visibility="private", concurrency_id="ear")
+        for own, own_loaded, own_dependent, updates, count in (
+                (ext_model, ext_loaded, ext_dependent, _extend_updates, EXTEND_DEPENDENT),
+                (edit_model, edit_loaded, edit_dependent, _edit_updates, EDIT_DEPENDENT)):
+            own.select(functools.partial(select_model, updates=updates, count=count),
+                       [own, own_loaded], [own, own_loaded, *own_dependent],
+                       api_visibility="private", concurrency_id="ear")
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
     return demo
 

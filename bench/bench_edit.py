@@ -107,13 +107,15 @@ def best_of(draws: list[torch.Tensor], fits: torch.Tensor, rounds: int) -> torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="48 pictures, 3 refinement rounds")
+    parser.add_argument("--quick", action="store_true", help="48 pictures")
     parser.add_argument("--images", type=int, default=None, help="pictures (default 192; quick 48)")
-    parser.add_argument("--refine", type=int, default=None, help="refinement rounds (default 3)")
+    parser.add_argument("--refine", type=int, default=None, 
+                        help="refinement rounds (default 4: the Edit tab's)")
     parser.add_argument("--model", default=None,
                         help="ear-photo on its held-out photographs (the default where it is bundled) or "
                              "ear-emoji on Twemoji outside its classes")
-    parser.add_argument("--temperature", type=float, default=None, help="default: the model's preset")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="default: the model's \"edit\" preset (the Edit tab's), else its default")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="regions to measure")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -122,7 +124,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     count = args.images or (48 if args.quick else 192)
-    rounds = 3 if args.refine is None else args.refine
+    rounds = 4 if args.refine is None else args.refine  # the Edit tab's default
     started = time.perf_counter()
     status = {m.name: m.status for m in hub.list_models()}
     name = args.model or (hub.PHOTO_MODEL if status.get(hub.PHOTO_MODEL) == "bundled" else hub.DEFAULT_MODEL)
@@ -140,7 +142,8 @@ def main() -> None:
         recon = to_uint8(pipe.tokenizer.decode(tokens))
     n = len(images)
     labels = [model.null_class] * n
-    settings = {**vars(pipe.default_settings), "cfg_scale": 1.0}
+    preset = pipe.presets.get("edit", pipe.default_settings)  # what the Edit tab opens on
+    settings = {**vars(preset), "cfg_scale": 1.0}
     if args.temperature is not None:
         settings["temperature"] = args.temperature
     rows = {"seed": [args.seed] * n, "row_ids": list(range(n))}

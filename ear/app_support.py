@@ -85,7 +85,7 @@ TOP_K = Range("Top-k", 0, 1 << 16, integer=True)  # checked against the model's 
 TOP_P = Range("Top-p", 0.05, 1.0)
 NUM_IMAGES = Range("Number of images", 1, 8, integer=True)
 ZOOM_ROUNDS = Range("Zoom-out rounds", 0, 6, integer=True)
-REFINE_ROUNDS = Range("Refinement rounds", 0, 4, integer=True)
+REFINE_ROUNDS = Range("Refinement rounds", 0, 8, integer=True)  # pipeline.MAX_REFINE
 ACTIVATION_TAU = Range("Activation tau", 0.05, 1.0)  # dynamic-k's budget knob (ear.routed)
 
 

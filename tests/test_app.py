@@ -569,7 +569,7 @@ def test_public_source_never_shows_server_paths(tmp_path: Path) -> None:
 
 def test_select_model_refills_controls_or_goes_back(app: types.ModuleType,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    fn = next(f for f in app.demo.fns.values() if f.name == "select_model")
+    fn = next(f for f in app.demo.fns.values() if f.name == "select_model")  # the page's (first)
     out = app.select_model(app.MODELS.default, app.MODELS.default)
     assert len(out) == len(fn.outputs) == app.PAGE_DEPENDENT + 2
     assert out[2].choices == [(c, c) for c in CLASS_NAMES]
@@ -577,10 +577,27 @@ def test_select_model_refills_controls_or_goes_back(app: types.ModuleType,
     ext = app.select_model(app.MODELS.default, app.MODELS.default, app._extend_updates, app.EXTEND_DEPENDENT)
     assert len(ext) == app.EXTEND_DEPENDENT + 2 and ext[2].choices[0] == (UNCONDITIONAL, UNCONDITIONAL)
     assert [c[1] for c in ext[4].choices] == app.MODELS.get(None).keep_sizes()
+    # ... and so does the Edit tab's: class, style, then its sampling controls on the "edit" preset
+    edit = app.select_model(app.MODELS.default, app.MODELS.default, app._edit_updates, app.EDIT_DEPENDENT)
+    assert len(edit) == app.EDIT_DEPENDENT + 2 and edit[2].choices[0] == (UNCONDITIONAL, UNCONDITIONAL)
+    fns = [f for f in app.demo.fns.values() if "select_model" in repr(f.fn)]  # partials too
+    assert sorted(len(f.outputs) for f in fns) == sorted(
+        n + 2 for n in (app.PAGE_DEPENDENT, app.EXTEND_DEPENDENT, app.EDIT_DEPENDENT))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.warns(UserWarning, match="not downloaded on this server"):
         out = app.select_model("EAR-adaLN-B", app.MODELS.default)
     assert out[:2] == [app.MODELS.default] * 2 and all(is_skip(o) for o in out[2:])
+
+
+def test_the_edit_tab_opens_on_its_models_edit_preset(app: types.ModuleType) -> None:
+    """ear-photo ships an "edit" preset (temperature 0.5: bench_edit's halves clear 3 dB with it
+    and 4 rounds); a model without one opens on its default."""
+    photo = EARPipeline.from_pretrained("ear-photo")
+    assert app._preset_name(photo, app.EDIT_PRESET) == "edit" and photo.presets["edit"].temperature == 0.5
+    updates = app._slider_updates(photo, app.EDIT_PRESET)
+    assert updates[0].value == "edit" and updates[2].value == 0.5
+    plain = app.MODELS.get(None)
+    assert app._preset_name(plain, app.EDIT_PRESET) == app._preset_name(plain)
 
 
 # ---- RadAR and ActVAR controls -------------------------------------------------------------------

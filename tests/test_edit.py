@@ -488,7 +488,9 @@ def test_in_chromium_the_painted_region_regrows_and_the_rest_stays(browser_page)
     page.screenshot(path=tb.ARTIFACTS / "browser-edit.png", full_page=True)
     with urllib.request.urlopen(page.locator("#edit-final img").get_attribute("src")) as reply:
         result = np.asarray(Image.open(io.BytesIO(reply.read())).convert("RGB")).astype(int)
-    pipe = EARPipeline.from_pretrained(model)
+    from ear.app_support import extend_model, model_choices
+
+    pipe = EARPipeline.from_pretrained(extend_model(model, model_choices()))  # the Edit tab's own
     picture = Image.open(source).convert("RGB")
     tokens = pipe.encode_region(picture, (0, 0, pipe.grid, pipe.grid))
     recon = np.asarray(pipe.renderer(result.shape[0]).final(tokens[None])[0]).astype(int)
