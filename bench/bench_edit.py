@@ -109,7 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="48 pictures")
     parser.add_argument("--images", type=int, default=None, help="pictures (default 192; quick 48)")
-    parser.add_argument("--refine", type=int, default=None, 
+    parser.add_argument("--refine", type=int, default=None,
                         help="refinement rounds (default 4: the Edit tab's)")
     parser.add_argument("--model", default=None,
                         help="ear-photo on its held-out photographs (the default where it is bundled) or "
