@@ -906,7 +906,7 @@ PAGE_DEPENDENT = 13
 EXTEND_DEPENDENT = 8  # outputs of _extend_updates: class, style, keep sizes, presets, sliders
 EDIT_DEPENDENT = 7  # outputs of _edit_updates: class, style, presets, sliders
 EDIT_PRESET = "edit"  # the preset the Edit tab opens on where a model has one
-EDIT_ROUNDS = 4  # refinement rounds the Edit tab opens on (bench_edit: the halves clear 3 dB there)
+EDIT_ROUNDS = 8  # refinement rounds the Edit tab opens on (bench_edit: the halves clear 3 dB there)
 
 
 def _same(value: Any) -> Any:

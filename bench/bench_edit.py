@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="48 pictures")
     parser.add_argument("--images", type=int, default=None, help="pictures (default 192; quick 48)")
     parser.add_argument("--refine", type=int, default=None,
-                        help="refinement rounds (default 4: the Edit tab's)")
+                        help="refinement rounds (default 8: the Edit tab's)")
     parser.add_argument("--model", default=None,
                         help="ear-photo on its held-out photographs (the default where it is bundled) or "
                              "ear-emoji on Twemoji outside its classes")
@@ -124,7 +124,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     count = args.images or (48 if args.quick else 192)
-    rounds = 4 if args.refine is None else args.refine  # the Edit tab's default
+    rounds = 8 if args.refine is None else args.refine  # the Edit tab's default
     started = time.perf_counter()
     status = {m.name: m.status for m in hub.list_models()}
     name = args.model or (hub.PHOTO_MODEL if status.get(hub.PHOTO_MODEL) == "bundled" else hub.DEFAULT_MODEL)

@@ -591,7 +591,7 @@ def test_select_model_refills_controls_or_goes_back(app: types.ModuleType,
 
 def test_the_edit_tab_opens_on_its_models_edit_preset(app: types.ModuleType) -> None:
     """ear-photo ships an "edit" preset (temperature 0.5: bench_edit's halves clear 3 dB with it
-    and 4 rounds); a model without one opens on its default."""
+    and 8 rounds); a model without one opens on its default."""
     photo = EARPipeline.from_pretrained("ear-photo")
     assert app._preset_name(photo, app.EDIT_PRESET) == "edit" and photo.presets["edit"].temperature == 0.5
     updates = app._slider_updates(photo, app.EDIT_PRESET)
