@@ -303,9 +303,11 @@ def test_compare_streams_every_order_side_by_side(app: types.ModuleType, every_s
         assert done_at == steps[name] - 1
 
 
-def test_compare_arms_that_do_not_apply_say_why(app: types.ModuleType, every_step: None) -> None:
+def test_compare_arms_that_do_not_apply_say_why(app: types.ModuleType, every_step: None,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The tiny model has no correction head and ships no activation, and this server offers no
     RadAR model: those arms show no picture and one line, and the rest of Compare runs."""
+    monkeypatch.setattr(hub, "RADAR_MODEL", "radar-not-on-this-server")
     outs = list(app.compare("fish", 5, app.MODELS.default, "watch"))
     why = {"radar-refined": "no RadAR model on this server", "radar-plain": "no RadAR model on this server",
            "activated": "this model ships no dynamic activation"}
