@@ -2,7 +2,7 @@
 its 13 rings with nested refinement (`ear/refine.py`) and without, side by side in one run.
 
     python bench/bench_refine.py --quick --json bench/refine_results.json   # < 8 min, 2 cores
-    python bench/bench_refine.py --temperature 1.0 --samples-per-class 4     # the full run
+    python bench/bench_refine.py --samples-per-class 4 --threshold 0.2      # full run, another threshold
 
 Speed is the decode loop only (`EARPipeline.states` run to the end: token grids, the tokenizer's
 decode excluded), per image at batch 1 and 16, the three arms interleaved per round, medians; the
@@ -31,13 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ear.images import to_uint8
 from ear.pipeline import EARPipeline
+from ear.refine import DEFAULT_THRESHOLD
 
 # arm -> (which model, refine); each model runs its own trained order
 ARMS = {"ear": ("ear", False), "radar": ("radar", True), "radar_norefine": ("radar", False)}
 
 
 def last_state(pipe: EARPipeline, ids: list[int], seed: int, settings: dict[str, Any], refine: bool) -> Any:
-    *_, state = pipe.states(ids, seed=seed, refine=refine, **settings)
+    extra = {"refine_threshold": settings["refine_threshold"]} if refine else {}
+    plain = {k: v for k, v in settings.items() if k != "refine_threshold"}
+    *_, state = pipe.states(ids, seed=seed, refine=refine, **plain, **extra)
     return state
 
 
@@ -92,6 +95,8 @@ def main() -> None:
     p.add_argument("--ear", default="ear-emoji", help="the EAR model (registry name or folder)")
     p.add_argument("--radar", default="radar-emoji", help="the RadAR model, with the correction head")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="refinement threshold (default: ear.refine's 0.05)")
     p.add_argument("--samples-per-class", type=int, default=None, help="default 4, --quick 1")
     p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 6, --quick 3)")
     p.add_argument("--quick", action="store_true", help="fewer images and rounds (under 8 minutes)")
@@ -106,9 +111,10 @@ def main() -> None:
     pipes = {"ear": EARPipeline.from_pretrained(args.ear), "radar": EARPipeline.from_pretrained(args.radar)}
     if not pipes["radar"].can_refine:
         raise SystemExit(f"{args.radar} has no correction head (train it with --correction)")
-    settings = {k: {"cfg_scale": pipe.default_settings.cfg_scale, "temperature": args.temperature}
-                for k, pipe in pipes.items()}
+    settings = {k: {"cfg_scale": pipe.default_settings.cfg_scale, "temperature": args.temperature,
+                    "refine_threshold": args.threshold} for k, pipe in pipes.items()}
     result: dict[str, Any] = {"temperature": args.temperature, "samples_per_class": per_class}
+    print(f"refinement threshold {args.threshold or DEFAULT_THRESHOLD}", flush=True)
     for arm, (which, _) in ARMS.items():
         result[arm] = {"steps": pipes[which].model.schedule.num_steps}
     for batch in (1, 16):
