@@ -34,7 +34,7 @@ from ear import hub
 from ear.growth import GrowthAnimation
 from ear.images import atomic_output, load_image, load_mask
 from ear.order import RADAR_SCHEDULES, SCHEDULES, make_schedule
-from ear.preview import preview_factor
+from ear.preview import preview_factor, step_facts
 
 T = TypeVar("T")
 LOG = logging.getLogger("ear.app")
@@ -136,8 +136,8 @@ def speedup_kwargs(pipeline: Any, refine: Any, activation: Any, tau: Any) -> dic
 def shipped_tau(pipeline: Any) -> float | None:
     """The tau the model's activation was made for, within the page's range (the slider's
     default); None for a model without one."""
-    info = pipeline.info()["activation"]
-    return None if info is None else min(max(float(info["tau"]), ACTIVATION_TAU.lo), ACTIVATION_TAU.hi)
+    tau = pipeline.activation_tau
+    return None if tau is None else min(max(float(tau), ACTIVATION_TAU.lo), ACTIVATION_TAU.hi)
 
 
 def check_format(value: Any) -> str:
@@ -637,7 +637,7 @@ def compare_arms(page: Any, offered: Sequence[str]) -> tuple[Arm, ...]:
         radar, no_radar = hub.RADAR_MODEL, ""
     else:
         radar, no_radar = None, "no RadAR model on this server"
-    tau = page.info()["activation"]["tau"] if page.has_activation else None
+    tau = page.activation_tau
     return (*(Arm(order, order, schedule=order) for order in SCHEDULES),
             Arm("radar-refined", "radar · refined", radar, RADAR_ORDER, refine=True, absent=no_radar),
             Arm("radar-plain", "radar · no refinement", radar, RADAR_ORDER, refine=False, absent=no_radar),
@@ -688,13 +688,10 @@ def arm_frames(arm: Arm, page: Any, load: Callable[[str], Any], class_id: int, s
 def arm_caption(heading: str, state: Any, seconds: float) -> str:
     """An arm's caption at a step: its heading, then step, tokens and its own compute time, the
     cells the correction replaced so far (refined arms) and the FFN's active share (activated)."""
-    facts = [f"step {state.step} / {state.num_steps}", f"{state.num_known} / {state.known.numel()} tokens",
-             f"{seconds:.2f} s"]
+    facts = step_facts(state, seconds)
     if state.corrected is not None:
         count = int(state.corrected.sum())
         facts.append(f"{count} cell{'s' * (count != 1)} corrected")
-    if state.ffn_active < 1:
-        facts.append(f"FFN {round(100 * state.ffn_active)} % active")
     if state.done:
         facts.append("done")
     return f"{heading}  \n{' · '.join(facts)}"

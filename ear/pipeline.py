@@ -27,7 +27,7 @@ from ear.flops import SAVING_KEYS, activation_saving
 from ear.images import ImageSource, center_crop_resize, load_image, load_mask, to_tensor
 from ear.model import EAR
 from ear.order import Schedule, make_schedule
-from ear.preview import PreviewRenderer, correction_note, module_device, neutral_token
+from ear.preview import PreviewRenderer, correction_note, module_device, neutral_token, step_facts
 from ear.refine import refinement
 from ear.routed import RoutedFFN, check_tau
 from ear.sampler import UNKNOWN, SamplingParams, StepState, known_log_likelihood, sample, state_count
@@ -164,6 +164,12 @@ class EARPipeline:
         """Whether the model ships experts, routers and gates (`activation=` works)."""
         return self._activation is not None or (self._activation_file is not None
                                                 and self._activation_file.is_file())
+
+    @property
+    def activation_tau(self) -> float | None:
+        """The tau the shipped activation was made for (None without one): read from its config,
+        so a page or a request does not go through `info()`, whose first call may count FLOPs."""
+        return self._own_activation().config.tau if self.has_activation else None
 
     def load_activation(self, folder: str | Path) -> Activation:
         """Use the activation in `folder` (what `python -m ear activate --out folder` wrote);
@@ -543,13 +549,8 @@ class EARPipeline:
         return self.sampler(self.model, labels, **asdict(settings), seed=seed, known=known, schedule=order)
 
     def _frames(self, states: Iterator[StepState], renderer: PreviewRenderer) -> Iterator[Frame]:
-        cells = self.grid * self.grid
         for state in states:
-            caption = (f"step {state.step} / {state.num_steps} · {state.num_known} / {cells} tokens · "
-                       f"{state.elapsed:.2f} s")
-            if state.ffn_active < 1:
-                caption += f" · FFN {state.ffn_active * 100:.0f} % active"  # as the docs write it
-            caption += correction_note(state, renderer.outline)
+            caption = " · ".join(step_facts(state, state.elapsed)) + correction_note(state, renderer.outline)
             others = state.requests_in_flight - 1 if isinstance(state, ServedState) else 0
             if others > 0:  # a batch shared with other visitors: why it may take longer
                 caption += f" · shared with {others} other visitor{'s' * (others != 1)}"

@@ -180,6 +180,16 @@ class PreviewRenderer:
         return frames
 
 
+def step_facts(state: StepState, seconds: float) -> list[str]:
+    """What every caption of a step says: step, tokens known, seconds, and under dynamic
+    activation the FFN's active share (Generate's captions and Compare's arms alike)."""
+    facts = [f"step {state.step} / {state.num_steps}", f"{state.num_known} / {state.known.numel()} tokens",
+             f"{seconds:.2f} s"]
+    if state.ffn_active < 1:
+        facts.append(f"FFN {state.ffn_active * 100:.0f} % active")  # as the docs write it
+    return facts
+
+
 def correction_note(state: StepState, outlined: bool) -> str:
     """The caption's count of redrawn cells under refinement (naming their outline's colour where
     it is drawn: not on the finished picture); '' without refinement."""
