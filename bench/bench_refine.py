@@ -52,8 +52,7 @@ def seconds_per_image(pipes: dict[str, EARPipeline], settings: dict[str, dict[st
     for r in range(rounds + 1):
         for arm, (which, refine) in ARMS.items():
             pipe = pipes[which]
-            ids = [(r * batch + i) % pipe.model.config.num_classes % len(pipe.class_names)
-                   for i in range(batch)]
+            ids = [(r * batch + i) % len(pipe.class_names) for i in range(batch)]
             started = time.perf_counter()
             last_state(pipe, ids, r, settings[which], refine)
             if r:  # round 0 warms up plans, prepared weights and kernels
