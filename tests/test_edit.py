@@ -3,6 +3,7 @@ exact), and the pipeline's edit and placed extension built on them."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -467,20 +468,32 @@ def test_in_chromium_the_painted_region_regrows_and_the_rest_stays(browser_page)
 
     page, model = browser_page
     source = Path(__file__).parents[1] / "assets" / "examples" / "smiley.png"
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     tb.open_tab(page, "Edit")
-    page.locator("#edit-image input[type=file]").first.set_input_files(str(source))
     canvas = page.locator("#edit-image canvas").first
-    # the editor switches to its brush once the picture is on the canvas; paint only then
-    page.wait_for_selector('#edit-image button[aria-label="Brush"].highlight')
-    box = canvas.bounding_box()
-    x, y = box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.25  # the picture's top right
-    page.mouse.move(x, y)
-    page.mouse.down()
-    for i in range(12):
-        page.mouse.move(x + i * 6, y + (i % 3) * 8, steps=3)
-    page.mouse.up()
-    tb.watch(page, "edit")
-    page.click("#edit-run")
+    # The editor shows the picture (its brush picked, Undo live) a moment after the upload; paint
+    # before that and the run rightly says there is no picture or no paint. On a loaded machine
+    # that moment can be late: upload, paint and run again (the caption says which it was).
+    loaded = ("() => document.querySelector('#edit-image button[aria-label=\"Brush\"].highlight')"
+              " || document.querySelector('#edit-image button[aria-label=\"Undo\"]:not([disabled])')")
+    ended = "() => window.__seen.captions.some(([text]) => /done|⚠️/.test(text))"  # this attempt's
+    for _attempt in range(3):
+        page.locator("#edit-image input[type=file]").first.set_input_files(str(source))
+        with contextlib.suppress(PlaywrightTimeout):
+            page.wait_for_function(loaded, timeout=30_000)
+        box = canvas.bounding_box()
+        x, y = box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.25  # the picture's top right
+        page.mouse.move(x, y)
+        page.mouse.down()
+        for i in range(12):
+            page.mouse.move(x + i * 6, y + (i % 3) * 8, steps=3)
+        page.mouse.up()
+        tb.watch(page, "edit")
+        page.click("#edit-run")
+        page.wait_for_function(ended)
+        if "done" in page.inner_text("#edit-caption"):
+            break
     tb.wait_caption(page, "#edit-caption", "done")
     seen = page.evaluate("window.__seen")
     assert len({src for src, _ in seen["srcs"]}) >= 2  # it regrew on the canvas, step by step
