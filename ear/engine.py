@@ -29,7 +29,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -341,9 +341,8 @@ class DecodeRunner:
         planes = _cache_planes(self.dtype)
         caches = [torch.zeros(rows, n + 1, planes, c.n_head, c.head_dim, dtype=self.dtype, device=dev)
                   for _ in range(c.n_layer)]
-        complex_views = ([torch.view_as_complex(t.unflatten(-1, (-1, 2))) for t in caches]
-                         if complex_cache else None)
-        slot = _Slot(epoch=self._epoch, rows=rows, bucket=bucket, caches=caches, complex_caches=complex_views,
+        slot = _Slot(epoch=self._epoch, rows=rows, bucket=bucket, caches=caches,
+                     complex_caches=_complex_views(caches) if complex_cache else None,
                      weights=self.weights, codes=self.codes,
                      tokens=torch.zeros(bucket, n, dtype=torch.long, device=dev),
                      streams=torch.zeros(bucket, n, dtype=torch.long, device=dev),
@@ -439,10 +438,10 @@ class DecodeRunner:
         return torch.cat([slot.cond, x], dim=1) if plan.with_class else x
 
     def _attend(self, layer: _LayerWeights, h: torch.Tensor, i: int, slot: _Slot,
-                plan: _Plan, queries: int | None = None) -> torch.Tensor:
+                plan: _Plan, queries: int | None = None) -> torch.Tensor | None:
         """qkv projection, rotation written straight into the cache, attention over slots < end;
         with `queries`, every row still writes its keys and values but only the last `queries`
-        rows attend and come out."""
+        rows attend and come out (none: nothing comes out)."""
         rows, length, dim = h.shape
         heads = self.model.config.n_head
         qkv = layer.wqkv(h).view(rows, length, 3, heads, -1, 2)
@@ -457,6 +456,8 @@ class DecodeRunner:
             cache[:, plan.start:plan.end].copy_(rotated[:, :, 1:])
             q = rotated[:, :, 0].to(self.dtype)
             k, v = cache[:, : plan.end, 0], cache[:, : plan.end, 1]
+        if queries == 0:  # a re-feed pass's last layer: its keys and values are all that is read
+            return None
         mask = plan.mask
         if queries is not None:
             q, mask, length = q[:, -queries:], mask[-queries:], queries
@@ -464,9 +465,9 @@ class DecodeRunner:
                                            attn_mask=mask)
         return layer.wo(y.transpose(1, 2).reshape(rows, length, dim))
 
-    def _forward(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
+    def _forward(self, slot: _Slot, plan: _Plan) -> torch.Tensor | None:
         """Guided float32 logits (bucket, c + m, V) of this step's checked cells (refinement
-        only) and queries."""
+        only) and queries; None for a re-feed pass, which only writes the cache."""
         w = slot.weights
         x = self._inputs(slot, plan)
         shape = (w.dim,)
@@ -474,13 +475,15 @@ class DecodeRunner:
         read = plan.num_checked + plan.num_queries  # the rows whose outputs are read, at the end
         for i, layer in enumerate(w.layers):
             # Content rows only give keys and values: after the last layer's attention nothing
-            # reads them but the checked cells (refinement's correction) and the queries, unless
-            # `content_outputs` asks for every row (so does a re-feed pass, which reads none).
-            queries = None if i < last or self.content_outputs or not read else read
+            # reads them but the checked cells (refinement's correction) and the queries (a
+            # re-feed pass reads none), unless `content_outputs` asks for every row.
+            queries = None if i < last or self.content_outputs else read
             ada = layer.ada is not None
             gamma1, gamma2, scale1, scale2, shift1, shift2 = slot.mods[i] if ada else (None,) * 6
             h = F.rms_norm(x, shape, None, w.eps)
             y = self._attend(layer, torch.addcmul(shift1, h, scale1) if ada else h, i, slot, plan, queries)
+            if y is None:
+                return None
             x = x if queries is None else x[:, -queries:]
             x = torch.addcmul(x, gamma1, y) if ada else x + y
             h = F.rms_norm(x, shape, None, w.eps)
@@ -610,16 +613,54 @@ class DecodeRunner:
         with torch.inference_mode():
             given = torch.where(slot.known, slot.given, -1) if slot.masked else None
             noise = refine.Noise(slot.streams, refine.redraw_streams(slot.streams), given, slot.codes)
+        changed = None  # (bucket,) bool: the rows whose last checked part was corrected
         for span in refine.spans(layout.schedule, first, last):
-            plan = self._step_plan(layout, span)
             with torch.inference_mode():
-                logits = self._forward(slot, plan)
+                span = self._refeed(slot, layout, span, changed)
+                if not span.num_checked and not span.num_queries:  # a re-feed pass: nothing to read
+                    if not span.empty:
+                        self._forward(slot, self._step_plan(layout, span))
+                    continue
+                logits = self._forward(slot, self._step_plan(layout, span))
                 corrected = refine.advance(span, logits, slot.tokens, slot.settings, noise,
                                            refinement.threshold)
+                changed = None if corrected is None else corrected.any(1)
                 fix = None if corrected is None else \
                     (span.k - 1, slot.tokens[:batch, span.checked].cpu(), corrected[:batch].cpu())
                 tokens = slot.tokens[:batch, span.out].clone()
             yield span, logits[:batch, span.num_checked:], tokens, fix
+
+    def _refeed(self, slot: _Slot, layout: _Layout, span: Span, changed: torch.Tensor | None) -> Span:
+        """Re-feed the span's re-fed part only where it changed: when every row's did, the span
+        stays whole (one forward); otherwise the rows that changed are re-fed on their own and
+        the span goes on without the part (a row whose part kept its tokens has its keys and
+        values right already). Returns what the step still feeds."""
+        if span.refed.stop == span.refed.start:
+            return span
+        rows = changed.nonzero()[:, 0]
+        if rows.numel() == slot.bucket:
+            return span
+        if rows.numel():
+            self._forward_rows(slot, self._step_plan(layout, span.refeed_only()), rows)
+        return span.without_refeed()
+
+    def _forward_rows(self, slot: _Slot, plan: _Plan, rows: torch.Tensor) -> None:
+        """A re-feed pass for some of the slot's rows (index tensor): their cache rows up to the
+        plan's end are gathered, fed, and the slots it wrote are put back."""
+        model_rows = rows if slot.rows == slot.bucket else torch.cat([rows, rows + slot.bucket])
+        caches = [cache[model_rows, : plan.end] for cache in slot.caches]
+        part = replace(slot, rows=model_rows.numel(), bucket=rows.numel(), caches=caches,
+                       complex_caches=None if slot.complex_caches is None else _complex_views(caches),
+                       tokens=slot.tokens[rows], cond=slot.cond[model_rows],
+                       mods=[mods[:, model_rows] for mods in slot.mods], mask_ids={}, graphs={}, logits=[])
+        self._forward(part, plan)
+        for cache, written in zip(slot.caches, caches, strict=True):
+            cache[model_rows, plan.start:plan.end] = written[:, plan.start:plan.end]
+
+
+def _complex_views(caches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """float32 caches seen as complex numbers: the rotation multiplies q, k (and v by 1) into them."""
+    return [torch.view_as_complex(t.unflatten(-1, (-1, 2))) for t in caches]
 
 
 def _kept(slot: _Slot, plan: _Plan, drawn: torch.Tensor) -> torch.Tensor:

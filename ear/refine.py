@@ -10,9 +10,12 @@ its own correction comes one step later, and the last part's from one extra cont
 
 A corrected part changes the keys and values of every token of that part, so under refinement
 each step re-feeds the part before the one it checks, whole: the cache then always equals a
-teacher-forced forward of the grid as it stands, and shapes stay static (part sizes are known per
-step). This module says which positions each step feeds (`spans`), how a step draws and corrects
-(`advance`), and how the engines' per-forward results become per-step ones (`grouped`).
+teacher-forced forward of the grid as it stands (part sizes are known per step). The runner
+re-feeds only the rows whose part changed (`Span.refed`, `Span.without_refeed`, `Span.refeed_only`):
+for the others the re-fed keys and values would equal the cached ones, so a step where no row
+corrected anything costs what an unrefined step costs, plus the check. This module says which
+positions each step feeds (`spans`), how a step draws and corrects (`advance`), and how the
+engines' per-forward results become per-step ones (`grouped`).
 """
 
 from __future__ import annotations
@@ -78,6 +81,26 @@ class Span:
     @property
     def num_queries(self) -> int:
         return self.out.stop - self.out.start
+
+    @property
+    def refed(self) -> slice:
+        """The head of `fed` fed again: the part checked one forward earlier (empty if none)."""
+        if self.with_class:
+            return slice(self.fed.start, self.fed.start)
+        return slice(self.fed.start, self.checked.start if self.num_checked else self.fed.stop)
+
+    def without_refeed(self) -> Span:
+        """This forward without its re-fed part (for rows whose checked part did not change)."""
+        return Span(self.k, slice(self.refed.stop, self.fed.stop), self.out, self.checked, self.with_class)
+
+    def refeed_only(self) -> Span:
+        """A content-only forward of the re-fed part alone (for the rows whose part changed)."""
+        end = slice(self.refed.stop, self.refed.stop)
+        return Span(self.k, self.refed, end, end, False)
+
+    @property
+    def empty(self) -> bool:
+        return self.fed.stop == self.fed.start and not self.num_queries and not self.with_class
 
 
 def plain_span(schedule: Schedule, k: int, first: int) -> Span:

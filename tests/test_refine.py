@@ -107,15 +107,21 @@ def _teacher_forced_cache(model: EAR, ids: torch.Tensor, grid: torch.Tensor) -> 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
 def test_after_a_refined_generation_the_cache_is_a_teacher_forced_forward_of_the_final_grid(
-        cfg_scale: float) -> None:
+        cfg_scale: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also when only some rows' parts changed and only those were re-fed, on their own."""
     model = noisy_model(correction=True, schedule="radar")
     runner = runner_for(model)
     runner.release()
-    states = list(sample(model, [1, 4], seed=5, cfg_scale=cfg_scale, **REFINED))
+    refed: list[list[int]] = []
+    alone = runner._forward_rows
+    monkeypatch.setattr(runner, "_forward_rows", lambda slot, plan, rows: (refed.append(rows.tolist()),
+                                                                           alone(slot, plan, rows)))
+    states = list(sample(model, [1, 4, 2], seed=5, cfg_scale=cfg_scale, **REFINED))
     final = states[-1]
     assert final.corrected.any() and not final.corrected.all()
+    assert refed and all(0 < len(rows) < 3 for rows in refed)
     (slot,) = [s for slots in runner._free.values() for s in slots]
-    ids = torch.tensor([1, 4] + ([model.null_class] * 2 if cfg_scale != 1.0 else []))
+    ids = torch.tensor([1, 4, 2] + ([model.null_class] * 3 if cfg_scale != 1.0 else []))
     grid = final.tokens.repeat(2 if cfg_scale != 1.0 else 1, 1, 1)
     for ours, ref in zip(slot.caches, _teacher_forced_cache(model, ids, grid), strict=True):
         k, v = ours[:, :, 1].transpose(1, 2), ours[:, :, 2].transpose(1, 2)  # float32: q, k, v planes
