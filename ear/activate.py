@@ -8,7 +8,9 @@ expert whose predicted norm is at least (1 - tau) of the largest. A token gate p
 linear, ActVAR's gated token selector) lets a token skip the FFN altogether when its predicted
 update is small: the residual carries it through unchanged. With every expert on (tau >= 1, gates
 open), the activated FFN is the dense one bit for bit: experts are a mask over the hidden neurons,
-in their own order.
+in their own order. Distillation may also tune the experts' weights (`tuned`: copies of the dense
+FFN, stored beside the routers), so that the experts that run make up for those that do not; every
+expert on still runs the dense weights.
 
 This module is the reference path (conversion, the two distillation stages on the model's own
 samples, token agreement and the active share); it computes the masked FFN densely, so it saves
@@ -20,9 +22,12 @@ and the released checkpoints, stay as they are.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import math
+import numbers
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -43,12 +48,45 @@ class ActivationConfig:
     experts: int = 8  # equal groups of hidden neurons per FFN
     router_hidden: int = 64
     tau: float = 0.5  # dynamic-k: run experts predicted at >= (1 - tau) x the largest; >= 1: all
+    # The share of the generation order drawn dense before routing starts (the decode engine's
+    # steps; 0: every step routed). The first steps decide what is drawn, and a routing slip there
+    # turns the picture into another one; they hold few tokens, so keeping them dense costs little.
+    dense_lead: float = 0.0
+    # Stage 2 also tuned the experts' own weights (copies of the dense FFN kept beside it, used
+    # whenever routing runs; every expert on still runs the dense weights).
+    tuned: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.experts, int) and self.experts >= 1 and self.router_hidden >= 1
                 and self.tau >= 0):
             raise ValueError(f"experts and router_hidden must be positive integers and tau >= 0, got "
                              f"{self.experts}, {self.router_hidden} and {self.tau}")
+        check_lead(self.dense_lead)
+
+
+def check_lead(lead: object) -> float:
+    """The dense lead: a share of the generation order in [0, 1)."""
+    if isinstance(lead, bool) or not isinstance(lead, numbers.Real) or not 0 <= float(lead) < 1:
+        raise ValueError(f"the dense lead is the share of the generation order drawn dense before "
+                         f"routing starts, a number in [0, 1), got {lead!r}")
+    return float(lead)
+
+
+def lead_rows(model: EAR, lead: float) -> torch.Tensor:
+    """(2n + 2,) bool over the model's teacher-forced sequence (class token, n content tokens, the
+    class token again, n mask queries; generation order): the rows the decode engine runs dense
+    at this dense lead. A
+    step is routed once its queries start at or past ceil(lead x n); it also feeds the previous
+    part's content, so a part's content rows follow the next part's queries."""
+    sched = model.schedule
+    n, start, steps = sched.num_tokens, math.ceil(check_lead(lead) * sched.num_tokens), sched.num_steps
+    begins = torch.tensor(sched.boundaries)
+    part = torch.cat([torch.full((begins[k + 1] - begins[k],), k) for k in range(steps)])
+    queries = begins[part] < start
+    content = begins[(part + 1).clamp(max=steps - 1)] < start
+    assert queries.numel() == n
+    first = torch.tensor([start > 0])  # the class token goes with step 0
+    return torch.cat([first, content, first, queries])
 
 
 def balanced_groups(weight: torch.Tensor, experts: int, iterations: int = 8, seed: int = 0) -> torch.Tensor:
@@ -97,9 +135,12 @@ class ActivatedFFN(nn.Module):
     (a mask in the neurons' own order)."""
 
     def __init__(self, dense: FeedForward, groups: torch.Tensor, router: Router, gate: nn.Linear,
-                 tau: float) -> None:
+                 tau: float, tuned: FeedForward | None = None, lead_rows: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.dense, self.router, self.gate, self.tau = dense, router, gate, tau
+        self.router, self.gate, self.tau, self.original = router, gate, tau, dense
+        self.dense = dense if tuned is None or tau >= 1 else tuned  # the weights the experts slice
+        # (L,) bool over a teacher-forced sequence: rows the engine runs dense (`lead_rows`)
+        self.lead_rows = lead_rows
         self.register_buffer("owner", _owners(groups), persistent=False)  # hidden neuron -> expert
         self.active_share: list[float] = []  # per call: the share of expert evaluations run
         # Distillation (stage 2): the hard choice forward, a sigmoid of the margin backward
@@ -121,17 +162,23 @@ class ActivatedFFN(nn.Module):
         margin = norms - (1 - self.tau) * top
         logit = self.gate(x)
         hard = (margin >= 0).to(x.dtype) * (logit >= 0).to(x.dtype)
+        keep = self.lead_rows
         if self.softness is None:
-            return hard
-        soft = torch.sigmoid(margin / (self.softness * top + 1e-6)) * torch.sigmoid(logit)
-        self.soft_share = soft.mean()
-        return hard + soft - soft.detach()
+            gates = hard
+        else:
+            soft = torch.sigmoid(margin / (self.softness * top + 1e-6)) * torch.sigmoid(logit)
+            self.soft_share = soft.mean() if keep is None else soft[..., ~keep, :].mean()  # routed rows
+            gates = hard + soft - soft.detach()
+        return gates if keep is None else gates.masked_fill(keep[:, None], 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates = self.gates(x)
         self.active_share.append(float((gates.detach() > 0.5).float().mean()))
         mask = gates.gather(-1, self.owner.expand(*gates.shape[:-1], -1))
-        return self.dense.dropout(self.dense.w2(self.hidden(x) * mask))
+        out = self.dense.dropout(self.dense.w2(self.hidden(x) * mask))
+        if self.lead_rows is not None and self.dense is not self.original:  # tuned experts: the
+            out = torch.where(self.lead_rows[:, None], self.original(x), out)  # lead's rows dense
+        return out
 
 
 def _owners(groups: torch.Tensor) -> torch.Tensor:
@@ -163,14 +210,31 @@ class Activation(nn.Module):
             for gate in self.gates:
                 gate.weight.zero_()
                 gate.bias.fill_(GATE_OPEN)
+        # tuned experts: the dense FFNs' weights to start from (`distill(tune_experts=True)`)
+        self.tuned = nn.ModuleList(copy.deepcopy(ffn) for ffn in ffns) if config.tuned else None
+
+    def with_tuned_experts(self, model: EAR) -> Activation:
+        """This activation with expert weights of its own (copies of the dense FFNs), to tune."""
+        if self.tuned is not None:
+            return self
+        tuned = Activation(model, replace(self.config, tuned=True), self.groups)
+        tuned.routers.load_state_dict(self.routers.state_dict())
+        tuned.gates.load_state_dict(self.gates.state_dict())
+        tuned.report = dict(self.report)
+        return tuned
 
     @contextlib.contextmanager
-    def applied(self, model: EAR, tau: float | None = None) -> Iterator[list[ActivatedFFN]]:
-        """The model with every FFN activated (at `tau`, default the config's); dense again after."""
+    def applied(self, model: EAR, tau: float | None = None,
+                lead: float = 0.0) -> Iterator[list[ActivatedFFN]]:
+        """The model with every FFN activated (at `tau`, default the config's); dense again after.
+        With a dense `lead`, only for the model's teacher-forced forward (`lead_rows`)."""
         tau = self.config.tau if tau is None else tau
+        rows = lead_rows(model, lead) if lead else None
         dense = [block.feed_forward for block in model.layers]
-        parts = zip(dense, self.groups, self.routers, self.gates, strict=True)
-        wrapped = [ActivatedFFN(ffn, groups, router, gate, tau) for ffn, groups, router, gate in parts]
+        tuned = self.tuned if self.tuned is not None else [None] * len(dense)
+        parts = zip(dense, self.groups, self.routers, self.gates, tuned, strict=True)
+        wrapped = [ActivatedFFN(ffn, groups, router, gate, tau, own, rows)
+                   for ffn, groups, router, gate, own in parts]
         try:
             for block, ffn in zip(model.layers, wrapped, strict=True):
                 block.feed_forward = ffn
@@ -186,11 +250,14 @@ class Activation(nn.Module):
         w2 = ffn.w2.weight
         return torch.stack([(hidden[..., g] @ w2[:, g].T).norm(dim=-1) for g in self.groups[layer]], -1)
 
+    def _parts(self) -> tuple[str, ...]:
+        return ("routers", "gates") if self.tuned is None else ("routers", "gates", "tuned")
+
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"groups.{i}": g.contiguous() for i, g in enumerate(self.groups)}
-        for name in ("routers", "gates"):
+        for name in self._parts():
             tensors.update({f"{name}.{k}": v.detach().contiguous()
                             for k, v in getattr(self, name).state_dict().items()})
         path = folder / ACTIVATION_FILE
@@ -212,10 +279,10 @@ class Activation(nn.Module):
         try:
             groups = [tensors.pop(f"groups.{i}") for i in range(len(model.layers))]
             activation = cls(model, config, groups)
-            for name in ("routers", "gates"):
+            for name in activation._parts():
                 part = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
                 getattr(activation, name).load_state_dict(part)
-            extra = [k for k in tensors if not k.startswith(("routers.", "gates."))]
+            extra = [k for k in tensors if not k.startswith(tuple(f"{n}." for n in activation._parts()))]
             if extra:
                 raise KeyError(f"unexpected keys {extra[:4]}")
         except (KeyError, RuntimeError) as err:
@@ -295,20 +362,27 @@ def _fit(module: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: Call
 
 def distill(activation: Activation, model: EAR, tokens: torch.Tensor, class_ids: torch.Tensor,
             budget: float, steps: int = 200, lr: float = 1e-3, weight: float = 1.0, softness: float = 0.1,
-            batch: int = 16, seed: int = 0) -> dict[str, float]:
+            batch: int = 16, seed: int = 0, expert_lr: float = 3e-4,
+            lead: float = 0.0) -> dict[str, float]:
     """Stage 2: routers and token gates learn, by the dense model's logits (KL on every mask query)
     and a penalty on the share of expert evaluations run above `budget`, which experts a token can
-    do without, and which tokens need no FFN at all; the backbone stays frozen. Returns the last
-    step's KL and soft share."""
+    do without, and which tokens need no FFN at all; an activation with tuned experts
+    (`with_tuned_experts`) also tunes their weights (at `expert_lr`), so that the experts that run
+    make up for those that do not. With a dense `lead`, the rows the engine runs dense stay dense
+    here too, and the budget counts the routed rows only. The backbone stays frozen. Returns the
+    last step's KL and soft share."""
     with torch.no_grad():
         teacher = F.log_softmax(model(tokens, class_ids).float(), -1)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    optimizer = torch.optim.AdamW([*activation.routers.parameters(), *activation.gates.parameters()], lr=lr)
+    groups = [{"params": [*activation.routers.parameters(), *activation.gates.parameters()], "lr": lr}]
+    if activation.tuned is not None:
+        groups.append({"params": [*activation.tuned.parameters()], "lr": expert_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups)
     generator = torch.Generator().manual_seed(seed)
     try:
-        with activation.applied(model) as ffns:
+        with activation.applied(model, lead=lead) as ffns:
             for ffn in ffns:
                 ffn.softness = softness
             for _ in range(steps):
@@ -331,7 +405,8 @@ def convert(model: EAR, config: ActivationConfig, budget: float, samples: int = 
             progress: Callable[[str], None] = lambda _stage: None) -> tuple[Activation, dict[str, float]]:
     """Any EAR model -> its activation, on data it draws itself (no data set): `samples` own
     samples for the two stages, as many others to measure the FFN share run and the
-    teacher-forced top-1 agreement with the dense model. `progress` hears each stage's name."""
+    teacher-forced top-1 agreement with the dense model, both at the config's dense lead (the
+    rows the engine runs dense stay dense). `progress` hears each stage's name."""
     if not 0 < budget <= 1:
         raise ValueError(f"budget is the share of experts to run, in (0, 1], got {budget!r}")
     generator = torch.Generator().manual_seed(seed)
@@ -344,11 +419,13 @@ def convert(model: EAR, config: ActivationConfig, budget: float, samples: int = 
     progress("stage 1: routers regress the experts' norms")
     train_routers(activation, model, tokens[train], classes[train], steps=router_steps, seed=seed)
     progress("stage 2: routers distilled from the dense logits")
-    distill(activation, model, tokens[train], classes[train], budget, steps=distill_steps, seed=seed)
+    lead = config.dense_lead
+    distill(activation, model, tokens[train], classes[train], budget, steps=distill_steps, seed=seed,
+            lead=lead)
     progress("measuring")
     with torch.no_grad():
         dense = model(tokens[held], classes[held]).argmax(-1)
-        with activation.applied(model) as ffns:
+        with activation.applied(model, lead=lead) as ffns:
             activated = model(tokens[held], classes[held]).argmax(-1)
     share = sum(s for ffn in ffns for s in ffn.active_share) / len(ffns)
     activation.report = {"ffn_share": share, "agreement": float((dense == activated).float().mean())}

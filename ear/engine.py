@@ -30,6 +30,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +42,6 @@ from ear.order import Schedule
 from ear.refine import Refinement, Span
 
 Picker = Callable[[int, torch.Tensor], torch.Tensor]
-# An FFN run in place of the dense one (`ear.routed`): (layer index, its prepared weights, the FFN
-# input (rows, L, dim), the slot's work counter) -> the FFN output; it adds [multiply-adds run,
-# multiply-adds of the dense FFN] to the counter with tensor ops (CUDA graphs replay them).
-FFN = Callable[[int, "_LayerWeights", torch.Tensor, torch.Tensor], torch.Tensor]
 LINEAR_MODES = ("auto", "plain", "packed", "onednn", "int8")
 MAX_IDLE_SLOTS = 4  # caches kept for reuse once their stream ended
 TIMING_ROWS = 32  # rows of a batch-1 guided step (about 2 x (8 fed + 8 queried)): what "auto" times
@@ -190,6 +187,21 @@ class _Weights:
         self.dim, self.eps = dim, model.config.norm_eps
 
 
+class FFN(Protocol):
+    """An FFN run in place of the dense one (`ear.routed`)."""
+
+    def starts_at(self, num_tokens: int) -> int:
+        """The first generation-order position whose step it runs: earlier steps, which lay the
+        picture out, keep the dense FFN."""
+        ...
+
+    def __call__(self, i: int, layer: _LayerWeights, h: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+        """(layer index, its prepared weights, the FFN input (rows, L, dim), the slot's work
+        counter) -> the FFN output; it adds [multiply-adds run, multiply-adds of the dense FFN]
+        to the counter with tensor ops (CUDA graphs replay them)."""
+        ...
+
+
 @dataclass(frozen=True)
 class _Plan(Span):
     """One forward (a `Span`) made concrete: positions start..end-1 are fed (class token and/or
@@ -238,6 +250,7 @@ class _Slot:
     logits: list[torch.Tensor] = field(default_factory=list)
     mask_ids: dict[int, torch.Tensor] = field(default_factory=dict)
     ffn: FFN | None = None  # this generation's FFN in place of the dense one
+    ffn_from: int = 0  # ... from this generation-order position on (`FFN.starts_at`)
     work: torch.Tensor | None = None  # (2,) float64: FFN multiply-adds [run, dense] so far
 
 
@@ -422,6 +435,7 @@ class DecodeRunner:
         slot.streams.copy_(cell_streams(slot.settings.keys, order.numel())[:, order.to(self.device)])
         slot.ffn = ffn
         if ffn is not None:
+            slot.ffn_from = ffn.starts_at(order.numel())
             if slot.work is None:
                 slot.work = torch.zeros(2, dtype=torch.float64, device=self.device)
             slot.work.zero_()
@@ -473,6 +487,8 @@ class DecodeRunner:
         shape = (w.dim,)
         last = len(w.layers) - 1
         read = plan.num_checked + plan.num_queries  # the rows whose outputs are read, at the end
+        position = plan.out.start if plan.num_queries else plan.fed.start
+        routed = slot.ffn is not None and position >= slot.ffn_from
         for i, layer in enumerate(w.layers):
             # Content rows only give keys and values: after the last layer's attention nothing
             # reads them but the checked cells (refinement's correction) and the queries (a
@@ -487,15 +503,18 @@ class DecodeRunner:
             x = x if queries is None else x[:, -queries:]
             x = torch.addcmul(x, gamma1, y) if ada else x + y
             h = F.rms_norm(x, shape, None, w.eps)
-            y = self._ffn(i, layer, torch.addcmul(shift2, h, scale2) if ada else h, slot)
+            y = self._ffn(i, layer, torch.addcmul(shift2, h, scale2) if ada else h, slot, routed)
             x = torch.addcmul(x, gamma2, y) if ada else x + y
         logits = w.head(F.rms_norm(x[:, x.shape[1] - read:], shape, None, w.eps)).float()
         return guide(logits, slot.settings) if slot.rows != slot.bucket else logits
 
     @staticmethod
-    def _ffn(i: int, layer: _LayerWeights, h: torch.Tensor, slot: _Slot) -> torch.Tensor:
-        if slot.ffn is not None:
+    def _ffn(i: int, layer: _LayerWeights, h: torch.Tensor, slot: _Slot, routed: bool) -> torch.Tensor:
+        if routed:
+            assert slot.ffn is not None and slot.work is not None
             return slot.ffn(i, layer, h, slot.work)
+        if slot.work is not None and slot.ffn is not None:  # an activated generation's dense step
+            slot.work += h.numel() * 3 * layer.w2.weight.shape[1]
         a, b = layer.w13(h).chunk(2, dim=-1)
         return layer.w2(F.silu(a) * b)
 

@@ -14,7 +14,8 @@ round-off:
   rows, its most strongly routed ones; a routed row beyond that is dropped for that expert.
 
 Expert slices come from the runner's prepared weights (the norm gain already folded in where the
-model has no adaLN), so they follow its dtype and device. Every call adds its multiply-adds
+model has no adaLN), or from the activation's tuned experts prepared the same way, so they follow
+its dtype and device; every expert on (tau 1) always runs the dense weights. Every call adds its multiply-adds
 (experts, router and gate; those of the dense FFN beside them) to the slot's work counter.
 """
 
@@ -26,7 +27,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from ear.activate import Activation
+from ear.activate import Activation, check_lead
 from ear.engine import _LayerWeights
 
 MODES = ("auto", "grouped", "masked", "capacity")
@@ -44,7 +45,8 @@ def check_tau(tau: object) -> float:
 class _Layer:
     """One layer's router, gate and expert slices in the compute dtype and device."""
 
-    def __init__(self, activation: Activation, i: int, layer: _LayerWeights, like: torch.Tensor) -> None:
+    def __init__(self, activation: Activation, i: int, layer: _LayerWeights, like: torch.Tensor,
+                 tuned: bool) -> None:
         to = {"dtype": like.dtype, "device": like.device}
         net, gate = activation.routers[i].net, activation.gates[i]
         # the router's first linear and the gate read the same input: one product (gate last)
@@ -54,6 +56,13 @@ class _Layer:
         # Without adaLN the FFN norm's gain is folded into w13: the router and gate saw it applied.
         self.gain = layer.gains[1].to(**to) if layer.ada is None else None
         w13, w2 = layer.w13.weight, layer.w2.weight
+        if tuned:  # the experts' own weights, prepared as the runner prepares the dense ones
+            assert activation.tuned is not None
+            own = activation.tuned[i]
+            w13 = torch.cat([own.w1.weight, own.w3.weight]).detach().to(**to)
+            w13 = w13 if self.gain is None else w13 * self.gain
+            w2 = own.w2.weight.detach().to(**to)
+        self.full = (w13, w2) if tuned else None  # the masked form's products, when not the runner's
         hidden = w2.shape[1]
         groups = activation.groups[i].to(like.device)
         self.w13 = [torch.cat([w13[g], w13[hidden + g]]).contiguous() for g in groups]
@@ -79,28 +88,34 @@ class _Layer:
 
 class RoutedFFN:
     """An activated model's FFNs at one tau, for `ear.engine.DecodeRunner.decode(ffn=...)`: made by
-    `RoutedFFN(activation, tau)`, other taus by `at(tau)` (sharing the expert slices)."""
+    `RoutedFFN(activation, tau)`, other taus by `at(tau)` (sharing the expert slices). The steps
+    before the dense lead (`lead`, default the activation's `dense_lead`) keep the dense FFN."""
 
     def __init__(self, activation: Activation, tau: float | None = None, mode: str = "auto",
-                 capacity: float = 0.5) -> None:
+                 capacity: float = 0.5, lead: float | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0 < capacity <= 1:
             raise ValueError(f"capacity is the share of rows each expert runs, in (0, 1], got {capacity!r}")
         self.activation = activation
         self.tau = check_tau(min(activation.config.tau, 1.0) if tau is None else tau)
+        self.lead = check_lead(activation.config.dense_lead if lead is None else lead)
         self.mode, self.capacity = mode, capacity
-        self._layers: dict[int, tuple[_LayerWeights, _Layer]] = {}  # shared with `at`'s siblings
+        self._layers: dict[tuple[int, bool], tuple[_LayerWeights, _Layer]] = {}  # shared with `at`'s siblings
 
     def at(self, tau: float) -> RoutedFFN:
-        sibling = RoutedFFN(self.activation, tau, self.mode, self.capacity)
+        sibling = RoutedFFN(self.activation, tau, self.mode, self.capacity, self.lead)
         sibling._layers = self._layers
         return sibling
 
+    def starts_at(self, num_tokens: int) -> int:
+        return math.ceil(self.lead * num_tokens)
+
     def _layer(self, i: int, layer: _LayerWeights, like: torch.Tensor) -> _Layer:
-        kept = self._layers.get(i)
+        tuned = self.activation.tuned is not None and self.tau < 1  # every expert on: the dense weights
+        kept = self._layers.get((i, tuned))
         if kept is None or kept[0] is not layer:  # new prepared weights: slice them again
-            kept = self._layers[i] = (layer, _Layer(self.activation, i, layer, like))
+            kept = self._layers[i, tuned] = (layer, _Layer(self.activation, i, layer, like, tuned))
         return kept[1]
 
     def __call__(self, i: int, layer: _LayerWeights, h: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
@@ -109,8 +124,9 @@ class RoutedFFN:
         chosen, norms = part.choose(rows, self.tau)
         mode = self.mode if self.mode != "auto" else "masked" if h.is_cuda else "grouped"
         if mode == "masked":
-            a, b = layer.w13(rows).chunk(2, dim=-1)
-            out = layer.w2(F.silu(a) * b * chosen.to(h.dtype)[:, part.owner])
+            a, b = (layer.w13(rows) if part.full is None else F.linear(rows, part.full[0])).chunk(2, dim=-1)
+            kept = F.silu(a) * b * chosen.to(h.dtype)[:, part.owner]
+            out = layer.w2(kept) if part.full is None else F.linear(kept, part.full[1])
             pairs = chosen.sum()  # what routing chose; the dense product ran
         elif mode == "grouped":
             out, pairs = _grouped(part, rows, chosen), chosen.sum()

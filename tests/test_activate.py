@@ -4,6 +4,7 @@ the dense model bit for bit, routers learn the experts' norms, and what is store
 from __future__ import annotations
 
 import json
+import math
 from unittest import mock
 
 import pytest
@@ -18,6 +19,7 @@ from ear.activate import (
     balanced_groups,
     distill,
     ffn_inputs,
+    lead_rows,
     train_routers,
 )
 from ear.engine import runner_for
@@ -130,6 +132,44 @@ def test_the_activation_file_loads_strictly(model, tmp_path) -> None:
         ActivationConfig(tau=-1)
 
 
+def test_tuned_experts_learn_and_load_strictly(model, samples, tmp_path) -> None:
+    """Distillation with tuned experts moves their own weights (the model's stay), lowers the KL
+    below routing alone at the same budget, and the file keeps them: strictly, both ways."""
+    tokens, classes = samples
+    plain = Activation(model, ActivationConfig(experts=4, router_hidden=16, tau=0.3))
+    train_routers(plain, model, tokens, classes, steps=40)
+    tuned = plain.with_tuned_experts(model)
+    assert tuned.config.tuned and tuned.tuned is not None and plain.tuned is None
+    dense = [block.feed_forward.w1.weight.clone() for block in model.layers]
+    alone = distill(plain, model, tokens, classes, budget=0.4, steps=40, lr=3e-3, seed=1)
+    both = distill(tuned, model, tokens, classes, budget=0.4, steps=40, lr=3e-3, seed=1, expert_lr=3e-3)
+    assert both["kl"] < alone["kl"], (both, alone)
+    assert all(torch.equal(b.feed_forward.w1.weight, w) for b, w in zip(model.layers, dense, strict=True))
+    assert not torch.equal(tuned.tuned[0].w1.weight, dense[0])
+    tuned.save(tmp_path / "tuned")
+    loaded = Activation.load(tmp_path / "tuned", model)
+    assert loaded.config.tuned and torch.equal(loaded.tuned[1].w2.weight, tuned.tuned[1].w2.weight)
+    x = torch.randn(3, 5, model.config.dim)
+    with torch.no_grad():
+        with loaded.applied(model, 0.3) as ffns:
+            routed = ffns[0](x)
+        with loaded.applied(model, 1.0) as ffns:  # every expert on: the dense weights, bit for bit
+            assert torch.equal(ffns[0](x), model.layers[0].feed_forward(x))
+        with plain.applied(model, 0.3) as ffns:
+            assert not torch.allclose(ffns[0](x), routed)
+    # a file whose config and tensors disagree is refused in one sentence
+    untuned = Activation(model, plain.config, plain.groups)
+    untuned.tuned = tuned.tuned
+    untuned.save(tmp_path / "extra")  # tuned tensors, untuned config
+    with pytest.raises(ValueError, match="do not fit this model"):
+        Activation.load(tmp_path / "extra", model)
+    missing = Activation(model, tuned.config, tuned.groups)
+    missing.tuned = None
+    missing.save(tmp_path / "missing")  # tuned config, no tuned tensors
+    with pytest.raises(ValueError, match="do not fit this model"):
+        Activation.load(tmp_path / "missing", model)
+
+
 def test_the_cli_converts_a_model_on_its_own_samples(tmp_path, capsys) -> None:
     folder = write_tiny_model(tmp_path / "tiny")
     args = ["activate", "--model", str(folder), "--experts", "2", "--samples", "8", "--router-steps", "20",
@@ -204,10 +244,21 @@ def test_the_engine_routes_like_the_reference(adaln: bool, samples) -> None:
     train_routers(activation, model, tokens, classes, steps=40, skip=0.2)
     with torch.no_grad(), activation.applied(model, 0.5):
         reference = _greedy_logits(model, [1, 4, 9], engine="reference")
+    tuned = activation.with_tuned_experts(model)
+    with torch.no_grad():
+        for ffn in tuned.tuned:  # experts of their own, unlike the dense FFN's
+            for w in ffn.parameters():
+                w.mul_(1 + 0.3 * torch.randn_like(w))
+        with tuned.applied(model, 0.5):
+            tuned_reference = _greedy_logits(model, [1, 4, 9], engine="reference")
+    assert not torch.equal(tuned_reference[0], reference[0])
     for mode in ("grouped", "masked", "capacity"):
-        routed = _greedy_logits(model, [1, 4, 9], activation=RoutedFFN(activation, 0.5, mode, capacity=1.0))
-        assert torch.equal(routed[1], reference[1]), mode
-        torch.testing.assert_close(routed[0], reference[0], rtol=1e-4, atol=1e-4)
+        for act, ref in ((activation, reference), (tuned, tuned_reference)):
+            routed = _greedy_logits(model, [1, 4, 9], activation=RoutedFFN(act, 0.5, mode, capacity=1.0))
+            assert torch.equal(routed[1], ref[1]), mode
+            torch.testing.assert_close(routed[0], ref[0], rtol=1e-4, atol=1e-4)
+    every = _greedy_logits(model, [1, 4, 9], activation=RoutedFFN(tuned, 1.0, "grouped"))
+    torch.testing.assert_close(every[0], _greedy_logits(model, [1, 4, 9])[0], rtol=1e-5, atol=1e-5)
 
 
 def test_the_budget_knob_moves_the_active_share(model, trained) -> None:
@@ -221,6 +272,56 @@ def test_the_budget_knob_moves_the_active_share(model, trained) -> None:
         RoutedFFN(trained, 1.5)
     with pytest.raises(ValueError, match="runs on the cached runner"):
         _last(sample(model, [1], activation=RoutedFFN(trained, 0.5), engine="reference"))
+
+
+def test_the_dense_lead_keeps_the_first_steps_dense(model, trained) -> None:
+    """Steps before the lead are the dense model's (the same logits, teacher-forced greedy), the
+    rest are routed; the lead costs FFN work, counted in the active share."""
+    sched = model.schedule
+    dense, _ = _greedy_logits(model, [1, 4, 9])
+    routed, _ = _greedy_logits(model, [1, 4, 9], activation=RoutedFFN(trained, 0.0))
+    lead = 0.4
+    led, _ = _greedy_logits(model, [1, 4, 9], activation=RoutedFFN(trained, 0.0, lead=lead))
+    # the step whose queries start at or after the lead's position is the first one routed
+    start = math.ceil(lead * sched.num_tokens)
+    first = next(k for k in range(sched.num_steps) if sched.boundaries[k] >= start)
+    cut = sched.boundaries[first]
+    assert 0 < cut < sched.num_tokens
+    torch.testing.assert_close(led[:, :cut], dense[:, :cut], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(led[:, cut:], dense[:, cut:], atol=1e-3)
+    assert not torch.allclose(routed[:, :cut], dense[:, :cut], atol=1e-3)
+
+    def active(lead: float) -> float:
+        return _last(sample(model, [1, 2], seed=3, activation=RoutedFFN(trained, 0.0, lead=lead))).ffn_active
+
+    shares = [active(x) for x in (0.0, 0.4, 0.8)]
+    assert shares == sorted(shares) and shares[-1] < 1, shares
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(ValueError, match=r"dense lead .* a number in \[0, 1\)"):
+            RoutedFFN(trained, 0.5, lead=bad)
+
+
+@pytest.mark.parametrize("lead", [0.0, 0.4])
+def test_the_reference_runs_dense_where_the_engine_does(model, samples, trained, lead: float) -> None:
+    """Teacher-forced on the same tokens, the engine at a dense lead (tuned experts, grouped) and
+    the readable model's one forward under `applied(lead=...)` give the same logits: `lead_rows`
+    are the rows the engine runs dense, which distillation and its measurement rely on."""
+    tokens, classes = samples
+    tuned = trained.with_tuned_experts(model)
+    with torch.no_grad():
+        for ffn in tuned.tuned:
+            for w in ffn.parameters():
+                w.mul_(1 + 0.3 * torch.randn_like(w))
+        with tuned.applied(model, 0.5, lead=lead):
+            reference = model(tokens, classes)
+    ordered = tokens[:, list(model.schedule.order)]
+    b = model.schedule.boundaries
+    engine = torch.cat([logits for _k, logits, _t in decode(
+        model, classes, lambda k, _lg: ordered[:, b[k]:b[k + 1]],
+        activation=RoutedFFN(tuned, 0.5, "grouped", lead=lead))], 1)
+    torch.testing.assert_close(engine, reference, rtol=1e-4, atol=1e-4)
+    rows = lead_rows(model, lead)
+    assert rows.shape == (2 * model.schedule.num_tokens + 2,) and bool(rows.any()) == (lead > 0)
 
 
 def test_an_activated_image_is_the_same_alone_and_in_a_crowd(model, trained) -> None:
