@@ -93,8 +93,9 @@ def agreement(model: EAR, routed: RoutedFFN, classes: list[int], cfg: float, tem
 
 def quality(pipe: EARPipeline, routed: RoutedFFN, classes: int, cfg: float, temperature: float
             ) -> dict[str, float]:
-    """Retrieval top-1 and emoji-FID of one image per class (the first `classes`; --quick: a
-    quarter, so its FID is higher than a full run's), dense and activated, same seeds."""
+    """Retrieval top-1 and emoji-FID of one image per class label (the first `classes`; --quick: a
+    quarter, so its FID is higher than a full run's; a full run draws every emoji in every
+    style), dense and activated, same seeds."""
     from ear.train.data import load_dataset
     from ear.train.evaluate import Ruler
 
@@ -110,7 +111,8 @@ def quality(pipe: EARPipeline, routed: RoutedFFN, classes: int, cfg: float, temp
                               activation=ffn)
             with torch.no_grad():
                 images.append(to_uint8(pipe.tokenizer.decode(tokens)))
-        scores = ruler.score(np.concatenate(images), np.array(ids))
+        # a per-(emoji, style) label is style x emoji count + emoji: score the emoji it draws
+        scores = ruler.score(np.concatenate(images), np.array(ids) % len(data.class_names))
         out[f"retrieval_{name}"], out[f"fid_{name}"] = scores["top1"], scores["fid"]
     return out
 

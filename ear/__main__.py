@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "x the largest (default 0.6)")
     p.add_argument("--budget", type=float, default=0.75, help="share of experts to run, aimed at in "
                    "distillation (default 0.75)")
+    p.add_argument("--router-hidden", type=int, default=64, help="width of each layer's router (default 64)")
     p.add_argument("--dense-lead", type=float, default=0.0, help="share of the generation order drawn "
                    "dense before routing starts, in [0, 1) (default 0: every step routed)")
     p.add_argument("--tune-experts", action="store_true", help="stage 2 also tunes the experts' own "
@@ -359,8 +360,8 @@ def cmd_activate(args: argparse.Namespace) -> None:
 
     if args.samples < 1 or args.router_steps < 0 or args.distill_steps < 0:
         raise ValueError("--samples must be positive and the step counts not negative")
-    config = ActivationConfig(experts=args.experts, tau=args.tau, dense_lead=args.dense_lead,
-                              tuned=args.tune_experts)
+    config = ActivationConfig(experts=args.experts, router_hidden=args.router_hidden, tau=args.tau,
+                              dense_lead=args.dense_lead, tuned=args.tune_experts)
     pipe = EARPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, **_overrides(args))
     with tqdm(total=4, unit="stage", disable=args.quiet) as bar:
         def progress(stage: str) -> None:

@@ -772,12 +772,16 @@ def public_info(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def activation_summary(activation: dict[str, Any] | None) -> str:
-    """Model info's line on dynamic activation: experts, tau, the FFN share run and the counted
-    saving of total FLOPs per image against the dense engine (`EARPipeline.info`)."""
+    """Model info's line on dynamic activation: experts (tuned or the dense weights), tau, the
+    dense lead, the FFN share run and the counted saving of total FLOPs per image against the
+    dense engine (`EARPipeline.info`)."""
     if activation is None:
         return "no (no routers ship with the model)"
     change = (activation["flops_active"] / activation["flops_dense"] - 1) * 100
-    return (f"{activation['experts']} experts, tau {activation['tau']:g}, FFN "
+    tuned = " (tuned)" if activation.get("tuned") else ""
+    lead = activation.get("dense_lead", 0.0)
+    led = f", the first {lead * 100:.0f} % of the order dense" if lead else ""
+    return (f"{activation['experts']} experts{tuned}, tau {activation['tau']:g}{led}, FFN "
             f"{activation['ffn_active'] * 100:.0f} % active, total FLOPs "
             f"{'−' if change < 0 else '+'}{abs(change):.1f} % (counted)")
 
