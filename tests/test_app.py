@@ -723,8 +723,8 @@ def test_the_bundled_model_offers_activation_and_counts_its_saving(app: types.Mo
     refine, activation, tau = speedup_updates(app, "ear-emoji")
     assert refine["visible"] is False and activation == {"visible": True, "value": False}
     assert tau["visible"] and tau["value"] == app.MODELS.get("ear-emoji").info()["activation"]["tau"]
-    assert re.search(r"\| Dynamic activation \(ActVAR\) \| 4 experts \(tuned\), tau 0\.\d+, the first \d+ % of "
-                     r"the order dense, FFN \d+ % active, "
+    assert re.search(r"\| Dynamic activation \(ActVAR\) \| 4 experts \(tuned\), tau 0\.\d+, the first "
+                     r"\d+ % of the order dense, FFN \d+ % active, "
                      r"total FLOPs −\d+\.\d % \(counted\) \|", app.model_info("ear-emoji")[0])
 
 
