@@ -15,8 +15,9 @@ round-off:
 
 Expert slices come from the runner's prepared weights (the norm gain already folded in where the
 model has no adaLN), or from the activation's tuned experts prepared the same way, so they follow
-its dtype and device; every expert on (tau 1) always runs the dense weights. Every call adds its multiply-adds
-(experts, router and gate; those of the dense FFN beside them) to the slot's work counter.
+its dtype and device; every expert on (tau 1) always runs the dense weights. Every call adds its
+multiply-adds (experts, router and gate; those of the dense FFN beside them) to the slot's work
+counter.
 """
 
 from __future__ import annotations
