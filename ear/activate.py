@@ -75,9 +75,9 @@ def check_lead(lead: object) -> float:
 def lead_rows(model: EAR, lead: float) -> torch.Tensor:
     """(2n + 2,) bool over the model's teacher-forced sequence (class token, n content tokens, the
     class token again, n mask queries; generation order): the rows the decode engine runs dense
-    at this dense lead. A
-    step is routed once its queries start at or past ceil(lead x n); it also feeds the previous
-    part's content, so a part's content rows follow the next part's queries."""
+    at this dense lead. A step is routed once its queries start at or past ceil(lead x n); it
+    also feeds the previous part's content, so a part's content rows follow the next part's
+    queries."""
     sched = model.schedule
     n, start, steps = sched.num_tokens, math.ceil(check_lead(lead) * sched.num_tokens), sched.num_steps
     begins = torch.tensor(sched.boundaries)
@@ -137,8 +137,8 @@ class ActivatedFFN(nn.Module):
     def __init__(self, dense: FeedForward, groups: torch.Tensor, router: Router, gate: nn.Linear,
                  tau: float, tuned: FeedForward | None = None, lead_rows: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.router, self.gate, self.tau, self.original = router, gate, tau, dense
-        self.dense = dense if tuned is None or tau >= 1 else tuned  # the weights the experts slice
+        self.router, self.gate, self.tau, self.dense = router, gate, tau, dense
+        self.weights = dense if tuned is None or tau >= 1 else tuned  # the weights the experts slice
         # (L,) bool over a teacher-forced sequence: rows the engine runs dense (`lead_rows`)
         self.lead_rows = lead_rows
         self.register_buffer("owner", _owners(groups), persistent=False)  # hidden neuron -> expert
@@ -149,7 +149,7 @@ class ActivatedFFN(nn.Module):
         self.soft_share: torch.Tensor | None = None
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(self.dense.w1(x)) * self.dense.w3(x)
+        return F.silu(self.weights.w1(x)) * self.weights.w3(x)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """(..., experts), 1 for each expert that runs, 0 else: dynamic-k over the router's
@@ -175,9 +175,9 @@ class ActivatedFFN(nn.Module):
         gates = self.gates(x)
         self.active_share.append(float((gates.detach() > 0.5).float().mean()))
         mask = gates.gather(-1, self.owner.expand(*gates.shape[:-1], -1))
-        out = self.dense.dropout(self.dense.w2(self.hidden(x) * mask))
-        if self.lead_rows is not None and self.dense is not self.original:  # tuned experts: the
-            out = torch.where(self.lead_rows[:, None], self.original(x), out)  # lead's rows dense
+        out = self.weights.dropout(self.weights.w2(self.hidden(x) * mask))
+        if self.lead_rows is not None and self.weights is not self.dense:  # tuned experts: the
+            out = torch.where(self.lead_rows[:, None], self.dense(x), out)  # lead's rows dense
         return out
 
 
@@ -210,7 +210,7 @@ class Activation(nn.Module):
             for gate in self.gates:
                 gate.weight.zero_()
                 gate.bias.fill_(GATE_OPEN)
-        # tuned experts: the dense FFNs' weights to start from (`distill(tune_experts=True)`)
+        # tuned experts: the dense FFNs' weights to start from (`with_tuned_experts`, `distill`)
         self.tuned = nn.ModuleList(copy.deepcopy(ffn) for ffn in ffns) if config.tuned else None
 
     def with_tuned_experts(self, model: EAR) -> Activation:

@@ -101,6 +101,7 @@ class RoutedFFN:
         self.activation = activation
         self.tau = check_tau(min(activation.config.tau, 1.0) if tau is None else tau)
         self.lead = check_lead(activation.config.dense_lead if lead is None else lead)
+        self.tuned = activation.tuned is not None and self.tau < 1  # every expert on: the dense weights
         self.mode, self.capacity = mode, capacity
         self._layers: dict[tuple[int, bool], tuple[_LayerWeights, _Layer]] = {}  # shared with `at`'s siblings
 
@@ -113,10 +114,9 @@ class RoutedFFN:
         return math.ceil(self.lead * num_tokens)
 
     def _layer(self, i: int, layer: _LayerWeights, like: torch.Tensor) -> _Layer:
-        tuned = self.activation.tuned is not None and self.tau < 1  # every expert on: the dense weights
-        kept = self._layers.get((i, tuned))
+        kept = self._layers.get((i, self.tuned))
         if kept is None or kept[0] is not layer:  # new prepared weights: slice them again
-            kept = self._layers[i, tuned] = (layer, _Layer(self.activation, i, layer, like, tuned))
+            kept = self._layers[i, self.tuned] = (layer, _Layer(self.activation, i, layer, like, self.tuned))
         return kept[1]
 
     def __call__(self, i: int, layer: _LayerWeights, h: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
