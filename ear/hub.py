@@ -149,6 +149,9 @@ class LoadedModel:
     # class shared by every style plus a style embedding: EARConfig.num_styles), e.g.
     # ["Twemoji", "Noto"]; empty for a model with one embedding per class.
     styles: list[str] = field(default_factory=list)
+    # Class embeddings per (class, style), one per picture (ear.train.data.drawing_dataset): a seed
+    # picks one; 1 for every other model.
+    drawings: int = 1
 
 
 # ---- overrides -----------------------------------------------------------------------------------
@@ -352,11 +355,17 @@ def load_own_format(files: dict[str, Path], name: str, source: str,
     if shared and len(styles) != shared:
         raise ValueError(f"The model config '{files['config']}' has a shared embedding for {shared} style(s) "
                          f"(num_styles) but names {len(styles)} style(s): give one name per style.")
-    n, per_class = ear_config.num_labels, max(1, len(styles))
+    drawings = config.get("drawings", 1)
+    if isinstance(drawings, bool) or not isinstance(drawings, int) or drawings < 1 \
+            or (drawings > 1 and (not styles or shared)):
+        raise ValueError(f"The model config '{files['config']}' has drawings {drawings!r}: expected a whole "
+                         f"number >= 1, above 1 only with styles that have their own class embeddings.")
+    n, per_class = ear_config.num_labels, max(1, len(styles)) * drawings
     class_names = list(config.get("class_names") or [f"class {i}" for i in range(n // per_class)])
     if len(class_names) * per_class != n:
         raise ValueError(f"The model config '{files['config']}' names {len(class_names)} classes in "
-                         f"{per_class} style(s) but the model has {n} class labels.")
+                         f"{max(1, len(styles))} style(s) x {drawings} drawing(s) but the model has {n} "
+                         f"class labels.")
     presets = config.get("presets") or {"default": {}}
     default_class = config.get("default_class", class_names[0])
     aliases = dict(config.get("class_aliases") or {})
@@ -369,7 +378,7 @@ def load_own_format(files: dict[str, Path], name: str, source: str,
                        default_preset="default" if "default" in presets else next(iter(presets)),
                        licence=config.get("licence", ""), attribution=config.get("attribution", ""),
                        hub_files=hub_files or [], default_class=default_class, class_aliases=aliases,
-                       styles=styles)
+                       styles=styles, drawings=drawings)
 
 
 def load_official(entry: ModelEntry, model_ref: HubFile | Path, tokenizer_ref: HubFile | Path) -> LoadedModel:

@@ -108,6 +108,7 @@ class EARPipeline:
         self.default_class = loaded.default_class or loaded.class_names[0]
         self._aliases = {k.strip().lower(): v for k, v in loaded.class_aliases.items()}
         self.styles = list(loaded.styles)
+        self.drawings = loaded.drawings
         self.presets = {k: SamplingParams(**v) for k, v in loaded.presets.items()}
         self.default_settings = self.presets[loaded.default_preset]
         self._loaded = loaded
@@ -251,19 +252,24 @@ class EARPipeline:
         """The model's class labels for class indices. A model with styles (one class embedding per
         class and image set) draws every row in `style` or, with None, row r in style
         (seed + first_row + r) mod #styles, so that a request for several images shows each style.
-        The null class (unconditional) stays itself."""
+        A model with several drawings per style (`drawings`) draws row r's in turn: drawing
+        (seed + first_row + r) mod #drawings in a fixed style, and with None the next drawing once
+        every style had its turn. The null class (unconditional) stays itself."""
         if not self.styles:
             if style is not None:
                 raise ValueError(f"{self.name} has no styles; leave the style unset.")
             return list(class_ids)
-        n = len(self.class_names)
+        n, styles = len(self.class_names), len(self.styles)
+        base = (random.randrange(styles * self.drawings) if seed is None else seed) + first_row
+        turns = [base + r for r in range(len(class_ids))]
         if style is None:
-            base = random.randrange(len(self.styles)) if seed is None else seed + first_row
-            picked = [(base + r) % len(self.styles) for r in range(len(class_ids))]
+            picked = [(t % styles, t // styles % self.drawings) for t in turns]
         else:
-            picked = [self.style_index(style)] * len(class_ids)
+            fixed = self.style_index(style)
+            picked = [(fixed, t % self.drawings) for t in turns]
         null = self.model.null_class
-        return [c if c == null else s * n + c for c, s in zip(class_ids, picked, strict=True)]
+        return [c if c == null else (s * self.drawings + d) * n + c
+                for c, (s, d) in zip(class_ids, picked, strict=True)]
 
     def style_index(self, style: str | int) -> int:
         """A style's index from its index or (case-insensitive) name."""
@@ -363,13 +369,13 @@ class EARPipeline:
     def _refined(self, ids: list[int], known: torch.Tensor, refine: int, seed: int,
                  sampling: dict[str, Any], renderer: PreviewRenderer) -> Iterator[Frame]:
         """Round r draws the region with seed + r; the draw whose known cells are likeliest wins.
-        Every round keeps the style round 0 would have (styles alternate with the seed)."""
+        Every round keeps the style round 0 would have (styles alternate with the seed); a model
+        with several drawings per style tries them in turn."""
         if sampling.get("style") is None and self.styles:
             sampling = {**sampling, "style": seed % len(self.styles)}
         best: tuple[float, int, StepState] | None = None
-        labels = self.labels(ids, sampling.get("style"), seed)
         for r in range(refine + 1):
-            last = None
+            labels, last = self.labels(ids, sampling.get("style"), seed + r), None
             for frame in self._frames(self._states(ids, known=known, seed=seed + r, **sampling), renderer):
                 last = frame.with_caption(f"round {r + 1} / {refine + 1} · {frame.caption}")
                 yield last

@@ -67,14 +67,15 @@ def tiny_conv_vq(grid: int = 8, codebook: int = 32, seed: int = 0) -> ConvVQ:
 
 
 def write_tiny_model(folder: Path, grid: int = 8, codebook: int = 32, seed: int = 0,
-                     styles: list[str] | None = None, shared: bool = False, model: EAR | None = None) -> Path:
+                     styles: list[str] | None = None, shared: bool = False, model: EAR | None = None,
+                     drawings: int = 1) -> Path:
     """A complete random model folder in our format; returns the folder. With `styles`, one class
-    embedding per (class, style), or with `shared` one per class plus one per style. `model`
-    replaces the random EAR."""
+    embedding per (class, style) (`drawings` of them), or with `shared` one per class plus one per
+    style. `model` replaces the random EAR."""
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_conv_vq(grid, codebook, seed)
     count = len(styles or [])
-    labels = len(CLASS_NAMES) * (1 if shared else max(1, count))
+    labels = len(CLASS_NAMES) * (1 if shared else max(1, count) * drawings)
     model = model or tiny_ear(codebook, grid, seed=seed, num_classes=labels,
                               num_styles=count if shared else 0)
     config = {
@@ -85,6 +86,7 @@ def write_tiny_model(folder: Path, grid: int = 8, codebook: int = 32, seed: int 
         "licence": "MIT (test)", "attribution": "random weights",
         "default_class": CLASS_NAMES[1], "class_aliases": {"puppy": CLASS_NAMES[1]},
         **({"styles": styles} if styles else {}),
+        **({"drawings": drawings} if drawings > 1 else {}),
     }
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     save_file({k: v.half() for k, v in model.state_dict().items()}, folder / "ear.safetensors")

@@ -329,6 +329,34 @@ def test_shared_styles_are_validated_at_load(tmp_path: Path) -> None:
             EARPipeline.from_pretrained(str(folder))
 
 
+def test_a_seed_picks_one_of_a_style_s_drawings(tmp_path: Path) -> None:
+    """Three classes, two styles, two drawings each (label = (style x 2 + drawing) x 3 + class): a
+    fixed style takes its drawings in turn over seeds and rows; "Any" takes the next drawing once
+    both styles had their turn, so 4 seeds show all 4 pictures."""
+    pipe = EARPipeline.from_pretrained(str(write_tiny_model(tmp_path / "m", styles=["Flat", "Shaded"],
+                                                            drawings=2)))
+    assert pipe.drawings == 2 and pipe.model.config.num_classes == 12
+    assert [pipe.labels([1], "Flat", seed=s)[0] for s in range(4)] == [1, 4, 1, 4]
+    assert [pipe.labels([1], "Shaded", seed=s)[0] for s in range(4)] == [7, 10, 7, 10]
+    assert [pipe.labels([1], seed=s)[0] for s in range(5)] == [1, 7, 4, 10, 1]
+    assert pipe.labels([0, 0, 0, 0], seed=0) == [0, 6, 3, 9]  # a request's rows, as seeds in turn
+    assert pipe.labels([2, 2], seed=1, first_row=1) == [5, 11]  # bulk: row j of a run
+    assert pipe.labels([pipe.model.null_class], "Flat") == [pipe.model.null_class]
+    greedy = {"temperature": 0.0, "cfg_scale": 1.0, "display_size": 32}
+    pictures = [np.asarray(pipe.generate("cat", seed=s, style="Flat", **greedy)[0]) for s in range(2)]
+    assert not np.array_equal(*pictures)  # two class embeddings, two pictures
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    for bad, phrase in ((3, "x 3 drawing"), (0, "drawings 0"), (1.5, "drawings 1.5"),
+                        (True, "drawings True")):
+        (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "drawings": bad}))
+        with pytest.raises(ValueError, match=phrase):
+            EARPipeline.from_pretrained(str(tmp_path / "m"))
+    unstyled = {k: v for k, v in config.items() if k != "styles"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(unstyled))
+    with pytest.raises(ValueError, match="only with styles"):
+        EARPipeline.from_pretrained(str(tmp_path / "m"))
+
+
 def test_style_errors(styled: EARPipeline, pipe: EARPipeline, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Unknown style"):
         styled.stream("cat", style="Noto")  # checked before the first frame

@@ -16,14 +16,17 @@ from ear.train.__main__ import main
 from ear.train.common import augment, batch_indices, warm_start
 from ear.train.data import (
     ImageDataset,
+    attribution_text,
     bare_code,
     build_folder_dataset,
+    drawing_dataset,
     fetch_npm_package,
     fluent_slug,
     is_heldout,
     load_dataset,
     parse_sets,
     read_name_list,
+    shifted,
     style_labels,
 )
 from ear.train.evaluate import distinct_count, novelty
@@ -191,12 +194,50 @@ def test_style_classes_label_each_image_set_and_start_from_the_class_row(tmp_pat
     old = EAR(EARConfig(dim=32, n_layer=1, n_head=2, vocab_size=16, num_classes=3, grid_size=4))
     new = EAR(EARConfig(dim=32, n_layer=1, n_head=2, vocab_size=16, num_classes=6, grid_size=4))
     save_file({k: v.half() for k, v in old.state_dict().items()}, str(tmp_path / "ear.safetensors"))
-    assert tile_class_table(new, tmp_path / "ear.safetensors", 2)
+    assert tile_class_table(new, tmp_path / "ear.safetensors", 3)
     table = new.cls_embedding.embedding_table.weight
     before = old.cls_embedding.embedding_table.weight.half().float()
     assert torch.equal(table[:3], before[:3]) and torch.equal(table[3:6], before[:3])
     assert torch.equal(table[6], before[3])  # the null class row
-    assert not tile_class_table(new, tmp_path / "ear.safetensors", 3)  # 6 + 1 rows are not 3 x 3 + 1
+    assert not tile_class_table(new, tmp_path / "ear.safetensors", 2)  # 3 + 1 rows are not 2 x k + 1
+    # two styles -> two styles x two drawings: each style's drawings start from that style's row
+    save_file({k: v.half() for k, v in new.state_dict().items()}, str(tmp_path / "styled.safetensors"))
+    drawn = EAR(EARConfig(dim=32, n_layer=1, n_head=2, vocab_size=16, num_classes=12, grid_size=4))
+    assert tile_class_table(drawn, tmp_path / "styled.safetensors", 3)
+    rows, styled = drawn.cls_embedding.embedding_table.weight, table.half().float()
+    for block, style in enumerate((0, 0, 1, 1)):
+        assert torch.equal(rows[3 * block:3 * block + 3], styled[3 * style:3 * style + 3])
+    assert torch.equal(rows[12], styled[6])
+
+
+def test_drawings_give_each_picture_of_a_style_its_own_label() -> None:
+    """Class a: Twemoji now + its 2014 drawing + a copy of it (dropped: not distinct), Noto one
+    drawing; class b: Twemoji one drawing. Three slots: spare ones hold 2 px shifts."""
+    def square(value: int, at: int = 16) -> np.ndarray:
+        im = np.full((64, 64, 3), 255, np.uint8)
+        im[at:at + 32, at:at + 32] = value
+        return im
+
+    images = np.stack([square(0), square(0, 20), square(0, 20), square(100), square(200)])
+    data = ImageDataset(images, np.array([0, 0, 0, 0, 1]), ["a", "b"],
+                        np.array(["twitter", "twitter-2014", "twitter-2017", "google", "twitter"]),
+                        np.array(list("aaaab")), np.zeros(5, bool))
+    drawn, styles = drawing_dataset(data, 3)
+    assert styles == ["Twemoji", "Noto"]  # the 2014 release is Twemoji's, not a style of its own
+    slot = {int(label): i for i, label in enumerate(drawn.labels)}  # (style x 3 + slot) x 2 + class
+    assert sorted(slot) == [0, 1, 2, 3, 4, 5, 6, 8, 10]  # Noto has no drawing of b
+    assert np.array_equal(drawn.images[slot[0]], images[0])
+    assert np.array_equal(drawn.images[slot[2]], images[1])
+    assert np.array_equal(drawn.images[slot[4]], shifted(images[0], 2, 0))  # spare slot: a shift
+    assert np.array_equal(drawn.images[slot[3]], shifted(images[4], 2, 0))
+    assert np.array_equal(drawn.images[slot[5]], shifted(images[4], -2, 0))
+    assert np.array_equal(drawn.images[slot[10]], shifted(images[3], -2, 0))
+    assert drawn.sources[slot[2]] == "twitter-2014" and drawn.keys[slot[5]] == "b"
+    assert (shifted(images[0], 2, 0)[:, :2] == 255).all()  # white where the picture moved away
+    with pytest.raises(ValueError, match="at least 1"):
+        drawing_dataset(data, 0)
+    with pytest.raises(ValueError, match="two artists"):
+        drawing_dataset(data.subset(data.sources != "google"), 2)
 
 
 def test_shared_style_table_starts_from_a_styled_table(tmp_path: Path) -> None:
@@ -232,6 +273,44 @@ def test_fluent_sets_are_opt_in_and_named_by_cldr() -> None:
         parse_sets("fluent-flat")
     assert fluent_slug("smiling face with heart-eyes") == "smiling-face-with-heart-eyes"
     assert fluent_slug("woman’s hat") == "womans-hat" and fluent_slug("flag: Japan") == "flag-japan"
+    assert parse_sets("twitter-2014,google,twitter") == ("twitter", "google", "twitter-2014")
+    with pytest.raises(ValueError, match="google-2016 needs google"):
+        parse_sets("twitter,google-2016")
+
+
+def test_earlier_releases_join_their_artist_s_set(tmp_path: Path) -> None:
+    """Twemoji 1.4 (svg/<code points>.svg, FE0F dropped) and Noto v1 (an Iconify icons.json named
+    by CLDR name, aliases included) read from fake unpacked packages; each drawing keeps the
+    current set's key and class, and only emoji the release draws appear."""
+    pkg = make_fake_package(tmp_path / "pkg")
+    names = make_fake_names(tmp_path / "names", pkg)
+    square = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 8 8"><rect x="2" y="2" width="4" '
+              'height="4" fill="#00c000"/></svg>')
+    old = tmp_path / "twemoji" / "svg"
+    old.mkdir(parents=True)
+    (old.parent / "LICENSE-GRAPHICS").write_text("CC-BY 4.0")
+    for code in ("1f600", "1f601"):  # 1F601-FE0F in emoji-datasource: its file drops FE0F
+        (old / f"{code}.svg").write_text(square)
+    noto = tmp_path / "noto-v1"
+    noto.mkdir()
+    body = '<rect x="0" y="0" width="16" height="8" fill="#c00000"/>'
+    (noto / "icons.json").write_text(json.dumps({"prefix": "noto-v1", "width": 16, "height": 16,
+                                                 "icons": {"emoji-2": {"body": body}},
+                                                 "aliases": {"emoji-3": {"parent": "emoji-2"}}}))
+    source = os.pathsep.join(str(p) for p in (pkg, names, old.parent, noto))
+    data = load_dataset(source, cache_dir=tmp_path / "cache", class_set="all", heldout_fraction=0.0,
+                        sets="twitter,google,twitter-2014,google-2016")
+    releases = data.sources != np.where(np.isin(data.sources, ["twitter", "google"]), data.sources, "")
+    assert sorted(data.keys[data.sources == "twitter-2014"].tolist()) == ["1F600", "1F601-FE0F"]
+    assert sorted(data.keys[data.sources == "google-2016"].tolist()) == ["1F602", "1F603"]
+    for i in np.flatnonzero(releases):  # the same class as the current drawing of that emoji
+        current = (data.keys == data.keys[i]) & (data.sources == "twitter")
+        assert data.labels[i] == data.labels[current][0]
+    green = data.images[data.sources == "twitter-2014"][0]
+    assert tuple(green[32, 32]) == (0, 192, 0) and tuple(green[2, 2]) == (255, 255, 255)
+    red = data.images[data.sources == "google-2016"][0]  # the icon's viewBox is kept: top half red
+    assert tuple(red[16, 32]) == (192, 0, 0) and tuple(red[48, 32]) == (255, 255, 255)
+    assert "Twemoji 1.4" in attribution_text(set(data.sources.tolist()))
 
 
 def test_variety_counts_distinct_pictures_greedily() -> None:
@@ -265,6 +344,14 @@ def test_fetch_unpacks_an_npm_tarball_without_network(tmp_path: Path) -> None:
     assert (out / "emoji.json").is_file()
     assert (out / "img" / "twitter" / "64").is_dir()
     assert fetch_npm_package("emoji-datasource-twitter", cache) == out  # second call: no work
+    # a scoped, pinned package: npm names its tarball scope-name-version.tgz
+    icons = tmp_path / "src2" / "package"
+    icons.mkdir(parents=True)
+    (icons / "icons.json").write_text("{}")
+    with tarfile.open(cache / "iconify-json-noto-v1-1.2.5.tgz", "w:gz") as tar:
+        tar.add(icons, arcname="package")
+    out = fetch_npm_package("@iconify-json/noto-v1@1.2.5", cache)
+    assert out == cache / "iconify-json-noto-v1-1.2.5" and (out / "icons.json").is_file()
 
 
 def test_folder_dataset(tmp_path: Path) -> None:

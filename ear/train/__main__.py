@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     ear.add_argument("--style-classes", action="store_true",
                      help="one class embedding per (class, image set): samples follow one artist's drawing "
                           "(the page picks or alternates the style)")
+    ear.add_argument("--drawings", type=int, default=1, metavar="N",
+                     help="with --style-classes: N class embeddings per (class, style), one per picture "
+                          "(earlier releases, skin tones, then 2 px shifts); a seed picks one (default 1)")
     ear.add_argument("--shared-styles", action="store_true",
                      help="one class embedding per class shared by every image set, plus a style embedding "
                           "added to it (config num_styles): labels as with --style-classes")

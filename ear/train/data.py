@@ -57,7 +57,14 @@ from PIL import Image
 
 ALLOWED_SETS = ("twitter", "google")  # never "apple" / "facebook" (not openly licensed)
 FLUENT_SETS = {"fluent-flat": "flat", "fluent-color": "modern"}  # set -> folder in FLUENT_PACKAGE
-EMOJI_SETS = (*ALLOWED_SETS, *FLUENT_SETS)  # style order: an older model's styles keep their index
+# Earlier releases of the Twemoji and Noto sets: the same artist's other drawings of an emoji, so
+# the same style with more than one picture (see drawing_dataset); set -> its artist's current set
+VERSION_SETS = {"twitter-2014": "twitter", "twitter-2017": "twitter", "google-2016": "google"}
+VERSION_PACKAGES = {"twitter-2014": "twemoji@1.4.1", "twitter-2017": "twemoji@2.5.1",
+                    "google-2016": "@iconify-json/noto-v1@1.2.5"}
+EMOJI_SETS = (*ALLOWED_SETS, *FLUENT_SETS, *VERSION_SETS)  # style order: older models' styles keep theirs
+DISTINCT = 10 / 255  # mean absolute difference (pixels in [0, 1]) above which two pictures differ
+DRAWING_SHIFTS = ((2, 0), (-2, 0), (0, 2), (0, -2))  # (dx, dy) px that fill a style's spare drawing slots
 STYLE_NAMES = {"twitter": "Twemoji", "google": "Noto", "fluent-flat": "Fluent Flat",
                "fluent-color": "Fluent Color"}  # what the page calls each set's drawings
 NPM_PACKAGES = {s: f"emoji-datasource-{s}" for s in ALLOWED_SETS}
@@ -98,6 +105,15 @@ LICENCES = {
                 "(https://creativecommons.org/licenses/by/4.0/)."),
     "google": ("Noto Emoji graphics Copyright Google LLC, https://github.com/googlefonts/noto-emoji, "
                "licensed under the Apache License 2.0 (https://www.apache.org/licenses/LICENSE-2.0)."),
+    "twitter-2014": ("Twemoji 1.4 graphics (2014) Copyright 2014 Twitter, Inc and other contributors, "
+                     "as packaged on npm in twemoji 1.4.1, licensed under CC-BY 4.0 "
+                     "(https://creativecommons.org/licenses/by/4.0/)."),
+    "twitter-2017": ("Twemoji 2.5 graphics (2017) Copyright Twitter, Inc and other contributors, as packaged "
+                     "on npm in twemoji 2.5.1, licensed under CC-BY 4.0 "
+                     "(https://creativecommons.org/licenses/by/4.0/)."),
+    "google-2016": ("Noto Emoji v1 graphics Copyright Google Inc., "
+                    "https://github.com/googlefonts/noto-emoji, as packaged on npm in @iconify-json/noto-v1 "
+                    "1.2.5, licensed under the Apache License 2.0 (https://www.apache.org/licenses/LICENSE-2.0)."),
     "fluent": ("Fluent Emoji graphics Copyright (c) Microsoft Corporation, "
                "https://github.com/microsoft/fluentui-emoji, MIT License; as packaged on npm in "
                "fluentui-emoji 1.3.0, Copyright (c) 2022 Mohammad Abu Mattar, MIT License."),
@@ -160,6 +176,67 @@ def style_labels(data: ImageDataset) -> tuple[np.ndarray, list[str]]:
     return style * len(data.class_names) + data.labels, [STYLE_NAMES.get(s, s) for s in present]
 
 
+def drawing_dataset(data: ImageDataset, drawings: int) -> tuple[ImageDataset, list[str]]:
+    """Every (class, style) gets `drawings` class embeddings, one per picture; a seed picks one
+    (ear.pipeline.EARPipeline.labels). Label = (style x drawings + slot) x num_classes + class, a
+    style being an artist (an earlier release joins its current set, VERSION_SETS).
+
+    Why: one class embedding for several pictures makes a step's parallel draws mix them (a
+    thumbs up of six skin tones in patches), and one picture per embedding makes every seed draw
+    the same. A style's pictures fill its slots in this order: the current drawing, the earlier
+    releases', the skin tones; one within DISTINCT of an earlier one is left out; the first
+    `drawings` are kept. A style with fewer pictures fills its spare slots with them shifted by
+    DRAWING_SHIFTS (small shifts are real variety too, and stay nearest their own picture), so
+    every slot is a picture of its own. Returns the slot-labelled set and the style names."""
+    if drawings < 1:
+        raise ValueError(f"drawings must be at least 1, got {drawings}")
+    family = np.array([VERSION_SETS.get(s, s) for s in data.sources.tolist()])
+    present = [s for s in EMOJI_SETS if (family == s).any()]
+    if len(present) < 2:
+        raise ValueError("drawings per style need an emoji data set of at least two artists' sets")
+    pairs = list(zip(data.labels.tolist(), data.sources.tolist(), strict=True))
+    first: dict[tuple[int, str], int] = {}  # (class, set) -> its default (first) drawing
+    for i, key in enumerate(pairs):
+        first.setdefault(key, i)
+    # 0: a current set's default drawing, 1: an earlier release's, 2: a current set's skin tones
+    rank = [1 if s not in present else 0 if first[(c, s)] == i else 2 for i, (c, s) in enumerate(pairs)]
+    n = len(data.class_names)
+    images, labels, picked = [], [], []
+    for style, name in enumerate(present):
+        for c in range(n):
+            members = sorted(np.flatnonzero((data.labels == c) & (family == name)),
+                             key=lambda i: (rank[i], i))
+            kept: list[int] = []
+            for i in members:
+                if all(_mean_abs_diff(data.images[i], data.images[j]) > DISTINCT for j in kept):
+                    kept.append(i)
+            kept = kept[:drawings]
+            for slot in range(drawings if kept else 0):
+                i = kept[slot % len(kept)]
+                shift = slot // len(kept)
+                images.append(data.images[i] if shift == 0 else
+                              shifted(data.images[i], *DRAWING_SHIFTS[(shift - 1) % len(DRAWING_SHIFTS)]))
+                labels.append((style * drawings + slot) * n + c)
+                picked.append(i)
+    idx = np.array(picked, dtype=np.int64)
+    return ImageDataset(np.stack(images), np.array(labels, dtype=np.int64), data.class_names,
+                        data.sources[idx], data.keys[idx], data.heldout[idx]), \
+        [STYLE_NAMES.get(s, s) for s in present]
+
+
+def _mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean() / 255)
+
+
+def shifted(image: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """uint8 (S, S, 3) moved by whole pixels (right and down positive), white where it uncovers."""
+    out = np.full_like(image, 255)
+    h, w = image.shape[:2]
+    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        image[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
 def is_heldout(key: str, fraction: float) -> bool:
     """Deterministic across machines and Python runs (unlike hash())."""
     return (zlib.crc32(key.encode()) % 10_000) < fraction * 10_000
@@ -195,25 +272,37 @@ _IMAGE_FILES = ("emoji.json",
 _NAME_FILES = ("en/data.json", ("package/en/data.json", "package/LICENSE", "package/package.json"))
 _FLUENT_FILES = ("LICENSE", ("package/LICENSE", "package/package.json", "package/README.md",
                              *(f"package/icons/{f}/" for f in FLUENT_SETS.values())))
+_TWEMOJI_SVG = {"twitter-2014": "svg", "twitter-2017": "2/svg"}  # where each release keeps its SVGs
+_PACKAGE_FILES = {
+    NAMES_PACKAGE: _NAME_FILES, FLUENT_PACKAGE: _FLUENT_FILES,
+    **{VERSION_PACKAGES[s]: ("LICENSE-GRAPHICS", ("package/package.json", "package/LICENSE",
+                                                  "package/LICENSE-GRAPHICS", f"package/{folder}/"))
+       for s, folder in _TWEMOJI_SVG.items()},
+    VERSION_PACKAGES["google-2016"]: ("icons.json", ("package/icons.json", "package/info.json",
+                                                     "package/package.json")),
+}
 
 
 def fetch_npm_package(name: str, cache_dir: Path) -> Path:
     """`npm pack` the package into cache_dir once and unpack what we need; returns the package dir."""
-    marker, wanted = {NAMES_PACKAGE: _NAME_FILES, FLUENT_PACKAGE: _FLUENT_FILES}.get(name, _IMAGE_FILES)
+    marker, wanted = _PACKAGE_FILES.get(name, _IMAGE_FILES)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    bare, _, version = name.partition("@")
-    target = cache_dir / bare
+    scope = "@" if name.startswith("@") else ""
+    bare, _, version = name.removeprefix("@").partition("@")
+    flat = bare.replace("/", "-")  # npm names a scoped package's tarball "scope-name-version.tgz"
+    target = cache_dir / (f"{flat}-{version}" if version else flat)  # one folder per pinned version
     if (target / marker).is_file():
         return target
-    tarballs = sorted(cache_dir.glob(f"{bare}-{version or '[0-9]'}*.tgz"))
+    tarballs = sorted(cache_dir.glob(f"{flat}-{version or '[0-9]'}*.tgz"))
     if not tarballs:
         try:
-            result = subprocess.run(["npm", "pack", name, "--json", "--pack-destination", str(cache_dir)],
+            result = subprocess.run(["npm", "pack", scope + name.removeprefix("@"), "--json",
+                                     "--pack-destination", str(cache_dir)],
                                     check=True, capture_output=True, text=True)
         except (OSError, subprocess.CalledProcessError) as e:
             raise RuntimeError(f"could not fetch {name} with npm pack: {e}") from e
         tarballs = [cache_dir / json.loads(result.stdout)[0]["filename"]]
-    tmp = cache_dir / f".{bare}.partial"
+    tmp = cache_dir / f".{target.name}.partial"
     with tarfile.open(tarballs[-1]) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(wanted)
                    and ("/img/" not in m.name or "/64/" in m.name)]
@@ -291,6 +380,59 @@ def fluent_records(package_dir: Path, sets: tuple[str, ...], base: list[Record],
     return records
 
 
+def version_records(package_dir: Path, set_name: str, base: list[Record], names: dict[str, str]
+                    ) -> list[Record]:
+    """Records of an earlier release (VERSION_SETS) for every emoji of `base` (its artist's current
+    set; category, subcategory and key taken from there) that the release also draws, its default
+    drawing only:
+    Twemoji files are named by code points, Noto v1's Iconify icons by CLDR name."""
+    family = VERSION_SETS[set_name]
+    if set_name in _TWEMOJI_SVG:
+        folder = package_dir / _TWEMOJI_SVG[set_name]
+
+        def path_of(key: str) -> Path | None:
+            lowered = key.lower()
+            names_tried = (lowered, "-".join(p for p in lowered.split("-") if p != "fe0f"))
+            return next((folder / f"{n}.svg" for n in names_tried if (folder / f"{n}.svg").is_file()), None)
+    else:
+        folder = iconify_svgs(package_dir)
+
+        def path_of(key: str) -> Path | None:
+            name = names.get(bare_code(key))
+            path = folder / f"{fluent_slug(name)}.svg" if name else None
+            return path if path is not None and path.is_file() else None
+    defaults = {r[3]: r for r in reversed(base) if r[0] == family}  # skin tones share the key
+    found = ((r, path_of(key)) for key, r in reversed(defaults.items()))
+    return [(set_name, *r[1:4], path) for r, path in found if path is not None]
+
+
+def iconify_svgs(package_dir: Path) -> Path:
+    """An Iconify JSON set (icons.json: shared size, per-icon SVG bodies, aliases) written out once
+    as one SVG file per icon name (aliases that only rename included), for load_rgb."""
+    folder = package_dir / "svg"
+    if (folder / ".complete").is_file():
+        return folder
+    data = json.loads((package_dir / "icons.json").read_text())
+    icons, aliases = data["icons"], data.get("aliases", {})
+    names = {n: n for n in icons}
+    for alias, spec in aliases.items():
+        target = alias
+        while target in aliases and set(aliases[target]) == {"parent"}:
+            target = aliases[target]["parent"]
+        if target in icons and set(spec) == {"parent"}:
+            names[alias] = target
+    folder.mkdir(exist_ok=True)
+    for name, source in names.items():
+        icon = icons[source]
+        left, top = icon.get("left", data.get("left", 0)), icon.get("top", data.get("top", 0))
+        width, height = icon.get("width", data.get("width", 16)), icon.get("height", data.get("height", 16))
+        (folder / f"{name}.svg").write_text(
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="{left} {top} {width} {height}">{icon["body"]}</svg>', encoding="utf-8")
+    (folder / ".complete").touch()
+    return folder
+
+
 def choose_classes(records: list[Record], min_class_size: int) -> dict[tuple[str, str], str]:
     """(category, subcategory) -> class name, following the merge rule in the module docstring."""
     sub_counts = Counter((cat, sub) for cat, sub, _ in {(r[1], r[2], r[3]) for r in records})
@@ -323,9 +465,11 @@ def subcategory_classes(records: list[Record], min_class_size: int) -> tuple[lis
 def build_emoji_dataset(package_dirs: list[Path], image_size: int = 64, min_class_size: int = 20,
                         heldout_fraction: float = 0.05, class_set: str = "familiar",
                         names_dir: Path | None = None, sets: tuple[str, ...] = ALLOWED_SETS,
-                        fluent_dir: Path | None = None) -> ImageDataset:
+                        fluent_dir: Path | None = None, version_dirs: dict[str, Path] | None = None
+                        ) -> ImageDataset:
     """class_set: see the module docstring; per-emoji sets need names_dir (emojibase-data), the
-    Fluent sets also fluent_dir (an unpacked fluentui-emoji) and names_dir."""
+    Fluent sets also fluent_dir (an unpacked fluentui-emoji) and names_dir, the earlier releases
+    version_dirs (VERSION_SETS name -> its unpacked package) and names_dir."""
     records = [r for d in package_dirs for r in emoji_records(d) if r[0] in sets]
     if not records:
         raise ValueError(f"no twitter/google emoji images found under {package_dirs}")
@@ -333,6 +477,11 @@ def build_emoji_dataset(package_dirs: list[Path], image_size: int = 64, min_clas
         if fluent_dir is None or names_dir is None:
             raise ValueError("the Fluent sets need an unpacked fluentui-emoji package and emojibase-data")
         records += fluent_records(fluent_dir, sets, records, cldr_names(names_dir))
+    if version_dirs:
+        if names_dir is None:
+            raise ValueError("the earlier releases need emojibase-data (Noto v1 names icons by CLDR name)")
+        names = cldr_names(names_dir)
+        records += [r for s, d in version_dirs.items() for r in version_records(d, s, records, names)]
     if class_set == "subcategory":
         class_names, record_classes = subcategory_classes(records, min_class_size)
     else:
@@ -379,6 +528,10 @@ def parse_sets(text: str | tuple[str, ...]) -> tuple[str, ...]:
     if unknown or not wanted & set(ALLOWED_SETS):
         raise ValueError(f"emoji sets must be some of {', '.join(EMOJI_SETS)}, including twitter or "
                          f"google, got {','.join(sorted(wanted)) or 'none'}")
+    orphans = sorted(s for s in wanted & set(VERSION_SETS) if VERSION_SETS[s] not in wanted)
+    if orphans:
+        raise ValueError(f"an earlier release joins its artist's current set: {', '.join(orphans)} needs "
+                         f"{', '.join(sorted({VERSION_SETS[s] for s in orphans}))} in the sets too")
     return tuple(s for s in EMOJI_SETS if s in wanted)
 
 
@@ -387,7 +540,8 @@ def load_dataset(source: str | Path = "emoji", cache_dir: Path | None = None, im
                  class_set: str = "familiar", sets: str | tuple[str, ...] = ALLOWED_SETS) -> ImageDataset:
     """source: "emoji" (fetch both npm image sets and emojibase-data), a prepared .npz, an image
     folder `root/<class>/...`, or unpacked emoji-datasource packages (folders holding emoji.json)
-    plus an unpacked emojibase-data (a folder holding en/data.json), joined with os.pathsep.
+    plus an unpacked emojibase-data (a folder holding en/data.json) and, for the earlier releases,
+    unpacked twemoji / @iconify-json/noto-v1 packages, joined with os.pathsep.
     class_set and sets (image sets, EMOJI_SETS) apply to emoji sources (see the module docstring).
     Builds are cached as .npz."""
     sets = parse_sets(sets)
@@ -400,19 +554,22 @@ def load_dataset(source: str | Path = "emoji", cache_dir: Path | None = None, im
     if class_set not in CLASS_SETS and not Path(class_set).is_file():
         raise ValueError(f"class set must be one of {', '.join(CLASS_SETS)} or a file of emoji names, "
                          f"got {class_set!r}")
-    fluent_dir = None
     if text == "emoji":
         package_dirs = [fetch_npm_package(NPM_PACKAGES[s], cache_dir) for s in ALLOWED_SETS if s in sets]
         fluent = any(s in FLUENT_SETS for s in sets)
         names_dir = None if class_set == "subcategory" and not fluent else \
             fetch_npm_package(NAMES_PACKAGE, cache_dir)
         fluent_dir = fetch_npm_package(FLUENT_PACKAGE, cache_dir) if fluent else None
+        version_dirs = {s: fetch_npm_package(VERSION_PACKAGES[s], cache_dir)
+                        for s in sets if s in VERSION_SETS}
         tag = "emoji"
     else:
         parts = [Path(p) for p in text.split(os.pathsep)]
         package_dirs = [p for p in parts if (p / "emoji.json").is_file()]
         names_dir = next((p for p in parts if (p / "en" / "data.json").is_file()), None)
         fluent_dir = next((p for p in parts if (p / "icons" / "flat").is_dir()), None)
+        version_dirs = {s: d for s in sets if s in VERSION_SETS
+                        for d in [next((p for p in parts if _holds_release(p, s)), None)] if d is not None}
         tag = f"{parts[0].name}-{_fingerprint(parts):08x}"
     classes = class_set
     if class_set not in ("all", "subcategory"):  # a name list: the cache follows its content
@@ -425,11 +582,19 @@ def load_dataset(source: str | Path = "emoji", cache_dir: Path | None = None, im
         return ImageDataset.load(cached)
     if package_dirs:
         data = build_emoji_dataset(package_dirs, image_size, min_class_size, heldout_fraction, class_set,
-                                   names_dir, sets, fluent_dir)
+                                   names_dir, sets, fluent_dir, version_dirs)
     else:
         data = build_folder_dataset(Path(text), image_size, heldout_fraction)
     data.save(cached)
     return data
+
+
+def _holds_release(folder: Path, set_name: str) -> bool:
+    """Whether an unpacked package folder is the earlier release `set_name` (VERSION_SETS)."""
+    if set_name in _TWEMOJI_SVG:
+        return (folder / "LICENSE-GRAPHICS").is_file() and (folder / _TWEMOJI_SVG[set_name]).is_dir() \
+            and (set_name != "twitter-2014" or not (folder / "2").is_dir())
+    return (folder / "icons.json").is_file()
 
 
 def _photo_dataset(cache_dir: Path | None, image_size: int) -> ImageDataset:
@@ -461,7 +626,7 @@ def _fingerprint(paths: list[Path]) -> int:
 
 def attribution_text(sources: set[str]) -> str:
     """The notices that must travel with anything trained on these images."""
-    lines = [LICENCES[s] for s in ALLOWED_SETS if s in sources]
+    lines = [LICENCES[s] for s in (*ALLOWED_SETS, *VERSION_SETS) if s in sources]
     if any(s in FLUENT_SETS for s in sources):
         lines.append(LICENCES["fluent"])
     if lines:

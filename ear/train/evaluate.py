@@ -21,7 +21,8 @@ What is measured and why:
   every earlier sample exceeds 10/255 at the model's resolution; the mean over classes, for style
   "Any" (the default, which alternates styles over seeds) and within each fixed style (variety
   that is not only a change of artist);
-- novelty: each "Any" sample's mean absolute difference to its nearest training image, against
+- novelty: each "Any" sample's mean absolute difference to its nearest training image (with a
+  model of several drawings per style, their shifted copies are training images too), against
   the training images' own nearest-neighbour distances (each to its nearest other one); samples
   within 10/255 of a training image count as copies. A memorising model has sample distances far
   below the training set's own and a copy share near 1;
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from ear.pipeline import EARPipeline
 from ear.tokenizer.conv_vq import ConvVQ
 from ear.train.common import to_float, update_asset
-from ear.train.data import SHOWCASE, ImageDataset, dataset_from_args, style_labels
+from ear.train.data import DISTINCT, SHOWCASE, ImageDataset, dataset_from_args, drawing_dataset, style_labels
 from ear.train.stage_ear import ear_split, token_loss, tokenize
 from ear.train.stage_tokenizer import reconstruction_stats
 
@@ -141,7 +142,6 @@ def generate_images(pipe: EARPipeline, class_ids: list[int], settings: dict[str,
 
 
 VARIETY_SEEDS = 8
-DISTINCT = 10 / 255  # mean absolute difference (pixels in [0, 1]) above which two pictures differ
 
 
 def mean_abs_diff(a: np.ndarray, b: np.ndarray, chunk: int = 256) -> np.ndarray:
@@ -250,11 +250,17 @@ def tokenizer_metrics(tokenizer: ConvVQ, data: ImageDataset) -> dict[str, Any]:
             if data.heldout.any() else None}
 
 
+def as_trained(pipe: EARPipeline, data: ImageDataset) -> ImageDataset:
+    """The images and labels the model was trained on: one label per (emoji, image set), or per
+    (emoji, style, drawing) with the drawings' shifted copies (ear.train.data.drawing_dataset)."""
+    if pipe.drawings > 1:
+        return drawing_dataset(data, pipe.drawings)[0]
+    return replace(data, labels=style_labels(data)[0]) if pipe.styles else data
+
+
 def ear_metrics(pipe: EARPipeline, data: ImageDataset, seed: int) -> dict[str, float]:
     """Nats/token on (up to 1,500) training grids and held-out grids, and the unigram baseline."""
-    if pipe.styles:  # scored with the labels it was trained on: one per (emoji, image set)
-        data = replace(data, labels=style_labels(data)[0])
-    train, held = ear_split(data)
+    train, held = ear_split(as_trained(pipe, data))
     rng = np.random.default_rng(seed)
     some = np.sort(rng.choice(len(train), min(len(train), 1500), replace=False))
     train_tokens = tokenize(pipe.tokenizer, torch.from_numpy(train.images[some]), 1, seed)[0]
@@ -384,7 +390,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metrics["per_class_top1"] = {data.class_names[c]: a for c, a in per_class.items()}
     classes = list(range(len(data.class_names)))
     metrics["variety"], any_style = variety(pipe, classes, default)
-    metrics["novelty"] = novelty(any_style.reshape(-1, *any_style.shape[2:]), ear_split(data)[0].images)
+    metrics["novelty"] = novelty(any_style.reshape(-1, *any_style.shape[2:]),
+                                 ear_split(as_trained(pipe, data))[0].images)
     metrics["seconds_per_image_batch1"] = speed(pipe, default)
     if args.media:
         shown = [pipe.class_id(c) for c in args.media_classes if c in data.class_names]

@@ -40,6 +40,7 @@ from ear.train.data import (
     ImageDataset,
     attribution_text,
     dataset_from_args,
+    drawing_dataset,
     style_labels,
 )
 from ear.train.photos import SCENE_SHOWCASE, WEIGHTS_LICENCE_PHOTO, attribution_markdown
@@ -139,20 +140,25 @@ def ear_split(data: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
     return data.subset(~held), data.subset(held)
 
 
-def tile_class_table(model: EAR, weights: Path, styles: int) -> bool:
-    """Start every style's row of a class from the same class's row in `weights` (a model trained
-    without styles); the null row stays the null row. True if the table was tiled."""
+def tile_class_table(model: EAR, weights: Path, num_classes: int) -> bool:
+    """Start the class table from `weights`' table for the same classes with fewer label blocks
+    (a block: num_classes rows, one per class): a model without styles, or with styles but one
+    drawing each (ear.train.data.drawing_dataset). New block b starts from old block
+    b // (new blocks / old blocks), so every style's drawings start from that style's row; the
+    null row stays the null row. True if the table was tiled."""
     from safetensors.torch import load_file
 
-    if styles < 2:  # no styles (a folder or the photo data): nothing to tile
-        return False
     key = "cls_embedding.embedding_table.weight"
     old, table = load_file(str(weights)).get(key), model.cls_embedding.embedding_table.weight
-    n = (table.shape[0] - 1) // styles
-    if old is None or old.shape != (n + 1, table.shape[1]):
+    blocks = (table.shape[0] - 1) // num_classes
+    if old is None or old.shape[1] != table.shape[1] or (old.shape[0] - 1) % num_classes:
         return False
+    known = (old.shape[0] - 1) // num_classes
+    if blocks == known or known == 0 or blocks % known:
+        return False
+    rows = old[:-1].view(known, num_classes, -1).repeat_interleave(blocks // known, dim=0)
     with torch.no_grad():
-        table.copy_(torch.cat([*[old[:n]] * styles, old[n:]]).to(table))
+        table.copy_(torch.cat([rows.reshape(-1, old.shape[1]), old[-1:]]).to(table))
     return True
 
 
@@ -189,12 +195,13 @@ def weights_licence(sources: set[str]) -> str:
 
 
 def ear_asset_config(model: EAR, class_names: list[str], name: str, sources: set[str],
-                     styles: list[str]) -> dict:
+                     styles: list[str], drawings: int = 1) -> dict:
     """The model's part of config.json. default_class and class_aliases are always rewritten so a
     re-export with another class set never leaves a stale name behind (evaluate --media then picks
     the best-drawn showcase class as the default)."""
     shown = [c for c in (*SHOWCASE, *SCENE_SHOWCASE) if c in class_names]
     return {"name": name, "model": model.config.to_dict(), "class_names": class_names, "styles": styles,
+            **({"drawings": drawings} if drawings > 1 else {}),
             "default_class": shown[0] if shown else class_names[0],
             "class_aliases": {k: v for k, v in CLASS_ALIASES.items() if v in class_names},
             "presets": {"default": dict(DEFAULT_PRESET)},
@@ -210,7 +217,12 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     run_dir = Path(args.run_dir)
     data = dataset_from_args(args)
     styles: list[str] = []
-    if args.style_classes or args.shared_styles:
+    if args.drawings > 1:
+        if not args.style_classes:
+            raise ValueError("--drawings gives each style's pictures their own class embeddings: "
+                             "use it with --style-classes")
+        data, styles = drawing_dataset(data, args.drawings)
+    elif args.style_classes or args.shared_styles:
         labels, styles = style_labels(data)
         data = replace(data, labels=labels)
     train_set, heldout_set = ear_split(data)
@@ -226,9 +238,10 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     held_labels = torch.from_numpy(heldout_set.labels)
 
     shared = len(styles) if args.shared_styles else 0
+    blocks = max(1, len(styles)) * args.drawings  # label blocks of one row per class
     config = EARConfig(dim=args.dim, n_layer=args.n_layer, n_head=args.n_head,
                        vocab_size=tokenizer.codebook_size,
-                       num_classes=len(data.class_names) * (1 if shared else max(1, len(styles))),
+                       num_classes=len(data.class_names) * (1 if shared else blocks),
                        num_styles=shared,
                        grid_size=tokenizer.grid_size, schedule=args.schedule, adaln=args.adaln,
                        class_dropout_prob=args.class_dropout, dropout=args.dropout, rope=args.rope,
@@ -240,7 +253,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         if shared:
             if split_class_table(model, weights):
                 fresh = [k for k in fresh if not k.startswith("cls_embedding.")]
-        elif tile_class_table(model, weights, len(styles)):
+        elif tile_class_table(model, weights, len(data.class_names)):
             fresh.remove("cls_embedding.embedding_table.weight")
         accelerator.print(f"warm start from {args.init_from}; fresh: {fresh or 'none'}")
     accelerator.print(f"EAR parameters: {model.num_params() / 1e6:.2f} M, training sequences: {len(labels)}")
@@ -270,7 +283,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     train_loop(accelerator, wrapped, optimizer, scheduler, ema,
                lambda: accelerator.unwrap_model(wrapped).model, progress, args, run_dir, desc="ear",
                step_loss=step_loss,
-               on_save=lambda: export(run_dir, ema.model, tokenizer, data, args.name, styles))
+               on_save=lambda: export(run_dir, ema.model, tokenizer, data, args.name, styles, args.drawings))
 
     plain = torch.arange(min(n, 512))  # copy 0 (unaugmented) of the first training images
     stats = {"heldout_loss": token_loss(ema.model.cpu(), held_tokens, held_labels),
@@ -283,17 +296,17 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     if accelerator.is_main_process:
         (run_dir / "ear_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         if args.export:
-            export(Path(args.export), ema.model, tokenizer, data, args.name, styles)
+            export(Path(args.export), ema.model, tokenizer, data, args.name, styles, args.drawings)
         accelerator.print(json.dumps(stats))
     return stats
 
 
 def export(folder: Path, model: EAR, tokenizer: ConvVQ, data: ImageDataset, name: str,
-           styles: list[str]) -> None:
+           styles: list[str], drawings: int = 1) -> None:
     """EAR + the exact tokenizer it was trained on, so the asset folder is always consistent."""
     sources = set(data.sources.tolist())
     config = {**tokenizer_asset_config(tokenizer, data),
-              **ear_asset_config(model, data.class_names, name, sources, styles)}
+              **ear_asset_config(model, data.class_names, name, sources, styles, drawings)}
     update_asset(folder, {"ear": half_state_dict(model), "tokenizer": half_state_dict(tokenizer)}, config)
     if "photo" in sources:  # the credits CC-BY and CC-BY-SA ask for travel with the weights
         (folder / "ATTRIBUTION.md").write_text(attribution_markdown(), encoding="utf-8")
