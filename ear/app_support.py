@@ -786,6 +786,15 @@ def activation_summary(activation: dict[str, Any] | None) -> str:
             f"{'−' if change < 0 else '+'}{abs(change):.1f} % (counted)")
 
 
+def styles_summary(info: dict[str, Any]) -> str:
+    """"Twemoji, Noto (3 drawings each: a seed picks one)", or "none"."""
+    if not info.get("styles"):
+        return "none"
+    drawings = info.get("drawings", 1)
+    each = f" ({drawings} drawings each: a seed picks one)" if drawings > 1 else ""
+    return ", ".join(info["styles"]) + each
+
+
 def info_markdown(info: dict[str, Any]) -> str:
     """`public_info(...)` as a Markdown table for the Model info panel, headed by the model's name."""
     cached = {True: "yes", False: "no (downloads on first use)", None: "n/a (bundled or local)"}
@@ -795,7 +804,8 @@ def info_markdown(info: dict[str, Any]) -> str:
         ("Parameters", f"{_count(info['parameters'])} (+ tokenizer {_count(info['tokenizer_parameters'])})"),
         ("Trained order", f"{info['schedule']}, {info['steps']} steps"),
         ("Tokens / image", f"{info['grid']} x {info['grid']} tokens, {info['image_size']} px"),
-        ("Classes", str(info["classes"])), ("Licence", info["licence"] or "not stated"),
+        ("Classes", str(info["classes"])), ("Styles", styles_summary(info)),
+        ("Licence", info["licence"] or "not stated"),
         ("Attribution", info["attribution"] or "not stated"),
         ("Cached from the Hub", cached.get(info.get("cached"), str(info.get("cached")))),
         ("Refinement (RadAR)", "yes, on by default (the model has the correction head)" if info["refinement"]

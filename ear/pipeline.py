@@ -146,7 +146,7 @@ class EARPipeline:
             "licence": loaded.licence, "attribution": loaded.attribution,
             "schedule": self.model.schedule.name, "steps": self.model.schedule.num_steps,
             "grid": self.grid, "image_size": self.tokenizer.image_size, "classes": len(self.class_names),
-            "styles": self.styles, "refinement": self.can_refine,
+            "styles": self.styles, "drawings": self.drawings, "refinement": self.can_refine,
             "presets": {k: asdict(v) for k, v in self.presets.items()},
             "cached": all(hub.cached_path(f) for f in files) if files else None,
             "activation": self._activation_info(),

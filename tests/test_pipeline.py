@@ -336,6 +336,9 @@ def test_a_seed_picks_one_of_a_style_s_drawings(tmp_path: Path) -> None:
     pipe = EARPipeline.from_pretrained(str(write_tiny_model(tmp_path / "m", styles=["Flat", "Shaded"],
                                                             drawings=2)))
     assert pipe.drawings == 2 and pipe.model.config.num_classes == 12
+    from ear.app_support import styles_summary  # Model info's line
+
+    assert styles_summary(pipe.info()) == "Flat, Shaded (2 drawings each: a seed picks one)"
     assert [pipe.labels([1], "Flat", seed=s)[0] for s in range(4)] == [1, 4, 1, 4]
     assert [pipe.labels([1], "Shaded", seed=s)[0] for s in range(4)] == [7, 10, 7, 10]
     assert [pipe.labels([1], seed=s)[0] for s in range(5)] == [1, 7, 4, 10, 1]
