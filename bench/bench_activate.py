@@ -96,11 +96,12 @@ def quality(pipe: EARPipeline, routed: RoutedFFN, classes: int, cfg: float, temp
     """Retrieval top-1 and emoji-FID of one image per class label (the first `classes`; --quick: a
     quarter, so its FID is higher than a full run's; a full run draws every emoji in every
     style), dense and activated, same seeds."""
-    from ear.train.data import load_dataset
+    from ear.train.data import asset_sets, load_dataset
     from ear.train.evaluate import Ruler
 
     configure(pipe.model)
-    data = load_dataset("emoji", class_set="familiar", sets="twitter,google")
+    config = json.loads((Path(pipe.info()["source"]) / "config.json").read_text())
+    data = load_dataset("emoji", class_set="familiar", sets=asset_sets(config))
     ruler = Ruler(pipe.tokenizer, data, 64)
     ids = list(range(classes))
     out = {}

@@ -521,6 +521,12 @@ def build_folder_dataset(root: Path, image_size: int = 64, heldout_fraction: flo
     )
 
 
+def asset_sets(config: dict[str, Any]) -> tuple[str, ...]:
+    """The emoji image sets an asset's config.json says it was trained on ("image_sets"; an older
+    asset without the key: Twemoji and Noto)."""
+    return parse_sets(tuple(config.get("image_sets") or ALLOWED_SETS))
+
+
 def parse_sets(text: str | tuple[str, ...]) -> tuple[str, ...]:
     """"twitter,google,fluent-flat" -> the sets in EMOJI_SETS order (their style order)."""
     wanted = {s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()}

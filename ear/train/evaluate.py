@@ -46,7 +46,15 @@ import torch.nn.functional as F
 from ear.pipeline import EARPipeline
 from ear.tokenizer.conv_vq import ConvVQ
 from ear.train.common import to_float, update_asset
-from ear.train.data import DISTINCT, SHOWCASE, ImageDataset, dataset_from_args, drawing_dataset, style_labels
+from ear.train.data import (
+    DISTINCT,
+    SHOWCASE,
+    ImageDataset,
+    asset_sets,
+    dataset_from_args,
+    drawing_dataset,
+    style_labels,
+)
 from ear.train.stage_ear import ear_split, token_loss, tokenize
 from ear.train.stage_tokenizer import reconstruction_stats
 
@@ -342,7 +350,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--classes", default="familiar", dest="class_set")
     p.add_argument("--min-class-size", type=int, default=20)
-    p.add_argument("--sets", default="twitter,google", help="emoji image sets (as for training)")
+    p.add_argument("--sets", default=None, help="emoji image sets (as for training; default: those the "
+                                                "asset's config.json names, else twitter,google)")
     p.add_argument("--out", default="runs/eval", help="where metrics.json goes")
     p.add_argument("--samples-per-class", type=int, default=4)
     p.add_argument("--fid-dims", type=int, default=64)
@@ -361,6 +370,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     asset, out = Path(args.asset), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.sets is None:
+        args.sets = asset_sets(json.loads((asset / "config.json").read_text()))
     data = dataset_from_args(args)
     pipe = EARPipeline.from_pretrained(str(asset), device="cpu")
     if pipe.class_names != data.class_names:

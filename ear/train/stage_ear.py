@@ -35,6 +35,7 @@ from ear.train.common import (
 )
 from ear.train.data import (
     CLASS_ALIASES,
+    EMOJI_SETS,
     FLUENT_SETS,
     SHOWCASE,
     ImageDataset,
@@ -202,6 +203,7 @@ def ear_asset_config(model: EAR, class_names: list[str], name: str, sources: set
     shown = [c for c in (*SHOWCASE, *SCENE_SHOWCASE) if c in class_names]
     return {"name": name, "model": model.config.to_dict(), "class_names": class_names, "styles": styles,
             **({"drawings": drawings} if drawings > 1 else {}),
+            **({"image_sets": [s for s in EMOJI_SETS if s in sources]} if sources <= set(EMOJI_SETS) else {}),
             "default_class": shown[0] if shown else class_names[0],
             "class_aliases": {k: v for k, v in CLASS_ALIASES.items() if v in class_names},
             "presets": {"default": dict(DEFAULT_PRESET)},
