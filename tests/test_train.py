@@ -16,6 +16,7 @@ from ear.train.__main__ import main
 from ear.train.common import augment, batch_indices, warm_start
 from ear.train.data import (
     ImageDataset,
+    asset_sets,
     attribution_text,
     bare_code,
     build_folder_dataset,
@@ -446,3 +447,17 @@ def test_gpu_recipe_and_evaluation_run_tiny_on_cpu(tmp_path: Path) -> None:
     assert np.isfinite(metrics["samples"]["fid"]) and 0 < metrics["tokenizer"]["all"]["psnr"] < 60
     assert (asset / "samples.png").is_file() and (asset / "growth.gif").is_file()
     assert json.loads((asset / "config.json").read_text())["default_class"] in ("class0", "class1")
+
+
+def test_asset_config_names_its_image_sets_and_drawings() -> None:
+    from ear.model import EAR, EARConfig
+    from ear.train.stage_ear import ear_asset_config
+
+    model = EAR(EARConfig(dim=32, n_layer=1, n_head=2, vocab_size=16, num_classes=12, grid_size=4))
+    config = ear_asset_config(model, ["a", "b"], "m", {"google-2016", "twitter", "google"},
+                              ["Twemoji", "Noto"], 3)
+    assert config["image_sets"] == ["twitter", "google", "google-2016"] and config["drawings"] == 3
+    assert asset_sets(config) == ("twitter", "google", "google-2016")
+    assert asset_sets({}) == ("twitter", "google")  # an asset from before the key
+    plain = ear_asset_config(model, ["a"], "m", {"folder"}, [])
+    assert "image_sets" not in plain and "drawings" not in plain
