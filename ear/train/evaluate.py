@@ -53,6 +53,7 @@ from ear.train.data import (
     asset_sets,
     dataset_from_args,
     drawing_dataset,
+    mean_abs_diff,
     style_labels,
 )
 from ear.train.stage_ear import ear_split, token_loss, tokenize
@@ -150,14 +151,6 @@ def generate_images(pipe: EARPipeline, class_ids: list[int], settings: dict[str,
 
 
 VARIETY_SEEDS = 8
-
-
-def mean_abs_diff(a: np.ndarray, b: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """(N, M) mean absolute difference between uint8 images a (N, ...) and b (M, ...), in [0, 1]."""
-    x = torch.from_numpy(a.reshape(len(a), -1)).float() / 255
-    y = torch.from_numpy(b.reshape(len(b), -1)).float() / 255
-    out = [torch.cdist(x[i:i + chunk], y, p=1) / x.shape[1] for i in range(0, len(x), chunk)]
-    return torch.cat(out).numpy() if out else np.zeros((0, len(b)))
 
 
 def distinct_count(images: np.ndarray, threshold: float = DISTINCT) -> int:
@@ -266,9 +259,10 @@ def as_trained(pipe: EARPipeline, data: ImageDataset) -> ImageDataset:
     return replace(data, labels=style_labels(data)[0]) if pipe.styles else data
 
 
-def ear_metrics(pipe: EARPipeline, data: ImageDataset, seed: int) -> dict[str, float]:
-    """Nats/token on (up to 1,500) training grids and held-out grids, and the unigram baseline."""
-    train, held = ear_split(as_trained(pipe, data))
+def ear_metrics(pipe: EARPipeline, trained: ImageDataset, seed: int) -> dict[str, float]:
+    """Nats/token on (up to 1,500) training grids and held-out grids, and the unigram baseline;
+    `trained`: the data as the model was trained on it (`as_trained`)."""
+    train, held = ear_split(trained)
     rng = np.random.default_rng(seed)
     some = np.sort(rng.choice(len(train), min(len(train), 1500), replace=False))
     train_tokens = tokenize(pipe.tokenizer, torch.from_numpy(train.images[some]), 1, seed)[0]
@@ -376,12 +370,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pipe = EARPipeline.from_pretrained(str(asset), device="cpu")
     if pipe.class_names != data.class_names:
         raise ValueError(f"{asset} was trained on other classes than --data/--classes give")
+    trained = as_trained(pipe, data)
     t0 = time.perf_counter()
     metrics: dict[str, Any] = {"classes": len(data.class_names), "images": len(data),
                                "ear_parameters": pipe.model.num_params(),
                                "tokenizer_parameters": sum(q.numel() for q in pipe.tokenizer.parameters()),
                                "tokenizer": tokenizer_metrics(pipe.tokenizer, data),
-                               "ear": ear_metrics(pipe, data, args.seed)}
+                               "ear": ear_metrics(pipe, trained, args.seed)}
     ruler = Ruler(pipe.tokenizer, data, args.fid_dims)
     metrics["fid_twemoji_vs_noto"] = ruler.real_vs_real()
 
@@ -402,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     classes = list(range(len(data.class_names)))
     metrics["variety"], any_style = variety(pipe, classes, default)
     metrics["novelty"] = novelty(any_style.reshape(-1, *any_style.shape[2:]),
-                                 ear_split(as_trained(pipe, data))[0].images)
+                                 ear_split(trained)[0].images)
     metrics["seconds_per_image_batch1"] = speed(pipe, default)
     if args.media:
         shown = [pipe.class_id(c) for c in args.media_classes if c in data.class_names]
