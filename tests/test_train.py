@@ -428,6 +428,9 @@ def test_gpu_recipe_and_evaluation_run_tiny_on_cpu(tmp_path: Path) -> None:
     npz, run, asset = tmp_path / "prepared.npz", tmp_path / "run", tmp_path / "asset"
     main(["prepare", "--data", str(make_folder(tmp_path / "imgs")), "--cache-dir", str(tmp_path / "cache"),
           "--out", str(npz)])
+    data = ImageDataset.load(npz)  # two "artists", for the recipe's styles and drawings
+    data.sources = np.array(["twitter", "google"] * (len(data) // 2) + ["twitter"] * (len(data) % 2))
+    data.save(npz)
     tiny = "--steps 2 --batch 4 --warmup 1 --save-every 2"
     main(["recipe", "gpu", "--data", str(npz), "--run-dir", str(run), "--export", str(asset),
           f"--tokenizer-extra={tiny} --channels 8 16 16 --codebook-size 16 --codebook-dim 4 --crop 32",
@@ -437,6 +440,7 @@ def test_gpu_recipe_and_evaluation_run_tiny_on_cpu(tmp_path: Path) -> None:
     config = json.loads((asset / "config.json").read_text())
     assert config["class_names"] == ["class0", "class1"] and config["default_class"] == "class0"
     assert config["class_aliases"] == {}  # no alias target among these classes
+    assert config["drawings"] == 3 and config["model"]["num_classes"] == 2 * 2 * 3  # classes x styles x drawings
 
     from ear.train.evaluate import main as evaluate
 

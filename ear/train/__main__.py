@@ -30,8 +30,9 @@ def add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-class-size", type=int, default=20,
                    help="distinct emoji a subcategory needs to be its own class (--classes subcategory)")
     p.add_argument("--sets", default="twitter,google",
-                   help="emoji image sets, comma-separated: twitter, google, fluent-flat, fluent-color "
-                        "(Fluent: npm fluentui-emoji SVGs, needs PyPI cairosvg)")
+                   help="emoji image sets, comma-separated: twitter, google, fluent-flat, fluent-color, "
+                        "and the earlier releases twitter-2014, twitter-2017, google-2016 (each joins its "
+                        "artist's style; the SVG sets need PyPI cairosvg)")
 
 
 def add_common(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:

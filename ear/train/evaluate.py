@@ -292,10 +292,13 @@ def sheet(pipe: EARPipeline, data: ImageDataset, classes: list[int], settings: d
     for n, c in enumerate(classes):
         x0, y = gap + (n // rows) * (block_w + gap), gap + (n % rows) * row_h
         draw.text((x0, y), pipe.class_names[c], fill=(30, 30, 30))
-        real = np.concatenate([data.images[(data.labels == c) & (data.sources == s)][:1] for s in sets])
+        # one column per set, left blank where a set has no drawing of this emoji (an older release)
+        real = [next(iter(data.images[(data.labels == c) & (data.sources == s)]), None) for s in sets]
         fakes = seed_images(pipe, [c], settings, None, per_row)[0]
-        tiles = [Image.fromarray(r).resize((size, size), Image.Resampling.LANCZOS) for r in [*real, *fakes]]
-        for i, tile in enumerate(tiles):
+        for i, picture in enumerate([*real, *fakes]):
+            if picture is None:
+                continue
+            tile = Image.fromarray(picture).resize((size, size), Image.Resampling.LANCZOS)
             x = x0 + i * (size + gap) + (bar if i >= len(real) else 0)
             page.paste(tile.convert("RGB"), (x, y + label_h))
         bx = x0 + len(real) * (size + gap) + bar // 2 - 2
