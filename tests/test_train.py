@@ -440,7 +440,7 @@ def test_gpu_recipe_and_evaluation_run_tiny_on_cpu(tmp_path: Path) -> None:
     config = json.loads((asset / "config.json").read_text())
     assert config["class_names"] == ["class0", "class1"] and config["default_class"] == "class0"
     assert config["class_aliases"] == {}  # no alias target among these classes
-    assert config["drawings"] == 3 and config["model"]["num_classes"] == 2 * 2 * 3  # classes x styles x drawings
+    assert config["drawings"] == 3 and config["model"]["num_classes"] == 2 * 2 * 3  # class x style x drawing
 
     from ear.train.evaluate import main as evaluate
 
