@@ -22,11 +22,11 @@ from ear.activate import (
     lead_rows,
     train_routers,
 )
-from ear.engine import runner_for
+from ear.engine import configure, float32_kernels, runner_for
 from ear.flops import SAVING_KEYS, activation_saving, flops_per_image
 from ear.model import FeedForward
 from ear.pipeline import EARPipeline
-from ear.routed import RoutedFFN
+from ear.routed import ROW_BUCKET, RoutedFFN
 from ear.sampler import decode, generate, sample
 from tests.helpers import noisy_model, write_tiny_model
 
@@ -259,6 +259,28 @@ def test_the_engine_routes_like_the_reference(adaln: bool, samples) -> None:
             torch.testing.assert_close(routed[0], ref[0], rtol=1e-4, atol=1e-4)
     every = _greedy_logits(model, [1, 4, 9], activation=RoutedFFN(tuned, 1.0, "grouped"))
     torch.testing.assert_close(every[0], _greedy_logits(model, [1, 4, 9])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", float32_kernels())
+def test_the_experts_run_on_the_runners_own_kernel(trained, kernel: str) -> None:
+    """Each expert's slices take the runner's pre-packed kernel (rows padded to a bucket, the
+    padding's outputs dropped) and still draw the tokens of the reference's masked FFN."""
+    model = noisy_model(grid_size=6).eval()  # the fixture's weights, a runner of its own
+    with torch.no_grad(), trained.applied(model, 0.5):
+        reference = _greedy_logits(model, [1, 4, 9], engine="reference")
+    configure(model, linear=kernel)
+    ffn = RoutedFFN(trained, 0.5, "grouped")
+    routed = _greedy_logits(model, [1, 4, 9], activation=ffn)
+    parts = [part for _weights, part in ffn._layers.values()]
+    assert parts and all(w.mode == kernel for part in parts for w in (*part.w13, *part.w2))
+    assert all(part.bucket == (1 if kernel == "plain" else ROW_BUCKET) for part in parts)
+    assert torch.equal(routed[1], reference[1])
+    torch.testing.assert_close(routed[0], reference[0], rtol=1e-4, atol=1e-4)
+    # a step of many rows: the padded products, against the dense product with neurons zeroed
+    layer = runner_for(model).weights.layers[0]
+    h, work = torch.randn(1, 2 * ROW_BUCKET + 5, model.config.dim), torch.zeros(2, dtype=torch.float64)
+    masked = RoutedFFN(trained, 0.5, "masked")
+    torch.testing.assert_close(ffn(0, layer, h, work), masked(0, layer, h, work), rtol=1e-4, atol=1e-4)
 
 
 def test_the_budget_knob_moves_the_active_share(model, trained) -> None:
