@@ -63,14 +63,14 @@ def seconds_per_image(pipes: dict[str, EARPipeline], settings: dict[str, dict[st
 def quality(pipes: dict[str, EARPipeline], settings: dict[str, dict[str, Any]], per_class: int,
             batch: int = 64) -> tuple[dict[str, dict[str, float]], float]:
     """Retrieval top-1 and emoji-FID per arm, and the refined arm's share of corrected tokens."""
-    from ear.train.data import EMOJI_SETS, asset_sets, load_dataset
+    from ear.train.data import asset_sets, load_dataset
     from ear.train.evaluate import Ruler
 
     pipe = pipes["ear"]
     # every drawing either model trained on: a sample of an earlier release is still its emoji
     learnt = {s for p in pipes.values()
               for s in asset_sets(json.loads((Path(p.info()["source"]) / "config.json").read_text()))}
-    data = load_dataset("emoji", class_set="familiar", sets=tuple(s for s in EMOJI_SETS if s in learnt))
+    data = load_dataset("emoji", class_set="familiar", sets=tuple(learnt))  # put in set order there
     if pipe.class_names != data.class_names or pipes["radar"].class_names != data.class_names:
         raise ValueError("both models must be trained on the bundled emoji classes")
     ruler = Ruler(pipe.tokenizer, data, 64)

@@ -156,13 +156,11 @@ def _grouped(part: _Layer, rows: torch.Tensor, chosen: torch.Tensor) -> torch.Te
         n = idx.numel()
         if not n:
             continue
-        if n < part.bucket:  # a pre-packed kernel's set-up outweighs a product this small
-            a, b = F.linear(rows.index_select(0, idx), w13.weight).chunk(2, dim=-1)
-            out.index_add_(0, idx, F.linear(F.silu(a) * b, w2.weight))
-        else:
-            padded = F.pad(idx, (0, -n % part.bucket))  # extra rows repeat row 0; dropped below
-            a, b = w13(rows.index_select(0, padded)).chunk(2, dim=-1)
-            out.index_add_(0, idx, w2(F.silu(a) * b)[:n])
+        packed = n >= part.bucket  # else a pre-packed kernel's set-up outweighs the product
+        x = rows.index_select(0, F.pad(idx, (0, -n % part.bucket)) if packed else idx)  # pad: row 0 again
+        a, b = (w13(x) if packed else F.linear(x, w13.weight)).chunk(2, dim=-1)
+        h = F.silu(a) * b
+        out.index_add_(0, idx, (w2(h) if packed else F.linear(h, w2.weight))[:n])  # padding dropped
     return out
 
 

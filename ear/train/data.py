@@ -236,7 +236,6 @@ def mean_abs_diff(a: np.ndarray, b: np.ndarray, chunk: int = 256) -> np.ndarray:
     return torch.cat(out).numpy() if out else np.zeros((0, len(b)))
 
 
-
 def shifted(image: np.ndarray, dx: int, dy: int) -> np.ndarray:
     """uint8 (S, S, 3) moved by whole pixels (right and down positive), white where it uncovers."""
     out = np.full_like(image, 255)

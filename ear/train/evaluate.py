@@ -367,8 +367,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     asset, out = Path(args.asset), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((asset / "config.json").read_text())
     if args.sets is None:
-        args.sets = asset_sets(json.loads((asset / "config.json").read_text()))
+        args.sets = asset_sets(config)
     data = dataset_from_args(args)
     pipe = EARPipeline.from_pretrained(str(asset), device="cpu")
     if pipe.class_names != data.class_names:
@@ -383,7 +384,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ruler = Ruler(pipe.tokenizer, data, args.fid_dims)
     metrics["fid_twemoji_vs_noto"] = ruler.real_vs_real()
 
-    config = json.loads((asset / "config.json").read_text())
     updates: dict[str, Any] = {}
     if args.sweep:
         metrics["sweep"] = sweep_settings(pipe, ruler, len(data.class_names), args.sweep_per_class,
