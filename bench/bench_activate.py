@@ -2,7 +2,7 @@
 skip only, and activated (the skip plus routed experts and token gates, `ear.routed`), in one run.
 
     python bench/bench_activate.py --quick --json bench/activate_results.json   # < 8 min, 2 cores
-    python bench/bench_activate.py --taus 0.2,0.4,0.6,0.8,1.0                   # the budget sweep
+    python bench/bench_activate.py --taus 0.2,0.4,0.6,0.8,1.0 --plot sweep.png  # the budget sweep
 
 "dense" is the engine as it was (every row through every layer), "skip" the engine with the
 content-token skip (exact), "active" the activated path at the shipped tau (or --tau). FLOPs are
@@ -91,31 +91,54 @@ def agreement(model: EAR, routed: RoutedFFN, classes: list[int], cfg: float, tem
     return torch.cat(agree).float().mean().item()
 
 
-def quality(pipe: EARPipeline, routed: RoutedFFN, classes: int, cfg: float, temperature: float
-            ) -> dict[str, float]:
+class Quality:
     """Retrieval top-1 and emoji-FID of one image per class label (the first `classes`; --quick: a
     quarter, so its FID is higher than a full run's; a full run draws every emoji in every
-    style), dense and activated, same seeds."""
-    from ear.train.data import asset_sets, load_dataset
-    from ear.train.evaluate import Ruler
+    style), the same seeds for every variant scored."""
 
-    configure(pipe.model)
-    config = json.loads((Path(pipe.info()["source"]) / "config.json").read_text())
-    data = load_dataset("emoji", class_set="familiar", sets=asset_sets(config))
-    ruler = Ruler(pipe.tokenizer, data, 64)
-    ids = list(range(classes))
-    out = {}
-    for name, ffn in (("dense", None), ("active", routed)):
+    def __init__(self, pipe: EARPipeline, classes: int, cfg: float, temperature: float) -> None:
+        from ear.train.data import asset_sets, load_dataset
+        from ear.train.evaluate import Ruler
+
+        configure(pipe.model)
+        config = json.loads((Path(pipe.info()["source"]) / "config.json").read_text())
+        data = load_dataset("emoji", class_set="familiar", sets=asset_sets(config))
+        self.pipe, self.ruler, self.num_emoji = pipe, Ruler(pipe.tokenizer, data, 64), len(data.class_names)
+        self.ids, self.cfg, self.temperature = list(range(classes)), cfg, temperature
+
+    def __call__(self, ffn: RoutedFFN | None) -> tuple[float, float]:
+        """(retrieval top-1, emoji-FID) of the model with `ffn` (None: dense)."""
         images = []
-        for i in range(0, classes, 16):
-            tokens = generate(pipe.model, ids[i:i + 16], seed=i, cfg_scale=cfg, temperature=temperature,
-                              activation=ffn)
+        for i in range(0, len(self.ids), 16):
+            tokens = generate(self.pipe.model, self.ids[i:i + 16], seed=i, cfg_scale=self.cfg,
+                              temperature=self.temperature, activation=ffn)
             with torch.no_grad():
-                images.append(to_uint8(pipe.tokenizer.decode(tokens)))
+                images.append(to_uint8(self.pipe.tokenizer.decode(tokens)))
         # a per-(emoji, style) label is style x emoji count + emoji: score the emoji it draws
-        scores = ruler.score(np.concatenate(images), np.array(ids) % len(data.class_names))
-        out[f"retrieval_{name}"], out[f"fid_{name}"] = scores["top1"], scores["fid"]
-    return out
+        scores = self.ruler.score(np.concatenate(images), np.array(self.ids) % self.num_emoji)
+        return scores["top1"], scores["fid"]
+
+
+def plot_sweep(result: dict, path: Path) -> Path:
+    """The budget sweep as three panels against the FLOPs saved: agreement, retrieval, FID, with
+    dense (0 %) and the free skip as points of their own and the targets dashed."""
+    from bench.chart import Panel, line_chart
+
+    def saved(ratio: float) -> float:
+        return 100 * (1 - ratio)
+
+    sweep = result["sweep"]
+    skip = saved(result["flops_ratio_skip"])
+    dense = {"agreement": 1.0, "retrieval": result["retrieval_dense"], "fid": result["fid_dense"]}
+    targets = {"agreement": 0.97, "retrieval": dense["retrieval"] - 0.01, "fid": 1.1 * dense["fid"]}
+    titles = {"agreement": "teacher-forced top-1 agreement", "retrieval": "retrieval top-1",
+              "fid": "emoji-FID (lower is better)"}
+    panels = [Panel(title, {"activated": [(saved(r["flops_ratio"]), r[key]) for r in sweep],
+                            "dense / free skip": [(0.0, dense[key]), (skip, dense[key])]},
+                    target_x=20.0, target_y=targets[key],
+                    labels={(saved(r["flops_ratio"]), r[key]): f"tau {r['tau']:g}" for r in sweep})
+              for key, title in titles.items()]
+    return line_chart(panels, "total FLOPs saved against dense (%); dashed: the targets", path)
 
 
 def main() -> None:
@@ -131,6 +154,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; on a "
                    "busy shared machine 1 is faster, OpenMP's second thread mostly waits)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE")
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="with --taus: draw the sweep")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,18 +188,24 @@ def main() -> None:
         result[f"speed_b{batch}_skip_vs_dense"] = secs["dense"] / secs["skip"]
         shown = ", ".join(f"{k} {v * 1000:.1f} ms/img" for k, v in secs.items())
         print(f"batch {batch}: {shown}", flush=True)
-    result.update(quality(pipe, routed, model.config.num_classes // (4 if args.quick else 1), cfg, t))
+    scorer = Quality(pipe, model.config.num_classes // (4 if args.quick else 1), cfg, t)
+    result["retrieval_dense"], result["fid_dense"] = scorer(None)
+    result["retrieval_active"], result["fid_active"] = scorer(routed)
     print(f"retrieval {result['retrieval_dense']:.3f} -> {result['retrieval_active']:.3f}, "
           f"emoji-FID {result['fid_dense']:.2f} -> {result['fid_active']:.2f}", flush=True)
     sweep = []
     for tau in [float(x) for x in args.taus.split(",") if x]:
         at = routed.at(tau)
+        retrieval, fid = scorer(at)
         sweep.append({"tau": tau, "flops_ratio": count_flops(model, "active", at, classes, cfg, t)
-                      / flops["dense"], "agreement": agreement(model, at, classes, cfg, t)})
-        print(f"tau {tau}: FLOPs x{sweep[-1]['flops_ratio']:.3f}, agreement {sweep[-1]['agreement']:.4f}",
-              flush=True)
+                      / flops["dense"], "agreement": agreement(model, at, classes, cfg, t),
+                      "retrieval": retrieval, "fid": fid})
+        print(f"tau {tau}: FLOPs x{sweep[-1]['flops_ratio']:.3f}, agreement {sweep[-1]['agreement']:.4f}, "
+              f"retrieval {retrieval:.3f}, emoji-FID {fid:.2f}", flush=True)
     if sweep:
         result["sweep"] = sweep
+        if args.plot:
+            print(f"plot: {plot_sweep(result, args.plot)}")
     result["seconds"] = time.perf_counter() - began
     print(json.dumps(result, indent=1))
     if args.json:
