@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,7 +120,7 @@ class Quality:
         return scores["top1"], scores["fid"]
 
 
-def plot_sweep(result: dict, path: Path) -> Path:
+def plot_sweep(result: dict[str, Any], path: Path) -> Path:
     """The budget sweep as three panels against the FLOPs saved: agreement, retrieval, FID, with
     dense (0 %) and the free skip as points of their own and the targets dashed."""
     from bench.chart import Panel, line_chart
@@ -156,6 +157,8 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, metavar="FILE")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="with --taus: draw the sweep")
     args = p.parse_args()
+    if args.plot and not args.taus:
+        p.error("--plot draws the budget sweep: give the taus to sweep with --taus")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
