@@ -120,10 +120,10 @@ class Quality:
         return scores["top1"], scores["fid"]
 
 
-def plot_sweep(result: dict[str, Any], path: Path) -> Path:
+def sweep_panels(result: dict[str, Any]) -> list[Any]:
     """The budget sweep as three panels against the FLOPs saved: agreement, retrieval, FID, with
     dense (0 %) and the free skip as points of their own and the targets dashed."""
-    from bench.chart import Panel, line_chart
+    from bench.chart import Panel
 
     def saved(ratio: float) -> float:
         return 100 * (1 - ratio)
@@ -134,12 +134,18 @@ def plot_sweep(result: dict[str, Any], path: Path) -> Path:
     targets = {"agreement": 0.97, "retrieval": dense["retrieval"] - 0.01, "fid": 1.1 * dense["fid"]}
     titles = {"agreement": "teacher-forced top-1 agreement", "retrieval": "retrieval top-1",
               "fid": "emoji-FID (lower is better)"}
-    panels = [Panel(title, {"activated": [(saved(r["flops_ratio"]), r[key]) for r in sweep],
-                            "dense / free skip": [(0.0, dense[key]), (skip, dense[key])]},
-                    target_x=20.0, target_y=targets[key],
-                    labels={(saved(r["flops_ratio"]), r[key]): f"tau {r['tau']:g}" for r in sweep})
-              for key, title in titles.items()]
-    return line_chart(panels, "total FLOPs saved against dense (%); dashed: the targets", path)
+    return [Panel(title, {"activated": [(saved(r["flops_ratio"]), r[key]) for r in sweep],
+                          "dense / free skip": [(0.0, dense[key]), (skip, dense[key])]},
+                  target_x=20.0, target_y=targets[key],
+                  labels={(saved(r["flops_ratio"]), r[key]): f"tau {r['tau']:g}" for r in sweep})
+            for key, title in titles.items()]
+
+
+def plot_sweep(result: dict[str, Any], path: Path) -> Path:
+    """Draw `sweep_panels` into a PNG."""
+    from bench.chart import line_chart
+
+    return line_chart(sweep_panels(result), "total FLOPs saved against dense (%); dashed: the targets", path)
 
 
 def main() -> None:

@@ -66,11 +66,12 @@ class _Frame:
                 self.top + PANEL_H - (y - y_lo) / (y_hi - y_lo) * PANEL_H)
 
 
-def _frame(panel: Panel, left: int, top: int) -> _Frame:
+def panel_frame(panel: Panel, n: int) -> _Frame:
+    """The frame of the `n`-th panel of a chart: where `line_chart` draws its points."""
     points = [p for pts in panel.series.values() for p in pts]
     xs = [x for x, _ in points] + ([] if panel.target_x is None else [panel.target_x])
     ys = [y for _, y in points] + ([] if panel.target_y is None else [panel.target_y])
-    return _Frame(left, top, _nice_bounds(xs), _nice_bounds(ys))
+    return _Frame(MARGIN + n * (PANEL_W + MARGIN), MARGIN, _nice_bounds(xs), _nice_bounds(ys))
 
 
 def line_chart(panels: list[Panel], x_label: str, path: str | Path) -> Path:
@@ -81,7 +82,7 @@ def line_chart(panels: list[Panel], x_label: str, path: str | Path) -> Path:
     draw = ImageDraw.Draw(image)
     legend: dict[str, tuple[int, int, int]] = {}
     for n, panel in enumerate(panels):
-        f = _frame(panel, MARGIN + n * (PANEL_W + MARGIN), MARGIN)
+        f = panel_frame(panel, n)
         (x_lo, x_hi, x_step), (y_lo, y_hi, y_step) = f.x, f.y
         for x in _ticks(x_lo, x_hi, x_step):
             draw.line([f.at(x, y_lo), f.at(x, y_hi)], fill=GRID)

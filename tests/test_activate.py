@@ -427,22 +427,20 @@ def test_the_budget_sweep_plot_draws_each_point_where_it_lies(tmp_path) -> None:
     """bench_activate --plot: each tau's point sits at its FLOPs saving and value, dense beside it."""
     from PIL import Image
 
-    from bench.bench_activate import plot_sweep
-    from bench.chart import COLOURS, MARGIN, PANEL_W, Panel, _frame
+    from bench.bench_activate import plot_sweep, sweep_panels
+    from bench.chart import COLOURS, MARGIN, PANEL_W, panel_frame
 
     sweep = [{"tau": t, "flops_ratio": r, "agreement": a, "retrieval": q, "fid": f}
              for t, r, a, q, f in ((0.4, 0.76, 0.70, 0.95, 14.0), (0.6, 0.89, 0.98, 1.0, 12.8),
                                    (1.0, 0.92, 1.0, 1.0, 13.4))]
     result = {"sweep": sweep, "flops_ratio_skip": 0.906, "retrieval_dense": 1.0, "fid_dense": 13.4}
-    path = plot_sweep(result, tmp_path / "sweep.png")
-    image = Image.open(path).convert("RGB")
+    image = Image.open(plot_sweep(result, tmp_path / "sweep.png")).convert("RGB")
     assert image.width == 3 * (PANEL_W + MARGIN) + MARGIN
-    for n, key in enumerate(("agreement", "retrieval", "fid")):
+    panels = sweep_panels(result)
+    for n, (key, panel) in enumerate(zip(("agreement", "retrieval", "fid"), panels, strict=True)):
         points = [(100 * (1 - r["flops_ratio"]), r[key]) for r in sweep]
-        dense = [(0.0, 1.0 if key == "agreement" else result[f"{key}_dense"])]
-        frame = _frame(Panel("", {"a": points, "d": [*dense, (9.4, dense[0][1])]}, 20.0,
-                             {"agreement": 0.97, "retrieval": 0.99, "fid": 1.1 * 13.4}[key]),
-                       MARGIN + n * (PANEL_W + MARGIN), MARGIN)
-        for (x, y), colour in [(p, COLOURS[0]) for p in points[:2]] + [(dense[0], COLOURS[1])]:
+        dense = (0.0, 1.0 if key == "agreement" else result[f"{key}_dense"])
+        frame = panel_frame(panel, n)
+        for (x, y), colour in [(p, COLOURS[0]) for p in points[:2]] + [(dense, COLOURS[1])]:
             px, py = frame.at(x, y)
             assert image.getpixel((round(px), round(py))) == colour, (key, x, y)
