@@ -15,6 +15,10 @@ per step:
   one), the output head on the query rows only, and the draw (`ear.draw`) on the device;
 * the content-token skip: content rows only give keys and values, so the last layer's attention
   output and FFN run on the mask-query rows alone (exact; `content_outputs` turns it off);
+* the shared mask projection: a step's mask queries enter the first layer as one and the same
+  vector per image (the mask token, modulated by the image's class; positions enter only through
+  the rotation after the projection), so its q, k, v are projected once per image and step
+  (exact; `share_mask_projection` turns it off);
 * an optional FFN in place of the dense one per generation (`ear.routed`: dynamic activation);
 * on CUDA, every step after the first replayed as a CUDA graph (captured on first use per step
   and bucket, one memory pool), and each step's tokens copied to pinned memory while the next step
@@ -296,6 +300,7 @@ class DecodeRunner:
         # The last layer runs only the mask-query rows; a head that reads the content rows' outputs
         # (a correction head) sets this to run every row.
         self.content_outputs = False
+        self.share_mask_projection = True
 
     # ---- weights, buckets, slots ---------------------------------------------------------------
 
@@ -458,7 +463,13 @@ class DecodeRunner:
         rows attend and come out (none: nothing comes out)."""
         rows, length, dim = h.shape
         heads = self.model.config.n_head
-        qkv = layer.wqkv(h).view(rows, length, 3, heads, -1, 2)
+        m = plan.num_queries
+        if i == 0 and m > 1 and self.share_mask_projection:  # the mask rows are one row repeated
+            head = layer.wqkv(h[:, : length - m + 1])
+            qkv = torch.cat([head, head[:, -1:].expand(-1, m - 1, -1)], dim=1)
+        else:
+            qkv = layer.wqkv(h)
+        qkv = qkv.view(rows, length, 3, heads, -1, 2)
         cache = slot.caches[i]
         if slot.complex_caches is not None:
             written = slot.complex_caches[i][:, plan.start:plan.end]

@@ -36,12 +36,14 @@ def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=N
 @contextlib.contextmanager
 def counting_runner(model: EAR, every_row: bool) -> Iterator[None]:
     """The model decodes with plain linears and no CUDA graphs (what the counter sees) inside;
-    `every_row`: the engine as before the content-token skip (every row through the last layer).
+    `every_row`: the engine as before its free savings (every row through the last layer, every
+    mask query projected on its own).
     It runs on one PyTorch thread: the counter's per-op dispatch is the cost, and on a busy
     2-core CPU two OpenMP threads made the bundled model's count 155 s instead of 8 s."""
     previous, threads = runner_for(model), torch.get_num_threads()
     runner = configure(model, linear="plain", graphs=False)
     runner.content_outputs = every_row or previous.content_outputs
+    runner.share_mask_projection = not every_row and previous.share_mask_projection
     torch.set_num_threads(1)
     try:
         yield
@@ -54,7 +56,7 @@ def flops_per_image(model: EAR, classes: Sequence[int], *, activation: RoutedFFN
                     every_row: bool = False, seed: int = 0, **sampling: Any) -> tuple[float, float]:
     """(FLOPs per image, FFN share run) of one generation of `classes` (labels) with `sampling`
     (ear.sampler.sample's values), activated by `activation` or dense; `every_row` counts the
-    engine without its free content-token skip."""
+    engine without its free savings (the content-token skip, the shared mask projection)."""
     with counting_runner(model, every_row), FlopCounterMode(display=False) as counter:
         state = None
         for state in sample(model, list(classes), seed=seed, activation=activation, **sampling):  # noqa: B007
@@ -66,8 +68,8 @@ def flops_per_image(model: EAR, classes: Sequence[int], *, activation: RoutedFFN
 def activation_saving(model: EAR, activation: Activation, classes: Sequence[int], tau: float | None = None,
                       **sampling: Any) -> dict[str, float]:
     """What Model info shows of an activation: total FLOPs per image of the engine before the
-    content-token skip ("dense", as bench/bench_activate.py counts it) and activated at its tau
-    (the skip included) at `tau` (default: the activation's own), and the share of the dense
+    free savings ("dense", as bench/bench_activate.py counts it) and activated at its tau
+    (the free savings included) at `tau` (default: the activation's own), and the share of the dense
     FFN's multiply-adds it ran. The grouped form is counted (the products that shrink), on any
     device: CUDA's masked form runs the dense product, only to keep static shapes."""
     grouped = RoutedFFN(activation, tau, mode="grouped")

@@ -199,22 +199,46 @@ def _greedy_logits(model, classes: list[int], **kwargs) -> tuple[torch.Tensor, t
     return torch.cat(logits, 1), torch.cat(tokens, 1)
 
 
+# The engine's free savings, each with the runner flag that turns it off.
+FREE_SAVINGS = {"content-token skip": ("content_outputs", True),
+                "shared mask projection": ("share_mask_projection", False)}
+
+
 @pytest.mark.parametrize("adaln", [True, False])
-def test_the_content_token_skip_changes_no_token(adaln: bool) -> None:
-    """The last layer runs only the mask queries; running every row (`content_outputs`, what a
-    correction head needs) gives the same logits and tokens, greedy and sampled."""
+@pytest.mark.parametrize("saving", FREE_SAVINGS)
+def test_the_free_savings_change_no_token(adaln: bool, saving: str) -> None:
+    """The last layer runs only the mask queries, and the first layer projects a step's mask
+    queries once per image; turning either off gives the same logits and tokens, greedy and
+    sampled."""
     model = noisy_model(adaln=adaln).eval()
     runner = runner_for(model)
-    skipped = _greedy_logits(model, [1, 4, 9])
+    flag, off = FREE_SAVINGS[saving]
+    saved = _greedy_logits(model, [1, 4, 9])
     drawn = generate(model, [2, 3], seed=5, cfg_scale=1.5)
-    runner.content_outputs = True
+    setattr(runner, flag, off)
     try:
         full = _greedy_logits(model, [1, 4, 9])
         assert torch.equal(drawn, generate(model, [2, 3], seed=5, cfg_scale=1.5))
     finally:
-        runner.content_outputs = False
-    assert torch.equal(skipped[1], full[1])
-    torch.testing.assert_close(skipped[0], full[0], rtol=1e-5, atol=1e-5)
+        setattr(runner, flag, not off)
+    assert torch.equal(saved[1], full[1])
+    torch.testing.assert_close(saved[0], full[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_shared_mask_projection_saves_its_products_exactly() -> None:
+    """Counted FLOPs drop by the first layer's qkv products of every mask query but one per step
+    and image (CFG rows included)."""
+    model = noisy_model().eval()
+    runner = runner_for(model)
+    shared, _ = flops_per_image(model, [1, 2], cfg_scale=1.5)
+    runner.share_mask_projection = False
+    try:
+        each, _ = flops_per_image(model, [1, 2], cfg_scale=1.5)
+    finally:
+        runner.share_mask_projection = True
+    sched, dim = model.schedule, model.config.dim
+    repeated = sched.num_tokens - sched.num_steps  # mask queries projected again without it
+    assert each - shared == 2 * repeated * 2 * dim * 3 * dim  # two rows per image (CFG)
 
 
 @pytest.fixture(scope="module")
