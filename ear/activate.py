@@ -253,16 +253,21 @@ class Activation(nn.Module):
     def _parts(self) -> tuple[str, ...]:
         return ("routers", "gates") if self.tuned is None else ("routers", "gates", "tuned")
 
-    def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """(tensors, metadata) as stored: the expert groups, routers, gates (and tuned experts), the
+        config and the report."""
         tensors = {f"groups.{i}": g.contiguous() for i, g in enumerate(self.groups)}
         for name in self._parts():
             tensors.update({f"{name}.{k}": v.detach().contiguous()
                             for k, v in getattr(self, name).state_dict().items()})
+        return tensors, {"config": json.dumps(asdict(self.config)), "report": json.dumps(self.report)}
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         path = folder / ACTIVATION_FILE
-        save_file(tensors, str(path), metadata={"config": json.dumps(asdict(self.config)),
-                                                "report": json.dumps(self.report)})
+        tensors, metadata = self.tensors()
+        save_file(tensors, str(path), metadata=metadata)
         return path
 
     @classmethod
@@ -271,22 +276,29 @@ class Activation(nn.Module):
         path = Path(folder) / ACTIVATION_FILE
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
+        return cls.from_tensors(model, load_file(str(path)), metadata, path.name)
+
+    @classmethod
+    def from_tensors(cls, model: EAR, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                     name: str = ACTIVATION_FILE) -> Activation:
+        """The activation stored as `tensors` and `metadata` (`tensors()`), checked against `model`."""
         try:
             config = ActivationConfig(**json.loads(metadata["config"]))
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path.name} has no valid activation config: {err}") from None
-        tensors = load_file(str(path))
+            raise ValueError(f"{name} has no valid activation config: {err}") from None
+        tensors = dict(tensors)
         try:
             groups = [tensors.pop(f"groups.{i}") for i in range(len(model.layers))]
             activation = cls(model, config, groups)
-            for name in activation._parts():
-                part = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
-                getattr(activation, name).load_state_dict(part)
+            for part_name in activation._parts():
+                part = {k.removeprefix(f"{part_name}."): v for k, v in tensors.items()
+                        if k.startswith(f"{part_name}.")}
+                getattr(activation, part_name).load_state_dict(part)
             extra = [k for k in tensors if not k.startswith(tuple(f"{n}." for n in activation._parts()))]
             if extra:
                 raise KeyError(f"unexpected keys {extra[:4]}")
         except (KeyError, RuntimeError) as err:
-            raise ValueError(f"{path.name}'s experts and routers do not fit this model "
+            raise ValueError(f"{name}'s experts and routers do not fit this model "
                              f"({str(err)[:200]})") from None
         activation.report = json.loads(metadata.get("report", "{}"))
         return activation
@@ -423,10 +435,17 @@ def convert(model: EAR, config: ActivationConfig, budget: float, samples: int = 
     distill(activation, model, tokens[train], classes[train], budget, steps=distill_steps, seed=seed,
             lead=lead)
     progress("measuring")
-    with torch.no_grad():
-        dense = model(tokens[held], classes[held]).argmax(-1)
-        with activation.applied(model, lead=lead) as ffns:
-            activated = model(tokens[held], classes[held]).argmax(-1)
-    share = sum(s for ffn in ffns for s in ffn.active_share) / len(ffns)
-    activation.report = {"ffn_share": share, "agreement": float((dense == activated).float().mean())}
+    activation.report = held_out_report(activation, model, tokens[held], classes[held])
     return activation, activation.report
+
+
+def held_out_report(activation: Activation, model: EAR, tokens: torch.Tensor,
+                    class_ids: torch.Tensor) -> dict[str, float]:
+    """The FFN share run and the teacher-forced top-1 agreement with the dense model on `tokens`
+    (samples the distillation did not see), at the activation's tau and dense lead."""
+    with torch.no_grad():
+        dense = model(tokens, class_ids).argmax(-1)
+        with activation.applied(model, lead=activation.config.dense_lead) as ffns:
+            activated = model(tokens, class_ids).argmax(-1)
+    share = sum(s for ffn in ffns for s in ffn.active_share) / len(ffns)
+    return {"ffn_share": share, "agreement": float((dense == activated).float().mean())}

@@ -536,9 +536,8 @@ class EARPipeline:
                 refine_threshold: float | None = None, activation: float | None = None,
                 alone: bool = False) -> Iterator[StepState]:
         """Checked arguments -> the sampler's generator (which itself starts work lazily).
-        `refine` None: nested refinement where the model has the correction head. Refined,
-        activated and `alone` rows run on their own (`ear.sampler.sample`), outside a server's
-        shared batches."""
+        `refine` None: nested refinement where the model has the correction head. `alone` rows
+        run on their own (`ear.sampler.sample`), outside a server's shared batches."""
         settings = self.default_settings.merged(cfg_scale=cfg_scale, temperature=temperature,
                                                 top_k=top_k, top_p=top_p)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | np.integer)
@@ -548,11 +547,10 @@ class EARPipeline:
         labels, order = self.labels(ids, style, seed), self._schedule(schedule)
         on = self.can_refine if refine is None else refine
         refined = refinement(self.model, on, refine_threshold) is not None
-        if refined or activation is not None or alone:
-            return sample(self.model, labels, **asdict(settings), seed=seed, known=known, schedule=order,
-                          refine=refined, refine_threshold=refine_threshold,
-                          activation=None if activation is None else self.routed(activation))
-        return self.sampler(self.model, labels, **asdict(settings), seed=seed, known=known, schedule=order)
+        sampler = sample if alone else self.sampler
+        return sampler(self.model, labels, **asdict(settings), seed=seed, known=known, schedule=order,
+                       refine=refined, refine_threshold=refine_threshold,
+                       activation=None if activation is None else self.routed(activation))
 
     def _frames(self, states: Iterator[StepState], renderer: PreviewRenderer) -> Iterator[Frame]:
         for state in states:

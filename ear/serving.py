@@ -13,8 +13,10 @@ takes one request (its classes, seed and sampling settings) with the signature o
   such batches (2) wait for one to finish. First come, first served; at most `max_rows` rows in
   flight; a request bigger than that runs alone.
 * Rows share a forward only when the engine can run them as one batch: same model, schedule,
-  known cells (none, or some with the same first steps known: Extend, Edit) and guidance on or
-  off (cfg 1 rows in a guided batch would double their cost and add a rounding step). Batches of
+  known cells (none, or some with the same first steps known: Extend, Edit), guidance on or
+  off (cfg 1 rows in a guided batch would double their cost and add a rounding step), nested
+  refinement (RadAR, `ear.refine`) off or on at the same threshold, and dynamic activation
+  (ActVAR, `ear.routed`) off or the same activation at the same tau. Batches of
   different kinds run side by side, one step of each in turn, so an Extend or a Compare never
   waits for a long Generate batch to finish.
 * Every row keeps its own settings and randomness: row i of a request with seed s is drawn from
@@ -59,9 +61,14 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
+from ear.activate import Activation
 from ear.model import EAR, EARConfig
 from ear.order import Schedule
+from ear.refine import refinement
+from ear.routed import RoutedFFN
 from ear.sampler import (
     Decoded,
     SamplingParams,
@@ -172,6 +179,8 @@ class _Request:
     seed: int
     known: torch.Tensor | None  # (n, g*g) raster, UNKNOWN where drawn (`ear.sampler._as_known`)
     schedule: Schedule
+    refine_threshold: float | None = None  # nested refinement at this threshold; None: off
+    activation: RoutedFFN | None = None  # the FFNs activated; None: dense
     submitted: float = field(default_factory=time.perf_counter)
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
@@ -199,19 +208,27 @@ class _Request:
     @property
     def key(self) -> tuple:
         """What must match for rows to share a forward."""
-        return (self.model, self.schedule.name, self.lead, self.known is None, self.params.guided)
+        ffn = self.activation
+        activated = None if ffn is None else (ffn.activation, ffn.tau, ffn.lead, ffn.mode, ffn.capacity)
+        return (self.model, self.schedule.name, self.lead, self.known is None, self.params.guided,
+                self.refine_threshold, activated)
 
 
 def _new_request(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, params: SamplingParams,
                  seed: int | None, prefix: torch.Tensor | None, known: torch.Tensor | None,
-                 schedule: Schedule | None) -> _Request:
+                 schedule: Schedule | None, refine: bool = False, refine_threshold: float | None = None,
+                 activation: RoutedFFN | None = None) -> _Request:
     """A request with every argument checked (before anything is queued)."""
     if model.training:
         raise ValueError("the model is in training mode (dropout, label drop): call model.eval() first")
     ids = _as_class_ids(model, class_ids)
     seed = secrets.randbits(63) if seed is None else _whole(seed)
     sched = model.layout(schedule).schedule
-    return _Request(model, ids, params, seed, _as_known(model, known, prefix, ids.shape[0], sched), sched)
+    refined = refinement(model, refine, refine_threshold)
+    if activation is not None and not isinstance(activation, RoutedFFN):
+        raise ValueError(f"activation must be an ear.routed.RoutedFFN (or None), got {activation!r}")
+    return _Request(model, ids, params, seed, _as_known(model, known, prefix, ids.shape[0], sched), sched,
+                    None if refined is None else refined.threshold, activation)
 
 
 def _whole(seed: object) -> int:
@@ -263,7 +280,9 @@ class _Batch:
             cfg_scale=[p.cfg_scale for p in params], temperature=[p.temperature for p in params],
             top_k=[p.top_k for p in params], top_p=[p.top_p for p in params],
             greedy=[p.greedy for p in params], seed=[r.seed for r, _ in per_row],
-            row_ids=[i for _, i in per_row], known=known, schedule=first.schedule)
+            row_ids=[i for _, i in per_row], known=known, schedule=first.schedule,
+            refine=first.refine_threshold is not None, refine_threshold=first.refine_threshold,
+            activation=first.activation)
         self.offsets = list(itertools.accumulate([r.rows for r in requests], initial=0))
         self.produced = 0  # states this batch has computed
         self.num_states = state_count(known, first.schedule)
@@ -299,8 +318,9 @@ class _Batch:
             if not r.cancelled and r.received < self.produced:
                 assert r.began is not None
                 r.received += 1
+                corrected = None if state.corrected is None else state.corrected[start:stop]
                 r.hand_over(ServedState(state.step, state.num_steps, state.tokens[start:stop], state.known,
-                                        state.new, state.elapsed + self.started - r.began,
+                                        state.new, state.elapsed + self.started - r.began, corrected,
                                         ffn_active=state.ffn_active, batch_rows=rows,
                                         rows_in_flight=rows_in_flight, requests_in_flight=requests_in_flight,
                                         shared=shared, rows=slice(start, stop)), now)
@@ -348,12 +368,15 @@ class Scheduler:
     def sample(self, model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_scale: float = 1.0,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
                seed: int | None = None, prefix: torch.Tensor | None = None,
-               known: torch.Tensor | None = None, schedule: Schedule | None = None) -> Iterator[ServedState]:
+               known: torch.Tensor | None = None, schedule: Schedule | None = None, refine: bool = False,
+               refine_threshold: float | None = None,
+               activation: RoutedFFN | None = None) -> Iterator[ServedState]:
         """`ear.sampler.sample` for one request, served in a shared batch: the same states, the
         same tokens (row i drawn from (seed, i)). Arguments are checked now; the request joins the
         queue when the first state is asked for, and leaves it when the iterator is closed."""
         params = SamplingParams(cfg_scale, temperature, top_k, top_p, greedy)
-        return self._follow(_new_request(model, class_ids, params, seed, prefix, known, schedule))
+        return self._follow(_new_request(model, class_ids, params, seed, prefix, known, schedule,
+                                         refine, refine_threshold, activation))
 
     def _follow(self, request: _Request) -> Iterator[ServedState]:
         self._submit(request)
@@ -538,10 +561,13 @@ class ProcessScheduler:
     def sample(self, model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_scale: float = 1.0,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
                seed: int | None = None, prefix: torch.Tensor | None = None,
-               known: torch.Tensor | None = None, schedule: Schedule | None = None) -> Iterator[ServedState]:
+               known: torch.Tensor | None = None, schedule: Schedule | None = None, refine: bool = False,
+               refine_threshold: float | None = None,
+               activation: RoutedFFN | None = None) -> Iterator[ServedState]:
         """As `Scheduler.sample`."""
         params = SamplingParams(cfg_scale, temperature, top_k, top_p, greedy)
-        request = _new_request(model, class_ids, params, seed, prefix, known, schedule)
+        request = _new_request(model, class_ids, params, seed, prefix, known, schedule, refine,
+                               refine_threshold, activation)
         return self._follow(request) if _on_cpu(model) else self._local._follow(request)
 
     def _follow(self, request: _Request) -> Iterator[ServedState]:
@@ -593,6 +619,7 @@ class _Worker:
         self._in = Connection(from_worker, writable=False)
         self._send_lock = threading.Lock()
         self._models: weakref.WeakKeyDictionary[EAR, int] = weakref.WeakKeyDictionary()
+        self._activations: weakref.WeakKeyDictionary[Activation, int] = weakref.WeakKeyDictionary()
         self._requests: dict[int, _Request] = {}
         self._numbers = itertools.count()
         # finished batches while a request still holds one of their states (their decoded pixels)
@@ -618,13 +645,28 @@ class _Worker:
                     self._send(("model", model, asdict(request.model.config), weights.getvalue()))
                 self._send(("sample", number, model, request.class_ids.numpy(), request.params,
                             request.seed, None if request.known is None else request.known.numpy(),
-                            request.schedule))
+                            request.schedule, request.refine_threshold, self._activation(request, model)))
         except BaseException:
             self._requests.pop(number, None)
             raise
         if not self.alive:  # died before this request was counted among those to fail
             request.out.put(_Failed(RuntimeError("the serving process stopped")))
         return number
+
+    def _activation(self, request: _Request, model: int) -> tuple | None:
+        """How the worker finds the request's activated FFNs: (activation number, tau, dense lead,
+        mode, capacity); the activation itself is sent once (as safetensors bytes). With the send
+        lock held."""
+        ffn = request.activation
+        if ffn is None:
+            return None
+        number = self._activations.get(ffn.activation)
+        if number is None:
+            number = self._activations[ffn.activation] = next(self._numbers)
+            weakref.finalize(ffn.activation, self._notices.put, ("drop activation", number))
+            tensors, metadata = ffn.activation.tensors()
+            self._send(("activation", number, model, metadata, save_tensors(tensors)))
+        return number, ffn.tau, ffn.lead, ffn.mode, ffn.capacity
 
     def finished(self, number: int) -> None:
         """The request ended (done, failed or stopped): its rows leave the worker's batches."""
@@ -669,8 +711,9 @@ class _Worker:
             request.out.put([self._state(*packed) for packed in payload])
 
     def _state(self, fields: tuple, batch: tuple | None) -> ServedState:
-        step, num_steps, tokens, known, new, elapsed, ffn_active, batch_rows, in_flight, requests = fields
-        state = ServedState(step, num_steps, *(torch.from_numpy(a) for a in (tokens, known, new)), elapsed,
+        step, num_steps, *grids, elapsed, corrected, ffn_active, batch_rows, in_flight, requests = fields
+        state = ServedState(step, num_steps, *(torch.from_numpy(a) for a in grids), elapsed,
+                            None if corrected is None else torch.from_numpy(corrected),
                             ffn_active=ffn_active, batch_rows=batch_rows, rows_in_flight=in_flight,
                             requests_in_flight=requests)
         if batch is not None:  # the finished step: one decode for the whole batch, as in-process
@@ -708,8 +751,8 @@ class _Outbox:
 
 def _packed(state: ServedState) -> tuple[tuple, tuple | None]:
     fields = (state.step, state.num_steps, state.tokens.numpy(), state.known.numpy(), state.new.numpy(),
-              state.elapsed, state.ffn_active, state.batch_rows, state.rows_in_flight,
-              state.requests_in_flight)
+              state.elapsed, None if state.corrected is None else state.corrected.numpy(),
+              state.ffn_active, state.batch_rows, state.rows_in_flight, state.requests_in_flight)
     batch = None
     if state.shared is not None and state.rows is not None:
         batch = (state.shared.number, state.shared.tokens.numpy(), state.rows.start, state.rows.stop)
@@ -732,6 +775,8 @@ def _worker_main(read_fd: int, write_fd: int, settings: dict[str, Any]) -> None:
 
     scheduler = Scheduler(**settings["scheduler"])
     models: dict[int, EAR] = {}
+    activations: dict[int, Activation] = {}
+    routed: dict[tuple, RoutedFFN] = {}  # one per (activation, tau, ...): rows that match share a batch
     requests: dict[int, _Request] = {}
     while True:
         try:
@@ -745,11 +790,22 @@ def _worker_main(read_fd: int, write_fd: int, settings: dict[str, Any]) -> None:
             model = EAR(EARConfig(**config))
             model.load_weights(state)
             models[number] = model.to(next(iter(state.values())).dtype).eval()
+        elif kind == "activation":
+            model_number, metadata, tensors = rest
+            activations[number] = Activation.from_tensors(models[model_number], load_tensors(tensors),
+                                                          metadata)
         elif kind == "sample":
-            model_number, class_ids, params, seed, known, schedule = rest
+            model_number, class_ids, params, seed, known, schedule, threshold, activated = rest
             try:
+                ffn = None
+                if activated is not None:
+                    if activated not in routed:
+                        at, tau, lead, mode, capacity = activated
+                        routed[activated] = RoutedFFN(activations[at], tau, mode, capacity, lead)
+                    ffn = routed[activated]
                 request = _Request(models[model_number], torch.from_numpy(class_ids), params, seed,
-                                   None if known is None else torch.from_numpy(known), schedule)
+                                   None if known is None else torch.from_numpy(known), schedule,
+                                   threshold, ffn)
                 request.out = _Outbox(number, send)
                 scheduler._submit(request)
             except Exception as err:  # a bug, not the input (checked in the parent): this request fails
@@ -761,6 +817,10 @@ def _worker_main(read_fd: int, write_fd: int, settings: dict[str, Any]) -> None:
             scheduler._cancel(requests.pop(number))
         elif kind == "drop":
             models.pop(number, None)
+        elif kind == "drop activation":
+            activations.pop(number, None)
+            for key in [k for k in routed if k[0] == number]:
+                del routed[key]
     scheduler.close()
 
 

@@ -619,8 +619,7 @@ def speedy(app: types.ModuleType, tiny: str, tmp_path_factory: pytest.TempPathFa
 def speedy_models(app: types.ModuleType, speedy: dict[str, str],
                   monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The page's registry holds the tiny models, served as the app serves its own; returns the
-    names of the models whose request went to the server's shared batches (refined and
-    activated requests run on their own)."""
+    names of the models whose request went to the server's shared batches (a request each)."""
     served: list[str] = []
 
     def load(name: str) -> EARPipeline:
@@ -673,9 +672,8 @@ def test_generate_refines_on_a_model_with_the_correction_head(
     assert "corrected (cyan)" in refined[1] and "(cyan)" not in refined[-1]  # no outline when finished
     assert speedy_captions(app, speedy["refined"], refine=True)[-1].split(" · ")[-2] == \
         refined[-1].split(" · ")[-2]  # the same seed corrects the same cells
-    assert speedy_models == []  # refined requests run on their own, outside the shared batches
     assert not any("corrected" in c for c in speedy_captions(app, speedy["refined"], refine=False))
-    assert speedy_models == [speedy["refined"]]
+    assert speedy_models == [speedy["refined"]] * 3  # refined or not, in the server's shared batches
 
 
 def test_generate_activated_says_how_much_of_the_ffn_ran(
@@ -684,7 +682,7 @@ def test_generate_activated_says_how_much_of_the_ffn_ran(
         caption = speedy_captions(app, speedy["activated"], activation=True, activation_tau=tau)[-1]
         assert re.search(r" · FFN \d+ % active", caption), caption
     assert not any("FFN" in c for c in speedy_captions(app, speedy["activated"], activation_tau=0.05))
-    assert speedy_models == [speedy["activated"]]  # only the dense run shared a batch
+    assert speedy_models == [speedy["activated"]] * 3  # activated or not, in the shared batches
 
 
 def test_model_info_says_what_refinement_and_activation_offer(

@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from ear import serving
+from ear.activate import Activation, ActivationConfig
 from ear.engine import MAX_IDLE_SLOTS, runner_for
 from ear.order import make_schedule
 from ear.pipeline import EARPipeline
+from ear.routed import RoutedFFN
 from ear.sampler import generate, sample
 from ear.serving import Scheduler, ServedState
 from tests.helpers import noisy_model, same_picture, write_tiny_model
@@ -399,3 +401,49 @@ def test_requests_arriving_during_a_batch_all_get_their_own_steps(model, make_sc
     for request, states in zip(requests, results, strict=True):
         assert [s.step for s in states] == list(range(1, model.schedule.num_steps + 1))
         assert torch.equal(states[-1].tokens, alone(model, request))
+
+
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_refined_and_activated_requests_share_batches_of_their_kind(make_scheduler, make_process_scheduler,
+                                                                    where):
+    """Refined rows (RadAR) share a forward with refined rows at the same threshold, activated rows
+    (ActVAR) with rows of the same activation at the same tau; each request still gets the tokens
+    and the corrected cells it gets alone."""
+    model = noisy_model(correction=True, schedule="radar")
+    ffn = RoutedFFN(Activation(model, ActivationConfig(experts=4, router_hidden=16, tau=0.5)))
+    hot = {"temperature": 3.0}  # a ring's draws disagree: corrections happen
+    requests = [
+        {"class_ids": [1, 2], "seed": 3, "refine": True, **hot},
+        {"class_ids": [4], "seed": 5, "refine": True, **hot},  # with the one before
+        {"class_ids": [4], "seed": 5, "refine": True, "refine_threshold": 0.3, **hot},
+        {"class_ids": [6], "seed": 1, "activation": ffn, **hot},
+        {"class_ids": [7, 8], "seed": 2, "activation": ffn, **hot},  # with the one before
+        {"class_ids": [7], "seed": 2, "activation": ffn.at(0.2), **hot},
+        {"class_ids": [7], "seed": 2, **hot},
+    ]
+    shared_rows = [3, 3, 1, 3, 3, 1, 1]
+    made = make_scheduler if where == "thread" else make_process_scheduler
+    scheduler = made(max_rows=sum(len(r["class_ids"]) for r in requests), gather_s=1.0)
+    results = crowd(scheduler, model, requests)
+    for request, states, rows in zip(requests, results, shared_rows, strict=True):
+        kwargs = dict(request)
+        own = list(sample(model, kwargs.pop("class_ids"), **kwargs))[-1]
+        assert all(s.batch_rows == rows for s in states), (request, [s.batch_rows for s in states])
+        assert torch.equal(states[-1].tokens, own.tokens), request
+        if request.get("refine"):
+            assert torch.equal(states[-1].corrected, own.corrected), request
+        else:
+            assert states[-1].corrected is None
+        assert (states[-1].ffn_active < 1) == ("activation" in request)
+    assert any(states[-1].corrected.any() for states in results[:3])
+
+
+def test_refinement_and_activation_are_checked_before_anything_is_queued(model, make_scheduler):
+    scheduler = make_scheduler()
+    with pytest.raises(ValueError, match="correction objective"):
+        scheduler.sample(model, [1], refine=True)
+    with pytest.raises(ValueError, match="threshold must be a probability"):
+        scheduler.sample(noisy_model(correction=True), [1], refine=True, refine_threshold=1.5)
+    with pytest.raises(ValueError, match="RoutedFFN"):
+        scheduler.sample(model, [1], activation=0.5)
+    assert scheduler.stats().requests_waiting == 0 and scheduler.stats().batches_started == 0
