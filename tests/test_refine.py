@@ -234,3 +234,20 @@ def test_the_cli_refines_and_bad_values_are_one_line(refined_dir: Path, tiny_dir
         code = main(["generate", *argv, "--class-id", "0", "--out", out, "--quiet"])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and phrase in err and err.count("\n") == 1, err
+
+
+def test_the_training_free_requery_bench_keeps_plain_sampling_at_keep_one() -> None:
+    """bench_requery's slow loop: keeping every draw is greedy decoding token for token; a lower
+    keep re-queries the rest; a keep outside (0, 1] is refused in one sentence."""
+    from bench.bench_requery import requery_decode
+
+    model = noisy_model(schedule="radar")
+    labels = torch.tensor([1, 4, 7])
+    plain, changed = requery_decode(model, labels, model.schedule, 0.0, 1.0)
+    assert changed == 0 and torch.equal(plain, generate(model, labels.tolist(), greedy=True))
+    requeried, changed = requery_decode(model, labels, model.schedule, 0.0, 0.5)
+    assert requeried.shape == plain.shape and 0 < changed < 0.5
+    centre = model.schedule.order[0]  # the first step's one cell is always kept
+    assert torch.equal(requeried.flatten(1)[:, centre], plain.flatten(1)[:, centre])
+    with pytest.raises(ValueError, match=r"keep is the share .* in \(0, 1\]"):
+        requery_decode(model, labels, model.schedule, 0.0, 0.0)
