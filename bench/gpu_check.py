@@ -27,6 +27,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -416,6 +417,65 @@ def check_serving(ctx: Context, name: str) -> str:
     return f"8 concurrent requests in {seconds:.2f} s, {batches} batches; all 8 equal their image alone"
 
 
+def _emoji_pipelines(ctx: Context, **names: str) -> dict[str, Any]:
+    from ear.pipeline import EARPipeline
+
+    return {k: EARPipeline.from_pretrained(m, device=ctx.device, dtype=ctx.dtype) for k, m in names.items()}
+
+
+def check_radar(ctx: Context, name: str) -> str:
+    """RadAR's rings with nested refinement and without against EAR's 31 steps (the bundled
+    `radar-emoji` and `ear-emoji`, temperature 1.0): the decode loop's time per image at batch 1
+    and 16, and 128 on CUDA (issue 21's targets: refined >= 1.2x at b1 and no slower at b16,
+    unrefined >= 1.35x), and a refined image the same alone and among 7 others. Refined steps run
+    eager (no CUDA graphs yet); unrefined ones and EAR's are graphed where the device allows."""
+    from bench.bench_refine import seconds_per_image
+
+    pipes = _emoji_pipelines(ctx, ear="ear-emoji", radar=name)
+    settings = {k: {"cfg_scale": p.default_settings.cfg_scale, "temperature": 1.0, "refine_threshold": None}
+                for k, p in pipes.items()}
+    parts = []
+    for batch in (1, 16, 128) if ctx.cuda and not ctx.quick else (1, 16):
+        secs = seconds_per_image(pipes, settings, batch, 1 if ctx.quick else 3)
+        parts.append(f"b{batch} " + ", ".join(f"{arm} {v * 1e3:.1f} ms/img ({secs['ear'] / v:.2f}x)"
+                                             for arm, v in secs.items()))
+    model = pipes["radar"].model
+    others = [(c + 3) % model.config.num_classes for c in range(7)]
+    alone = generate(model, [5], seed=11, temperature=1.0, refine=True)
+    crowd = generate(model, [5, *others], seed=[11, *range(20, 27)], row_ids=[0] * 8, temperature=1.0,
+                     refine=True)
+    if not torch.equal(alone[0], crowd[0]):
+        raise AssertionError(f"refined, alone vs among 7 others: {_differ(alone[0], crowd[0])}")
+    return "; ".join(parts) + "; a refined image alone == among 7 others"
+
+
+def check_activation(ctx: Context, name: str) -> str:
+    """The bundled model's dynamic activation in each form the device runs (CUDA: masked and
+    capacity, static shapes for graphs; CPU: grouped): every expert on gives the dense tokens, and
+    the time per image at batch 16 (and 128 on CUDA) against dense (issue 22 asks which form is
+    faster where)."""
+    from bench.bench_activate import seconds_per_image as activated_seconds
+    from ear.activate import Activation
+    from ear.routed import RoutedFFN
+
+    pipe = _emoji_pipelines(ctx, ear=name)["ear"]
+    model, cfg = pipe.model, pipe.default_settings.cfg_scale
+    activation = Activation.load(Path(pipe.info()["source"]), model)
+    dense = generate(model, _ids(model), seed=4, cfg_scale=cfg, temperature=0.6)
+    parts = []
+    for mode in ("masked", "capacity") if ctx.cuda else ("grouped",):
+        every = generate(model, _ids(model), seed=4, cfg_scale=cfg, temperature=0.6,
+                         activation=RoutedFFN(activation, 1.0, mode=mode, capacity=1.0))
+        if not torch.equal(every, dense):
+            raise AssertionError(f"{mode}, every expert on vs dense: {_differ(every, dense)}")
+        for batch in (16, 128) if ctx.cuda and not ctx.quick else (16,):
+            secs = activated_seconds(model, RoutedFFN(activation, mode=mode), batch, 1 if ctx.quick else 3,
+                                     cfg, 0.6)
+            parts.append(f"{mode} b{batch}: dense {secs['dense'] * 1e3:.2f}, active "
+                         f"{secs['active'] * 1e3:.2f} ms/img ({secs['dense'] / secs['active']:.2f}x)")
+    return "; ".join(parts) + "; every expert on == dense in each form"
+
+
 # ---- the plan ------------------------------------------------------------------------------------
 
 NO_CUDA = "needs CUDA"
@@ -442,6 +502,10 @@ def plan(cuda: bool, quick: bool) -> list[Spec]:
               for gb in ("24", "80")]
     specs.append(Spec("bulk sampling: default batch on this card", check_bulk, two[-1], 2 * cap))
     specs.append(Spec("serving scheduler: 8 concurrent requests", check_serving, two[-1], 2 * cap))
+    specs.append(Spec("RadAR rings, refined and not, vs EAR: speed, refined alone == in a crowd",
+                      check_radar, "radar-emoji", 2 * cap))
+    specs.append(Spec("ActVAR forms: every expert on == dense, b16 speed vs dense", check_activation,
+                      "ear-emoji", 2 * cap))
     return specs
 
 
