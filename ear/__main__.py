@@ -142,16 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Writes DIR/activation.safetensors; the model's files stay as they are.")
     _add_model_flags(p)
     p.add_argument("--experts", type=int, default=4, help="equal experts per FFN (default 4)")
-    p.add_argument("--tau", type=float, default=0.6, help="dynamic-k: run experts predicted at >= (1 - tau) "
-                   "x the largest (default 0.6)")
+    p.add_argument("--tau", type=float, default=None, help="dynamic-k: run experts predicted at >= (1 - tau) "
+                   "x the largest (default 0.6; with --reuse, the file's)")
     p.add_argument("--budget", type=float, default=0.75, help="share of experts to run, aimed at in "
                    "distillation (default 0.75)")
     p.add_argument("--router-hidden", type=int, default=64, help="width of each layer's router (default 64)")
-    p.add_argument("--dense-lead", type=float, default=0.0, help="share of the generation order drawn "
-                   "dense before routing starts, in [0, 1) (default 0: every step routed)")
+    p.add_argument("--dense-lead", type=float, default=None, help="share of the generation order drawn "
+                   "dense before routing starts, in [0, 1) (default 0: every step routed; with --reuse, "
+                   "the file's)")
     p.add_argument("--tune-experts", action="store_true", help="stage 2 also tunes the experts' own "
                    "weights (stored beside the routers; every expert on still runs the dense weights)")
     p.add_argument("--samples", type=int, default=64, help="own samples to distil on (as many to measure)")
+    p.add_argument("--reuse", type=Path, default=None, metavar="DIR",
+                   help="keep the experts, routers and gates of DIR's activation.safetensors, no "
+                        "distillation: only --tau and --dense-lead change, measured again on the "
+                        "held-out own samples (--samples as when it was made)")
     p.add_argument("--router-steps", type=int, default=300)
     p.add_argument("--distill-steps", type=int, default=80)
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
@@ -356,13 +361,21 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_activate(args: argparse.Namespace) -> None:
-    from ear.activate import ActivationConfig, convert
+    from ear.activate import ACTIVATION_FILE, Activation, ActivationConfig, convert, reconfigured
 
     if args.samples < 1 or args.router_steps < 0 or args.distill_steps < 0:
         raise ValueError("--samples must be positive and the step counts not negative")
-    config = ActivationConfig(experts=args.experts, router_hidden=args.router_hidden, tau=args.tau,
-                              dense_lead=args.dense_lead, tuned=args.tune_experts)
+    given = {k: v for k, v in (("tau", args.tau), ("dense_lead", args.dense_lead)) if v is not None}
+    config = ActivationConfig(experts=args.experts, router_hidden=args.router_hidden,
+                              tuned=args.tune_experts, **{"tau": 0.6, "dense_lead": 0.0, **given})
     pipe = EARPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, **_overrides(args))
+    if args.reuse is not None:
+        if not (args.reuse / ACTIVATION_FILE).is_file():
+            raise ValueError(f"--reuse {args.reuse} holds no {ACTIVATION_FILE}")
+        activation = reconfigured(Activation.load(args.reuse, pipe.model), pipe.model, args.samples, **given)
+        activation.report.update(pipe.activation_saving(activation))
+        print(json.dumps({"written": str(activation.save(args.out)), **activation.report}))
+        return
     with tqdm(total=4, unit="stage", disable=args.quiet) as bar:
         def progress(stage: str) -> None:
             bar.set_description(stage)

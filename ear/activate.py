@@ -421,11 +421,8 @@ def convert(model: EAR, config: ActivationConfig, budget: float, samples: int = 
     rows the engine runs dense stay dense). `progress` hears each stage's name."""
     if not 0 < budget <= 1:
         raise ValueError(f"budget is the share of experts to run, in (0, 1], got {budget!r}")
-    generator = torch.Generator().manual_seed(seed)
-    classes = torch.randint(0, model.config.num_classes, (2 * samples,), generator=generator)
     progress("drawing the model's own samples")
-    tokens = torch.cat([generate(model, classes[i:i + 16].tolist(), seed=seed + i, temperature=1.0)
-                        for i in range(0, 2 * samples, 16)]).flatten(1)
+    tokens, classes = own_samples(model, 2 * samples, seed)
     train, held = slice(0, samples), slice(samples, 2 * samples)
     activation = Activation(model, config)
     progress("stage 1: routers regress the experts' norms")
@@ -437,6 +434,30 @@ def convert(model: EAR, config: ActivationConfig, budget: float, samples: int = 
     progress("measuring")
     activation.report = held_out_report(activation, model, tokens[held], classes[held])
     return activation, activation.report
+
+
+def own_samples(model: EAR, count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (count, n), labels (count,)): samples the model draws itself at temperature 1, of
+    random labels; `convert` distils on the first half and measures on the second."""
+    generator = torch.Generator().manual_seed(seed)
+    classes = torch.randint(0, model.config.num_classes, (count,), generator=generator)
+    tokens = torch.cat([generate(model, classes[i:i + 16].tolist(), seed=seed + i, temperature=1.0)
+                        for i in range(0, count, 16)]).flatten(1)
+    return tokens, classes
+
+
+def reconfigured(activation: Activation, model: EAR, samples: int = 64, seed: int = 0,
+                 **changes: float) -> Activation:
+    """A copy of `activation` with its config's `tau` and/or `dense_lead` changed and its experts,
+    routers and gates kept, measured again on the same held-out own samples `convert` measured on
+    (`samples`, `seed` as given to it): moving an operating point needs no new distillation."""
+    config = replace(activation.config, **changes)
+    moved = Activation(model, config, activation.groups)
+    for name in activation._parts():
+        getattr(moved, name).load_state_dict(getattr(activation, name).state_dict())
+    tokens, classes = own_samples(model, 2 * samples, seed)
+    moved.report = held_out_report(moved, model, tokens[samples:], classes[samples:])
+    return moved
 
 
 def held_out_report(activation: Activation, model: EAR, tokens: torch.Tensor,

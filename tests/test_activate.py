@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from unittest import mock
 
 import pytest
@@ -187,6 +188,30 @@ def test_the_cli_converts_a_model_on_its_own_samples(tmp_path, capsys) -> None:
         assert pipe.info()["activation"]["flops_dense"] == report["flops_dense"]
     assert main([*args, str(tmp_path / "bad"), "--budget", "0"]) == 2  # refused in one sentence
     assert "budget" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_the_cli_moves_an_activation_to_another_dense_lead_without_distilling(tmp_path, capsys) -> None:
+    """`ear activate --reuse DIR`: the same experts, routers and gates at the lead (and tau) asked
+    for, the rest of the config the file's, measured again on the held-out own samples."""
+    folder = write_tiny_model(tmp_path / "tiny")
+    made = ["activate", "--model", str(folder), "--experts", "2", "--tau", "0.5", "--samples", "8",
+            "--router-steps", "20", "--distill-steps", "4", "--quiet", "--out", str(tmp_path / "act")]
+    assert main(made) == 0
+    capsys.readouterr()
+    moved = ["activate", "--model", str(folder), "--reuse", str(tmp_path / "act"), "--dense-lead", "0.5",
+             "--samples", "8", "--quiet", "--out", str(tmp_path / "moved")]
+    with mock.patch("ear.activate.distill", side_effect=AssertionError("distilled again")):
+        assert main(moved) == 0
+    report = json.loads(capsys.readouterr().out)
+    model = EARPipeline.from_pretrained(str(folder)).model
+    before, after = Activation.load(tmp_path / "act", model), Activation.load(tmp_path / "moved", model)
+    assert after.config == replace(before.config, dense_lead=0.5) and after.config.tau == 0.5
+    for (name, old), (_, new) in zip(before.tensors()[0].items(), after.tensors()[0].items(), strict=True):
+        assert torch.equal(old, new), name
+    assert {"written": str(tmp_path / "moved" / ACTIVATION_FILE), **after.report} == report
+    assert set(report) >= {"ffn_share", "agreement", "flops_dense", "flops_active", "ffn_active"}
+    assert main([*moved[:4], str(tmp_path / "nothing"), *moved[5:]]) == 2
+    assert "holds no activation.safetensors" in capsys.readouterr().err
 
 
 def _greedy_logits(model, classes: list[int], **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
