@@ -15,6 +15,7 @@ process (no HTTP), and how often a token differs between a request served alone 
 of 16 (a batch's shape can change a float's rounding).
 
     python bench/bench_serving.py [--clients 1,4,8,16] [--repeats 3] [--overflow 30] [--agreement 32]
+    python bench/bench_serving.py --model radar-emoji   # refined requests (RadAR), in batches of their own
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def serve(batching: bool, args: argparse.Namespace, tmp: Path, pipe: EARPipeline
     os.environ["EAR_BATCHING"] = "1" if batching else "0"
     mode = "batching" if batching else "baseline"
     summary: dict[str, float] = {}
-    with running_app(hub.DEFAULT_MODEL, tmp / f"server-{mode}.log") as url:
+    with running_app(args.model, tmp / f"server-{mode}.log") as url:
         most = max([*args.clients, 8, args.overflow])
         clients = [Client(url, verbose=False, download_files=False, ssl_verify=TLS) for _ in range(most)]
         crowd(clients[:2], pipe.default_class)  # warm-up: first requests pay for lazy initialisation
@@ -186,8 +187,8 @@ def overflow(clients: list[Client], pipe: EARPipeline, mode: str) -> dict[str, f
 
 def agreement(pipe: EARPipeline, requests: int, batch: int = 16) -> None:
     """Tokens of requests served alone vs `batch` at a time (per-row seeds and row ids, as the
-    scheduler batches them), on the bundled model in float32 on this CPU."""
-    model, sampling = pipe.model, asdict(pipe.default_settings)
+    scheduler batches them), on the page's model in float32 on this CPU (refined where it can)."""
+    model, sampling = pipe.model, {**asdict(pipe.default_settings), "refine": pipe.can_refine}
     ids = [i % len(pipe.class_names) for i in range(requests)]
     alone = torch.cat([generate(model, [c], seed=s, **sampling) for s, c in enumerate(ids)])
     together = torch.cat([generate(model, ids[i:i + batch], seed=list(range(i, i + len(ids[i:i + batch]))),
@@ -205,6 +206,7 @@ def handler_times(args: argparse.Namespace) -> None:
     baseline is emulated as the server runs it: two handlers at a time, each with its share of
     the cores."""
     os.environ["EAR_BATCHING"] = "1"
+    os.environ["EAR_STUDIO_MODEL"] = args.model
     import app  # builds the page and loads the model: only when asked for
 
     pipe = app.MODELS.get(None)
@@ -241,6 +243,8 @@ def handler_times(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=hub.DEFAULT_MODEL, help="the page's model (default the bundled "
+                        "one; a RadAR model's requests are refined, as the page does by default)")
     parser.add_argument("--clients", default="1,4,8,16")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per client count (pooled)")
     parser.add_argument("--overflow", type=int, default=30, help="clients at once for the overflow check")
@@ -253,9 +257,10 @@ def main() -> None:
                         help="images for the alone-vs-batch check (0: skip)")
     args = parser.parse_args()
     args.clients = [int(n) for n in args.clients.split(",") if n.strip()]
-    pipe = EARPipeline.from_pretrained(hub.DEFAULT_MODEL)
+    pipe = EARPipeline.from_pretrained(args.model)
     print(f"model {pipe.name}, {pipe.model.schedule.num_steps} steps, default preset "
-          f"{pipe.default_settings}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
+          f"{pipe.default_settings}, refined {pipe.can_refine}; {os.cpu_count()} CPUs; load average "
+          f"{os.getloadavg()[0]:.1f}")
     print("| mode | clients | first canvas p50 (s) | p95 (s) | final images p50 (s) | p95 (s) | images/s |")
     print("|---|---|---|---|---|---|---|")
     modes = args.modes.split(",")
