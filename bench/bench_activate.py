@@ -13,9 +13,9 @@ counted, not estimated (`ear.flops`): every variant runs once more with plain li
 rows included, routers and gates included, the tokenizer excluded). Seconds per image at batch
 1 and 16 use the default runner (timed kernels), the variants interleaved per round, medians.
 Quality against dense at --temperature (samples vary there): teacher-forced top-1 agreement on 128
-images (both paths given the dense path's own sampled tokens) and, on one image per class with the same seeds,
-retrieval top-1 and emoji-FID (`ear.train.evaluate`, the tokenizer's feature space). Ratios are
-against dense measured in the same run.
+images (both paths given the dense path's own sampled tokens) and, on one image per class with the
+same seeds, retrieval top-1 and emoji-FID (`ear.train.evaluate`, the tokenizer's feature space).
+Ratios are against dense measured in the same run.
 """
 
 from __future__ import annotations

@@ -215,13 +215,16 @@ class Activation(nn.Module):
 
     def with_tuned_experts(self, model: EAR) -> Activation:
         """This activation with expert weights of its own (copies of the dense FFNs), to tune."""
-        if self.tuned is not None:
-            return self
-        tuned = Activation(model, replace(self.config, tuned=True), self.groups)
-        tuned.routers.load_state_dict(self.routers.state_dict())
-        tuned.gates.load_state_dict(self.gates.state_dict())
-        tuned.report = dict(self.report)
-        return tuned
+        return self if self.tuned is not None else self.with_config(model, replace(self.config, tuned=True))
+
+    def with_config(self, model: EAR, config: ActivationConfig) -> Activation:
+        """A copy under another config, every part this one has (routers, gates, tuned experts)
+        carried over; a part only the new config has starts as `__init__` makes it."""
+        other = Activation(model, config, self.groups)
+        for name in self._parts():
+            getattr(other, name).load_state_dict(getattr(self, name).state_dict())
+        other.report = dict(self.report)
+        return other
 
     @contextlib.contextmanager
     def applied(self, model: EAR, tau: float | None = None,
@@ -451,10 +454,7 @@ def reconfigured(activation: Activation, model: EAR, samples: int = 64, seed: in
     """A copy of `activation` with its config's `tau` and/or `dense_lead` changed and its experts,
     routers and gates kept, measured again on the same held-out own samples `convert` measured on
     (`samples`, `seed` as given to it): moving an operating point needs no new distillation."""
-    config = replace(activation.config, **changes)
-    moved = Activation(model, config, activation.groups)
-    for name in activation._parts():
-        getattr(moved, name).load_state_dict(getattr(activation, name).state_dict())
+    moved = activation.with_config(model, replace(activation.config, **changes))
     tokens, classes = own_samples(model, 2 * samples, seed)
     moved.report = held_out_report(moved, model, tokens[samples:], classes[samples:])
     return moved
