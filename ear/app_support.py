@@ -609,9 +609,6 @@ def timed(items: Iterator[T]) -> Iterator[tuple[T, float]]:
 
 # ---- Compare ----------------------------------------------------------------------------------
 
-RADAR_ORDER = RADAR_SCHEDULES[0]  # the RadAR arms' rings (ceil-Euclidean, 13 steps on 16 x 16)
-
-
 @dataclass(frozen=True)
 class Arm:
     """One picture of the Compare tab: which model, in which order, with which options, or why it
@@ -628,9 +625,10 @@ class Arm:
 
 def compare_arms(page: Any, offered: Sequence[str]) -> tuple[Arm, ...]:
     """Compare's arms for the page's model `page`, always these keys in this order: the page model
-    on every order of SCHEDULES; RadAR's rings with and without refinement on the RadAR model (the
-    page model itself if it has the correction head and was trained on a RadAR order, else
-    `hub.RADAR_MODEL` where the server `offered` it); the page model at its shipped activation."""
+    on every order of SCHEDULES; RadAR's rings with and without refinement on the RadAR model, in
+    the rings it was trained on (the page model itself if it has the correction head and was
+    trained on a RadAR order, else `hub.RADAR_MODEL` where the server `offered` it); the page
+    model at its shipped activation."""
     if page.can_refine and page.model.config.schedule in RADAR_SCHEDULES:
         radar, no_radar = None, ""
     elif hub.RADAR_MODEL in offered:
@@ -639,8 +637,8 @@ def compare_arms(page: Any, offered: Sequence[str]) -> tuple[Arm, ...]:
         radar, no_radar = None, "no RadAR model on this server"
     tau = page.activation_tau
     return (*(Arm(order, order, schedule=order) for order in SCHEDULES),
-            Arm("radar-refined", "radar · refined", radar, RADAR_ORDER, refine=True, absent=no_radar),
-            Arm("radar-plain", "radar · no refinement", radar, RADAR_ORDER, refine=False, absent=no_radar),
+            Arm("radar-refined", "radar · refined", radar, refine=True, absent=no_radar),
+            Arm("radar-plain", "radar · no refinement", radar, refine=False, absent=no_radar),
             Arm("activated", "activated", activation=tau,
                 absent="" if page.has_activation else "this model ships no dynamic activation"))
 
@@ -648,9 +646,10 @@ def compare_arms(page: Any, offered: Sequence[str]) -> tuple[Arm, ...]:
 def compare_steps(grid: int, trained: str) -> int:
     """The steps of all of Compare's arms for a page model of `grid` trained on `trained`, as if
     every arm ran (ZeroGPU's duration estimate, made without loading a model): SCHEDULES, the
-    RadAR rings twice, the refined arm's extra content-only pass, the trained order activated."""
-    orders = [*SCHEDULES, RADAR_ORDER, RADAR_ORDER, trained]
-    return sum(make_schedule(order, grid).num_steps for order in orders) + 1
+    RadAR rings twice (the longer of the RadAR orders: the RadAR model may be another one), the
+    refined arm's extra content-only pass, the trained order activated."""
+    rings = max(make_schedule(order, grid).num_steps for order in RADAR_SCHEDULES)
+    return sum(make_schedule(order, grid).num_steps for order in (*SCHEDULES, trained)) + 2 * rings + 1
 
 
 def arm_frames(arm: Arm, page: Any, load: Callable[[str], Any], class_id: int, seed: int

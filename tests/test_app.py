@@ -44,7 +44,7 @@ from ear.app_support import (
     threads_per_request,
 )
 from ear.growth import GrowthAnimation, PreviewPacer
-from ear.order import SCHEDULES, make_schedule
+from ear.order import RADAR_SCHEDULES, SCHEDULES, make_schedule
 from ear.pipeline import EARPipeline
 from ear.preview import PENDING_RGB
 from ear.stops import RunStopped
@@ -377,7 +377,7 @@ def test_compare_runs_radar_on_the_page_model_when_it_is_one(app: types.ModuleTy
     arms = {arm.key: arm for arm in app_support.compare_arms(page, offered=[])}
     assert [*arms] == list(ARMS)
     for key in ("radar-refined", "radar-plain"):
-        assert arms[key].model is None and not arms[key].absent and arms[key].schedule == "radar"
+        assert arms[key].model is None and not arms[key].absent and arms[key].schedule is None
     heading, frames = app_support.arm_frames(arms["radar-refined"], page, app.MODELS.get, 0, 1)
     assert heading == "**radar · refined** · trained order" and frames is not None
     heading, _ = app_support.arm_frames(arms["arms"], page, app.MODELS.get, 0, 1)
@@ -417,9 +417,12 @@ def test_compare_shows_the_activated_arm_on_a_model_that_ships_activation(app: t
 
 
 def test_the_gpu_budget_counts_every_compare_arm(app: types.ModuleType) -> None:
-    """ZeroGPU's estimate counts the steps of every arm, and the refined arm's extra pass."""
-    for grid, trained in ((8, "arms"), (16, "arms"), (16, "radar")):
-        steps = sum(make_schedule(arm.schedule or trained, grid).num_steps + (arm.refine is True)
+    """ZeroGPU's estimate counts the steps of every arm, and the refined arm's extra pass; the
+    RadAR arms at the longer RadAR order (their model may be another than the page's)."""
+    for grid, trained in ((8, "arms"), (16, "arms"), (16, "radar"), (16, "radar-square")):
+        rings = max(make_schedule(order, grid).num_steps for order in RADAR_SCHEDULES)
+        steps = sum((rings if arm.key.startswith("radar") else
+                     make_schedule(arm.schedule or trained, grid).num_steps) + (arm.refine is True)
                     for arm in app.COMPARE_LAYOUT)
         assert app_support.compare_steps(grid, trained) == steps
 
@@ -535,8 +538,8 @@ def test_a_stopped_compare_plays_what_each_order_got_to(app: types.ModuleType, o
         next(run)
     result = run.throw(RunStopped())
     for arm in app_support.compare_arms(app.MODELS.get(None), app.MODELS.names)[:-1]:  # orders, rings
-        grid = app.MODELS.get(None if arm.model is None else offers_radar).grid
-        steps = make_schedule(arm.schedule, grid).num_steps
+        model = app.MODELS.get(None if arm.model is None else offers_radar)
+        steps = make_schedule(arm.schedule or model.model.config.schedule, model.grid).num_steps
         assert gif_timing(canvas_of(result, arm.key))[0] == min(4, steps), arm.key
         assert ("stopped at step 4" in caption_of(result, arm.key)) == (steps > 4)
     assert canvas_of(result, "activated") is None
