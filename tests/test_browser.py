@@ -368,8 +368,7 @@ def test_compare_shows_every_arm_as_it_goes_and_stop_frees_the_worker(page: Any,
     for key in ("radar-refined", "radar-plain"):  # RadAR's rings, where the server has a RadAR model
         text = page.inner_text(f"#cmp-{key}-caption")
         if "done" in text:
-            rings = EARPipeline.from_pretrained(hub.RADAR_MODEL).model  # its own trained rings
-            running[key] = make_schedule(rings.config.schedule, rings.config.grid_size).num_steps
+            running[key] = EARPipeline.from_pretrained(hub.RADAR_MODEL).model.schedule.num_steps  # its rings
         else:  # one line saying why not, no picture
             assert "\n" not in text.strip() and page.locator(f"#cmp-{key}-canvas img").count() == 0, text
     together = sorted(running.values())[-2]
