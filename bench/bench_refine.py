@@ -1,5 +1,6 @@
 """RadAR against EAR (issue 21): the EAR model on its 31-step `arms` order, and the RadAR model on
-its 13 rings with nested refinement (`ear/refine.py`) and without, side by side in one run.
+its own rings (the bundled one's: 9 squares) with nested refinement (`ear/refine.py`) and without,
+side by side in one run.
 
     python bench/bench_refine.py --quick --json bench/refine_results.json   # < 8 min, 2 cores
     python bench/bench_refine.py --samples-per-class 4 --threshold 0.2      # full run, another threshold

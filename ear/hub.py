@@ -121,8 +121,8 @@ REGISTRY: dict[str, ModelEntry] = {
     PHOTO_MODEL: ModelEntry(PHOTO_MODEL, "small model of photographs and wallpapers trained for this demo "
                             "(scene kinds; extends your pictures), bundled, runs on CPU",
                             bundled="ear-photo"),
-    RADAR_MODEL: ModelEntry(RADAR_MODEL, "RadAR variant of the emoji model: one ring per step (13 steps) and "
-                            "nested refinement of what was just drawn, bundled, runs on CPU",
+    RADAR_MODEL: ModelEntry(RADAR_MODEL, "RadAR variant of the emoji model: one square ring per step "
+                            "(9 steps) and nested refinement of what was just drawn, bundled, runs on CPU",
                             bundled="radar-emoji"),
     **{e.name: e for e in (_official("B", "140M"), _official("L", "477M"), _official("XL", "1.1B"))},
 }
