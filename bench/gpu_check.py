@@ -38,7 +38,7 @@ from ear import bulk, hub, startup
 from ear.draw import RowSettings, row_keys
 from ear.engine import configure, runner_for
 from ear.model import EAR, EARConfig
-from ear.sampler import UNKNOWN, generate
+from ear.sampler import UNKNOWN, generate, sample
 from ear.serving import Scheduler
 from tests.helpers import noisy_model, noisy_weights
 
@@ -427,8 +427,8 @@ def check_radar(ctx: Context, name: str) -> str:
     """RadAR's rings with nested refinement and without against EAR's 31 steps (the bundled
     `radar-emoji` and `ear-emoji`, temperature 1.0): the decode loop's time per image at batch 1
     and 16, and 128 on CUDA (issue 21's targets: refined >= 1.2x at b1 and no slower at b16,
-    unrefined >= 1.35x), and a refined image the same alone and among 7 others. Refined steps run
-    eager (no CUDA graphs yet); unrefined ones and EAR's are graphed where the device allows."""
+    unrefined >= 1.35x), and a refined image the same alone and among 7 others. Every arm's steps
+    are graphed where the device allows (refined ones in their static form)."""
     from bench.bench_refine import seconds_per_image
 
     pipes = _emoji_pipelines(ctx, ear="ear-emoji", radar=name)
@@ -447,6 +447,41 @@ def check_radar(ctx: Context, name: str) -> str:
     if not torch.equal(alone[0], crowd[0]):
         raise AssertionError(f"refined, alone vs among 7 others: {_differ(alone[0], crowd[0])}")
     return "; ".join(parts) + "; a refined image alone == among 7 others"
+
+
+def check_refined_graphs(ctx: Context, name: str) -> str:
+    """Refined decoding's static form, which CUDA graphs replay (every row's re-fed part fed again,
+    the checked cells corrected by a select), against the eager form (only changed rows re-fed):
+    the bundled RadAR model at temperature 1.0, the same tokens and corrected cells at capture,
+    at replay and with known cells (an edit). A CPU runs the static form eagerly."""
+    model = _emoji_pipelines(ctx, radar=name)["radar"].model
+    ids = _ids(model, 2 * CLASSES)
+
+    def final(static: bool | None, known: torch.Tensor | None = None) -> Any:
+        runner_for(model).static_refinement = static  # `configure` installs a new runner
+        return list(sample(model, ids, seed=3, temperature=1.0, refine=True, known=known))[-1]
+
+    try:
+        with _graphs(model, False):
+            eager = final(False)
+            known = torch.full_like(eager.tokens[0], UNKNOWN)
+            known[:4] = eager.tokens[0, :4]
+            eager_known = final(False, known)
+        with _graphs(model, True):
+            static = None if ctx.cuda else True  # graphed: static by default
+            runs = {"capture": final(static), "replay": final(static), "known cells": final(static, known)}
+    finally:
+        runner_for(model).static_refinement = None
+    if not eager.corrected.any():
+        raise AssertionError("no cell was corrected: the comparison would say nothing")
+    for label, got in runs.items():
+        want = eager_known if label == "known cells" else eager
+        if not (torch.equal(got.tokens, want.tokens) and torch.equal(got.corrected, want.corrected)):
+            raise AssertionError(f"static vs eager refinement, {label}: {_differ(got.tokens, want.tokens)}, "
+                                 f"{int((got.corrected != want.corrected).sum())} corrected cells differ")
+    form = "graphed" if ctx.cuda else "static form, eager (no CUDA)"
+    return f"{len(ids)} images x {eager.tokens[0].numel()} tokens and {int(eager.corrected.sum())} " \
+           f"corrected cells equal ({form}: capture, replay, known cells)"
 
 
 def check_activation(ctx: Context, name: str) -> str:
@@ -502,6 +537,8 @@ def plan(cuda: bool, quick: bool) -> list[Spec]:
               for gb in ("24", "80")]
     specs.append(Spec("bulk sampling: default batch on this card", check_bulk, two[-1], 2 * cap))
     specs.append(Spec("serving scheduler: 8 concurrent requests", check_serving, two[-1], 2 * cap))
+    specs.append(Spec("RadAR refined steps, CUDA graphs (static form) == eager", check_refined_graphs,
+                      "radar-emoji", cap))
     specs.append(Spec("RadAR rings, refined and not, vs EAR: speed, refined alone == in a crowd",
                       check_radar, "radar-emoji", 2 * cap))
     specs.append(Spec("ActVAR forms: every expert on == dense, b16 speed vs dense", check_activation,

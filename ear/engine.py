@@ -22,7 +22,8 @@ per step:
 * an optional FFN in place of the dense one per generation (`ear.routed`: dynamic activation);
 * on CUDA, every step after the first replayed as a CUDA graph (captured on first use per step
   and bucket, one memory pool), and each step's tokens copied to pinned memory while the next step
-  already runs.
+  already runs; refined steps (`ear.refine`) too, in their static form: the re-fed part fed again
+  for every row and the doubtful cells corrected by a select, so no step asks the device anything.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from functools import partial
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -247,11 +249,19 @@ class _Slot:
     masked: bool = False  # some known cell lies after the prefix (else the select is skipped)
     settings: RowSettings | None = None
     host: torch.Tensor | None = None  # pinned copy of `tokens` (CUDA)
-    # graphed steps: per key the graph and the plan whose tensors it reads (kept alive with it)
-    graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, _Plan]] = field(default_factory=dict)
+    # graphed steps: per key the graph, the plan whose tensors it reads (kept alive with it) and
+    # what the step returns (views of buffers outside the pool)
+    graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, _Plan, Any]] = field(default_factory=dict)
     # where graphs leave their logits: outside the graph pool, two so that step k's logits stay
     # valid while step k+1 already runs (tokens arrive one step behind)
     logits: list[torch.Tensor] = field(default_factory=list)
+    # refinement's own: the redraws' noise streams and the known cells' tokens (UNKNOWN elsewhere),
+    # written per generation into the same tensors; and, graphed, where its steps leave their
+    # logits (checked cells, then queries; two by step parity) and the checked cells' corrections
+    redraws: torch.Tensor | None = None
+    refined_given: torch.Tensor | None = None
+    refined_logits: list[torch.Tensor] = field(default_factory=list)
+    corrected: torch.Tensor | None = None
     mask_ids: dict[int, torch.Tensor] = field(default_factory=dict)
     ffn: FFN | None = None  # this generation's FFN in place of the dense one
     ffn_from: int = 0  # ... from this generation-order position on (`FFN.starts_at`)
@@ -301,6 +311,9 @@ class DecodeRunner:
         # (a correction head) sets this to run every row.
         self.content_outputs = False
         self.share_mask_projection = True
+        # Refined steps in the form a CUDA graph can hold (re-feed every row, correct by a select);
+        # None: where graphs are on. Eagerly a CPU re-feeds only the rows a correction changed.
+        self.static_refinement: bool | None = None
 
     # ---- weights, buckets, slots ---------------------------------------------------------------
 
@@ -540,32 +553,36 @@ class DecodeRunner:
         out.copy_(self._step(slot, plan))
         return out
 
-    def _replay(self, slot: _Slot, plan: _Plan) -> torch.Tensor:
-        """Step `plan` as a CUDA graph, captured on first use (see docs/cuda-graphs.md for the
-        rules this follows). Returns the logits, in the slot's own buffer for this step's parity."""
+    def _replay(self, slot: _Slot, key: tuple, plan: _Plan, step: Callable[[], Any]) -> Any:
+        """Run `step` (which reads `plan`) as a CUDA graph, captured on first use under `key` (see
+        docs/cuda-graphs.md for the rules this follows). Returns what `step` returned at capture:
+        views of the slot's own buffers, which each replay rewrites."""
         s = slot.settings
-        key = (plan.k, plan.start, s.filtered, s.greedy, slot.masked, slot.ffn)
+        key = (*key, s.filtered, s.greedy, slot.masked, slot.ffn)
         if key not in slot.graphs:
             with _CAPTURE_LOCK:  # one capture at a time in a process
                 started = time.perf_counter()
                 counted = None if slot.work is None else slot.work.clone()  # the warm-up adds to it
-                stream = self._capture_stream
+                tokens = slot.tokens.clone()  # a refined step corrects tokens it reads: undo the
+                stream = self._capture_stream  # warm-up's writes, so the replay starts where it did
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):  # warm-up on the capture's stream (lazy handles,
-                    self._graphed_step(slot, plan)  # workspaces); the step is idempotent
+                    step()  # workspaces)
+                    slot.tokens.copy_(tokens)
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: a consumer thread's device work (a preview decode) may go on
                 with torch.cuda.graph(graph, pool=self._pool, stream=stream,
                                       capture_error_mode="thread_local"):
-                    self._graphed_step(slot, plan)
-                slot.graphs[key] = (graph, plan)
+                    out = step()
+                slot.graphs[key] = (graph, plan, out)
                 torch.cuda.synchronize()
                 if counted is not None:
                     slot.work.copy_(counted)
                 self.capture_seconds += time.perf_counter() - started
-        slot.graphs[key][0].replay()
-        return slot.logits[plan.k % 2][:, : plan.num_queries]
+        graph, _plan, out = slot.graphs[key]
+        graph.replay()
+        return out
 
     def decode(self, class_ids: torch.Tensor, rows: RowSettings, *, prefix: torch.Tensor,
                known: torch.Tensor | None = None, schedule: Schedule | None = None,
@@ -620,8 +637,11 @@ class DecodeRunner:
                 yield k, logits, tokens
                 continue
             with torch.inference_mode():
-                graphed = self.use_graphs and not plan.with_class
-                logits = self._replay(slot, plan) if graphed else self._step(slot, plan)
+                if self.use_graphs and not plan.with_class:
+                    step = partial(self._graphed_step, slot, plan)
+                    logits = self._replay(slot, (plan.k, plan.start), plan, step)
+                else:
+                    logits = self._step(slot, plan)
                 if slot.host is None:
                     tokens = slot.tokens[:batch, plan.out].clone()
                 else:
@@ -639,26 +659,68 @@ class DecodeRunner:
 
     def _run_refined(self, slot: _Slot, layout: _Layout, first: int, last: int, batch: int,
                      refinement: Refinement) -> Iterator[refine.Forward]:
-        """The refined forwards (`ear.refine.spans`), eager and synchronous on every device."""
+        """The refined forwards (`ear.refine.spans`), synchronous on every device: eager, or in
+        their static form (`static_refinement`) replayed as CUDA graphs where graphs are on."""
+        static = self.use_graphs if self.static_refinement is None else self.static_refinement
         with torch.inference_mode():
-            given = torch.where(slot.known, slot.given, -1) if slot.masked else None
-            noise = refine.Noise(slot.streams, refine.redraw_streams(slot.streams), given, slot.codes)
-        changed = None  # (bucket,) bool: the rows whose last checked part was corrected
+            noise = self._refinement_buffers(slot, layout.schedule)
+        changed = None  # (bucket,) bool: the rows whose last checked part was corrected (eager)
         for span in refine.spans(layout.schedule, first, last):
             with torch.inference_mode():
-                span = self._refeed(slot, layout, span, changed)
+                if not static:
+                    span = self._refeed(slot, layout, span, changed)
+                plan = self._step_plan(layout, span)
                 if not span.num_checked and not span.num_queries:  # a re-feed pass: nothing to read
                     if not span.empty:
-                        self._forward(slot, self._step_plan(layout, span))
+                        self._forward(slot, plan)
                     continue
-                logits = self._forward(slot, self._step_plan(layout, span))
-                corrected = refine.advance(span, logits, slot.tokens, slot.settings, noise,
-                                           refinement.threshold)
-                changed = None if corrected is None else corrected.any(1)
+                if self.use_graphs and not span.with_class:
+                    key = ("refined", *span.key, refinement.threshold)
+                    logits, corrected = self._replay(slot, key, plan, partial(
+                        self._graphed_refined_step, slot, plan, span, noise, refinement.threshold))
+                else:
+                    logits, corrected = self._refined_step(slot, plan, span, noise, refinement.threshold,
+                                                           static)
+                changed = None if corrected is None or static else corrected.any(1)
                 fix = None if corrected is None else \
-                    (span.k - 1, slot.tokens[:batch, span.checked].cpu(), corrected[:batch].cpu())
+                    (span.k - 1, slot.tokens[:batch, span.checked].clone(), corrected[:batch].clone())
                 tokens = slot.tokens[:batch, span.out].clone()
             yield span, logits[:batch, span.num_checked:], tokens, fix
+
+    def _refinement_buffers(self, slot: _Slot, schedule: Schedule) -> refine.Noise:
+        """This generation's redraw streams and known tokens, in the slot's own tensors (graphs
+        read them); with graphs, the buffers refined steps leave their results in (made once)."""
+        if slot.redraws is None:
+            slot.redraws, slot.refined_given = torch.empty_like(slot.streams), torch.empty_like(slot.given)
+        if self.use_graphs and not slot.refined_logits:  # a step checks one part and queries the next
+            rows, vocab = 2 * max(schedule.sizes), self.model.config.vocab_size
+            slot.refined_logits = [torch.empty(slot.bucket, rows, vocab, device=self.device)
+                                   for _ in range(2)]
+            slot.corrected = torch.zeros(slot.bucket, rows, dtype=torch.bool, device=self.device)
+        slot.redraws.copy_(refine.redraw_streams(slot.streams))
+        if slot.masked:
+            slot.refined_given.copy_(slot.given.masked_fill(~slot.known, -1))
+        given = slot.refined_given if slot.masked else None
+        return refine.Noise(slot.streams, slot.redraws, given, slot.codes)
+
+    def _refined_step(self, slot: _Slot, plan: _Plan, span: Span, noise: refine.Noise, threshold: float,
+                      static: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One refined forward: (logits of the checked cells and queries, the checked cells'
+        corrections or None), the queries drawn and the checked part corrected in the slot's tokens."""
+        logits = self._forward(slot, plan)
+        return logits, refine.advance(span, logits, slot.tokens, slot.settings, noise, threshold, static)
+
+    def _graphed_refined_step(self, slot: _Slot, plan: _Plan, span: Span, noise: refine.Noise,
+                              threshold: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits, corrected = self._refined_step(slot, plan, span, noise, threshold, static=True)
+        assert slot.corrected is not None
+        out = slot.refined_logits[plan.k % 2][:, : logits.shape[1]]
+        out.copy_(logits)
+        if corrected is None:
+            return out, None
+        flags = slot.corrected[:, : corrected.shape[1]]
+        flags.copy_(corrected)
+        return out, flags
 
     def _refeed(self, slot: _Slot, layout: _Layout, span: Span, changed: torch.Tensor | None) -> Span:
         """Re-feed the span's re-fed part only where it changed: when every row's did, the span

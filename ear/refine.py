@@ -13,7 +13,9 @@ each step re-feeds the part before the one it checks, whole: the cache then alwa
 teacher-forced forward of the grid as it stands (part sizes are known per step). The runner
 re-feeds only the rows whose part changed (`Span.refed`, `Span.without_refeed`, `Span.refeed_only`):
 for the others the re-fed keys and values would equal the cached ones, so a step where no row
-corrected anything costs what an unrefined step costs, plus the check. This module says which
+corrected anything costs what an unrefined step costs, plus the check. Under CUDA graphs the
+runner takes the static form instead: every row re-fed, every checked cell redrawn and selected
+(`correct(static=True)`), the same tokens with shapes fixed per step and no host sync. This module says which
 positions each step feeds (`spans`), how a step draws and corrects (`advance`), and how the
 engines' per-forward results become per-step ones (`grouped`).
 """
@@ -169,10 +171,11 @@ class Noise:
 
 
 def advance(span: Span, logits: torch.Tensor, tokens: torch.Tensor, rows: RowSettings, noise: Noise,
-            threshold: float) -> torch.Tensor | None:
+            threshold: float, static: bool | None = None) -> torch.Tensor | None:
     """Apply one forward's guided logits (checked rows, then queries) to the generation-order
-    token buffer `tokens` (B, n), in place: draw the queried cells, correct the checked ones.
-    Returns the checked part's `corrected` mask (B, m), or None when it checks nothing."""
+    token buffer `tokens` (B, n), in place: draw the queried cells, correct the checked ones
+    (`static` as in `correct`). Returns the checked part's `corrected` mask (B, m), or None when
+    it checks nothing."""
     c = span.num_checked
     if span.num_queries:
         drawn = draw(logits[:, c:], rows, noise.streams[:, span.out], noise.codes)
@@ -185,7 +188,7 @@ def advance(span: Span, logits: torch.Tensor, tokens: torch.Tensor, rows: RowSet
     part = span.checked
     fixed = None if noise.given is None else noise.given[:, part] >= 0
     tokens[:, part], corrected = correct(logits[:, :c], tokens[:, part], rows, noise.redraws[:, part],
-                                         noise.codes, threshold, fixed)
+                                         noise.codes, threshold, fixed, static)
     return corrected
 
 

@@ -328,8 +328,8 @@ def sample(model: EAR, class_ids: int | Sequence[int] | torch.Tensor, *, cfg_sca
             for part, final, changed in fixes[0] if fixes else ():
                 assert corrected is not None
                 fixed = torch.tensor(sched.groups[part])
-                grid[:, fixed] = final
-                corrected[:, fixed] |= changed
+                grid[:, fixed] = final.cpu()
+                corrected[:, fixed] |= changed.cpu()
             new = torch.zeros(g * g, dtype=torch.bool)
             new[cells] = True
             if given is not None:  # known cells were shown from the start

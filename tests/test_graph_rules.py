@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ear.draw import RowSettings, row_keys
 from ear.engine import runner_for
+from ear.refine import Refinement
 from ear.sampler import generate, sample
 from tests.helpers import noisy_model
 
@@ -61,6 +62,25 @@ def test_a_step_creates_no_host_tensor_and_never_syncs(settings: dict) -> None:
             _k, logits, _tokens = next(steps)
     steps.close()
     assert logits.device.type == "meta"
+    assert watch.on_host == [] and watch.syncs == [], (watch.on_host, watch.syncs)
+
+
+@pytest.mark.parametrize("settings", [{}, {"top_k": 5, "top_p": 0.9}])
+def test_a_refined_step_in_its_static_form_creates_no_host_tensor_and_never_syncs(settings: dict) -> None:
+    """What graphed refined steps run (`static_refinement`): the re-fed part fed for every row and
+    the checked cells corrected by a select, never asking the device (known cells: on the CPU, in
+    tests/test_refine.py, as a generation's start reads them on the host)."""
+    model = noisy_model(correction=True, schedule="radar").to("meta")
+    runner = runner_for(model)
+    runner.static_refinement = True
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    steps = runner.decode(torch.tensor([1, 2]), _rows(2, **settings), prefix=empty,
+                          refinement=Refinement(0.05))
+    next(steps)  # the first step (class token) runs eagerly, never as a graph
+    watch = _HostWatch()
+    with watch:
+        fixed = [fixes for _k, _logits, _tokens, fixes in steps]
+    assert sum(len(f) for f in fixed) == runner.model.schedule.num_steps  # every part checked
     assert watch.on_host == [] and watch.syncs == [], (watch.on_host, watch.syncs)
 
 

@@ -128,6 +128,35 @@ def test_after_a_refined_generation_the_cache_is_a_teacher_forced_forward_of_the
         assert torch.allclose(k, ref.k, atol=1e-5) and torch.allclose(v, ref.v, atol=1e-5)
 
 
+@pytest.mark.parametrize("kwargs", [{"cfg_scale": 2.0}, {"top_k": 5, "top_p": 0.9}])
+def test_the_static_form_cuda_graphs_replay_gives_the_eager_tokens_and_cache(kwargs: dict) -> None:
+    """`static_refinement` (what graphed refined steps run: every row's re-fed part fed again,
+    every checked cell redrawn and selected) draws and corrects what the eager form does, known
+    cells included, and leaves the cache a teacher-forced forward of the final grid."""
+    model = noisy_model(correction=True, schedule="radar")
+    runner = runner_for(model)
+    known = torch.full((8, 8), -1)
+    known[3:5, 3:5] = 7  # the centre: known cells after the prefix (the masked form)
+    settings = {"seed": 5, "known": known, **REFINED, **kwargs}
+    runner.static_refinement = False
+    eager = list(sample(model, [1, 4, 2], **settings))[-1]
+    runner.release()
+    runner.static_refinement = True
+    try:
+        static = list(sample(model, [1, 4, 2], **settings))[-1]
+    finally:
+        runner.static_refinement = None
+    assert eager.corrected.any() and not eager.corrected.all()
+    assert torch.equal(static.tokens, eager.tokens) and torch.equal(static.corrected, eager.corrected)
+    (slot,) = [s for slots in runner._free.values() for s in slots]
+    guided = kwargs.get("cfg_scale", 1.0) != 1.0
+    ids = torch.tensor([1, 4, 2] + ([model.null_class] * 3 if guided else []))
+    grid = static.tokens.repeat(2 if guided else 1, 1, 1)
+    for ours, ref in zip(slot.caches, _teacher_forced_cache(model, ids, grid), strict=True):
+        k, v = ours[:, :, 1].transpose(1, 2), ours[:, :, 2].transpose(1, 2)
+        assert torch.allclose(k, ref.k, atol=1e-5) and torch.allclose(v, ref.v, atol=1e-5)
+
+
 def test_an_image_is_the_same_alone_and_in_a_crowd_with_refinement() -> None:
     model = noisy_model(correction=True)
     crowd = generate(model, [1, 2, 3], seed=[7, 7, 9], row_ids=[0, 1, 0], cfg_scale=[1.5, 2.0, 1.0],
