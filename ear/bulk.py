@@ -116,19 +116,28 @@ def parse_classes(spec: str | None, pipe: EARPipeline) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def fitting_batch(model: EAR, guided: bool, device: torch.device) -> int:
-    """The largest per-process batch worth running. On CUDA: free memory after loading, over
-    what one image holds at the peak (its rows' KV cache for every layer and the float32 logits
-    of the largest step with their softmax/sort copies, plus the two logits buffers its CUDA
-    graphs write), with a fifth kept free for the decoder and the allocator, rounded down to a
-    power of two; on the CPU a fixed size (no faster beyond it)."""
-    if device.type != "cuda":
-        return CPU_BATCH
+def image_bytes(model: EAR, guided: bool) -> int:
+    """What one image holds on the GPU at the peak: its rows' KV cache for every layer and the
+    float32 logits of the largest step with their softmax/sort copies, plus the two logits buffers
+    its CUDA graphs write; a refined step's logits also cover the part it checks, and its graphs
+    write two buffers of their own (bulk sampling refines wherever the model can, as the pipeline
+    does)."""
     cfg = model.config
     rows = 2 if guided else 1
     kv = kv_cache_bytes_per_row(cfg, model.output.weight.dtype)
     widest_logits = max(model.schedule.sizes) * cfg.vocab_size * 4
-    per_image = rows * (kv + 4 * widest_logits) + 2 * widest_logits
+    step_logits = 2 * widest_logits if cfg.correction else widest_logits
+    graphed = 2 * widest_logits + (2 * step_logits if cfg.correction else 0)
+    return rows * (kv + 4 * step_logits) + graphed
+
+
+def fitting_batch(model: EAR, guided: bool, device: torch.device) -> int:
+    """The largest per-process batch worth running. On CUDA: free memory after loading over
+    `image_bytes`, with a fifth kept free for the decoder and the allocator, rounded down to a
+    power of two; on the CPU a fixed size (no faster beyond it)."""
+    if device.type != "cuda":
+        return CPU_BATCH
+    per_image = image_bytes(model, guided)
     free, _total = torch.cuda.mem_get_info(device)
     fits = max(1, min(MAX_BATCH, int(0.8 * free) // per_image))
     return 1 << (fits.bit_length() - 1)  # the engine pads CUDA batches up to a power of two

@@ -245,5 +245,8 @@ def test_batch_that_fits_follows_free_gpu_memory(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _d: (2**23, 2**31))
     assert 1 < bulk.fitting_batch(model, False, cuda) < one_gib
     assert bulk.fitting_batch(model, True, cuda) < bulk.fitting_batch(model, False, cuda)
+    refined = noisy_model(correction=True)  # a refined step's logits cover two parts
+    assert bulk.image_bytes(refined, False) > bulk.image_bytes(model, False)
+    assert bulk.fitting_batch(refined, False, cuda) <= bulk.fitting_batch(model, False, cuda)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _d: (2**40, 2**41))
     assert bulk.fitting_batch(model, False, cuda) == bulk.MAX_BATCH
