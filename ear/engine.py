@@ -674,7 +674,7 @@ class DecodeRunner:
                     if not span.empty:
                         self._forward(slot, plan)
                     continue
-                if self.use_graphs and not span.with_class:
+                if self.use_graphs and static and not span.with_class:  # (the eager form syncs)
                     key = ("refined", *span.key, refinement.threshold)
                     logits, corrected = self._replay(slot, key, plan, partial(
                         self._graphed_refined_step, slot, plan, span, noise, refinement.threshold))

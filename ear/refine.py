@@ -15,8 +15,8 @@ re-feeds only the rows whose part changed (`Span.refed`, `Span.without_refeed`, 
 for the others the re-fed keys and values would equal the cached ones, so a step where no row
 corrected anything costs what an unrefined step costs, plus the check. Under CUDA graphs the
 runner takes the static form instead: every row re-fed, every checked cell redrawn and selected
-(`correct(static=True)`), the same tokens with shapes fixed per step and no host sync. This module says which
-positions each step feeds (`spans`), how a step draws and corrects (`advance`), and how the
+(`correct(static=True)`), the same tokens with shapes fixed per step and no host sync. This
+module says which positions each step feeds (`spans`), how a step draws and corrects (`advance`), and how the
 engines' per-forward results become per-step ones (`grouped`).
 """
 
