@@ -16,8 +16,8 @@ for the others the re-fed keys and values would equal the cached ones, so a step
 corrected anything costs what an unrefined step costs, plus the check. Under CUDA graphs the
 runner takes the static form instead: every row re-fed, every checked cell redrawn and selected
 (`correct(static=True)`), the same tokens with shapes fixed per step and no host sync. This
-module says which positions each step feeds (`spans`), how a step draws and corrects (`advance`), and how the
-engines' per-forward results become per-step ones (`grouped`).
+module says which positions each step feeds (`spans`), how a step draws and corrects
+(`advance`), and how the engines' per-forward results become per-step ones (`grouped`).
 """
 
 from __future__ import annotations
