@@ -34,6 +34,7 @@ from ear.app_support import (
     ANIMATION_FORMATS,
     ANY_STYLE,
     CFG,
+    EDITOR_CANVAS,
     MAX_UPLOAD_BYTES,
     NUM_IMAGES,
     REFINE_ROUNDS,
@@ -58,6 +59,7 @@ from ear.app_support import (
     compare_steps,
     default_keep,
     edit_upload,
+    editor_picture,
     examples_cache,
     extend_model,
     info_markdown,
@@ -635,6 +637,14 @@ def _wire(run: gr.Button, buttons: list[gr.Button], tab: str, handler: Callable[
 
     stop.click(stop_run, None, None, **quiet).then(None, cancels=[event], **quiet)
     event.then(after_run, [*captions, key], [*captions, stop, again], **quiet)
+
+    def after_refusal(*values: Any) -> list[Any]:
+        """Gradio's page runs `.then` listeners only after a success: a refused request
+        (`_refuse`) ends in an error, and Stop would stay pressable for good. Touching the
+        canvases also takes the failed run's "Error" badge off them (the caption says why)."""
+        return [*after_run(*values), *[gr.skip()] * len(canvases)]
+
+    event.failure(after_refusal, [*captions, key], [*captions, stop, again, *canvases], **quiet)
     again.click(replay, key, canvases, **quiet)
 
 
@@ -774,13 +784,28 @@ def _with_editor(editor: gr.ImageEditor, run: Callable[..., Iterator[list[Any]]]
     return with_pictures
 
 
-def last_generated(gallery: Any) -> Any:
-    """The first picture of the Generate tab's results, as the editor's new background."""
+def last_generated(gallery: Any) -> list[Any]:
+    """The first picture of the Generate tab's results as the editor's new background, and the
+    caption (a toast would not show: the click skips the queue)."""
     first = gallery[0] if isinstance(gallery, list) and gallery else None
     picture = first[0] if isinstance(first, tuple | list) else first
     if picture is None:
-        gr.Warning("Generate a picture first: there is none to edit yet.")
-        return gr.skip()
+        return [gr.skip(), "⚠️ Generate a picture first: there is none to edit yet."]
+    return [_editor_value(picture), ""]
+
+
+def uploaded_picture(file: Any) -> list[Any]:
+    """A picture uploaded for the editor, read here (`editor_picture`: shrunk to paint on if it
+    is large; one the server cannot use is refused with a sentence) and set as its background,
+    with what will be used of it in the caption."""
+    try:
+        picture, note = editor_picture(file)
+    except ValueError as err:
+        return [gr.skip(), _warning(err)]
+    return [_editor_value(picture), note and f"ℹ️ {note}"]
+
+
+def _editor_value(picture: Any) -> dict[str, Any]:
     return {"background": picture, "layers": [], "composite": picture}
 
 
@@ -792,11 +817,17 @@ def _edit_tab(pace: gr.State, generated: gr.Gallery | None
     with gr.Row():
         with gr.Column(scale=1):
             model = _picture_model_picker("edit")
+            # Uploads come in through the button (`uploaded_picture`), not the editor's own upload:
+            # that would keep a phone photo at full size in the browser.
             editor = gr.ImageEditor(label="Your picture: paint over what to redraw", type="pil",
-                                    image_mode="RGBA", sources=["upload", "clipboard"], format="png",
+                                    image_mode="RGBA", sources=["clipboard"], format="png",
                                     transforms=(), layers=False, elem_id="edit-image",
+                                    canvas_size=EDITOR_CANVAS,
                                     brush=gr.Brush(default_size=24, colors=["#ff00ff"], color_mode="fixed"))
-            take = gr.Button("Use the last generated picture", size="sm", elem_id="edit-take")
+            with gr.Row():
+                upload = gr.UploadButton("Upload a picture", file_types=["image"], size="sm",
+                                         elem_id="edit-upload")
+                take = gr.Button("Use the last generated picture", size="sm", elem_id="edit-take")
             klass = _optional_class_picker(pipe)
             style = _style_picker(pipe, "edit")
             refine = gr.Slider(REFINE_ROUNDS.lo, REFINE_ROUNDS.hi, value=EDIT_ROUNDS, step=1,
@@ -808,7 +839,8 @@ def _edit_tab(pace: gr.State, generated: gr.Gallery | None
         with gr.Column(scale=2):
             outputs = _one_result_outputs("edit")
     if generated is not None:
-        take.click(last_generated, generated, editor, queue=False, api_visibility="private")
+        take.click(last_generated, generated, [editor, outputs[1]], queue=False, api_visibility="private")
+    upload.upload(uploaded_picture, upload, [editor, outputs[1]], queue=False, api_visibility="private")
     _wire(run, buttons, "edit", _with_editor(editor, edit),
           [editor, klass, refine, *sampling, model, fmt, style, pace], outputs, [outputs[1]], outputs[4],
           [outputs[0]], api_name="edit", show_progress_on=outputs[0])

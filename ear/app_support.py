@@ -182,7 +182,7 @@ def check_keep(pipeline: Any, value: Any) -> int:
 def keep_choices(pipeline: Any) -> list[tuple[str, int]]:
     """(label, size) pairs for the keep picker: how much of the final canvas the upload covers."""
     g = pipeline.grid
-    return [(f"{k} x {k} tokens ({round(100 * k / g)} % of the width)", k) for k in pipeline.keep_sizes()]
+    return [(f"{k} x {k} tokens · {round(100 * k / g)} % wide", k) for k in pipeline.keep_sizes()]
 
 
 def default_keep(pipeline: Any) -> int:
@@ -200,19 +200,43 @@ def check_place(value: Any) -> str:
     return value.strip().lower()
 
 
+EDITOR_CANVAS = (800, 800)  # the Edit tab's empty canvas (white), what the editor sends without a picture
+EDITOR_MAX_SIDE = 1024  # an upload is shrunk to this to paint on (`editor_picture`)
+NO_PICTURE = "Upload a picture first (or send the last generated one), then paint over the part to redraw."
+
+
 def edit_upload(value: Any) -> tuple[Image.Image, Any]:
     """The image editor's picture (its background) and mask (everything painted on its layers,
-    as `ear.images.load_mask` reads it), or InputError saying what is missing."""
+    as `ear.images.load_mask` reads it), or InputError saying what is missing. The editor's own
+    empty canvas (flat white, EDITOR_CANVAS) is no picture: paint on it is not a picture to edit."""
     background = value.get("background") if isinstance(value, Mapping) else None
     if background is None:
-        raise InputError("Upload a picture first (or send the last generated one), then paint over "
-                         "the part to redraw.")
+        raise InputError(NO_PICTURE)
     picture = load_image(background) if isinstance(background, Image.Image) else load_upload(background)
+    if picture.size == EDITOR_CANVAS and all(lo == hi for lo, hi in picture.getextrema()):
+        raise InputError(NO_PICTURE)
     painted = np.zeros((picture.height, picture.width), dtype=np.uint8)
     for layer in value.get("layers") or []:  # a brush layer paints wherever it is not transparent
         alpha = np.asarray(load_layer(layer).convert("RGBA"))[..., 3]
         painted |= load_mask(np.where(alpha > 0, 255, 0).astype(np.uint8), picture.size)
     return picture, painted
+
+
+def editor_picture(payload: Any) -> tuple[Image.Image, str]:
+    """A picture uploaded for the Edit tab's editor (`load_upload`'s checks), at most
+    EDITOR_MAX_SIDE px on a side, and a note on what will be used of it. The upload goes to the
+    server as a file and the editor gets the smaller copy: the editor's own upload keeps the
+    picture at full size, and the browser encodes it and every painted layer again on each
+    Redraw (a 4000 x 3000 px photo: 14 s per Redraw in Chromium here; the model works at a few
+    hundred pixels, so the result is the same)."""
+    picture = load_upload(payload)
+    w, h = picture.size
+    note = upload_note(picture)
+    if max(w, h) <= EDITOR_MAX_SIDE:
+        return picture, note
+    picture.thumbnail((EDITOR_MAX_SIDE, EDITOR_MAX_SIDE), Image.Resampling.LANCZOS)
+    shown = f"Shown at {picture.width} x {picture.height} px (from {w} x {h}) to paint on."
+    return picture, f"{shown} {note}".strip()
 
 
 def load_layer(layer: Any) -> Image.Image:
@@ -272,7 +296,7 @@ def _browser_shows(path: Any) -> bool:
 
 
 def upload_note(image: Image.Image) -> str:
-    """What Extend will make of a picture's size: the centred square, enlarged if tiny."""
+    """What Extend and Edit will make of a picture's size: the centred square, enlarged if tiny."""
     w, h = image.size
     notes = []
     if max(w, h) > 2 * min(w, h):
@@ -690,7 +714,7 @@ def arm_caption(heading: str, state: Any, seconds: float) -> str:
     facts = step_facts(state, seconds)
     if state.corrected is not None:
         count = int(state.corrected.sum())
-        facts.append(f"{count} cell{'s' * (count != 1)} corrected")
+        facts.append(f"{count} corrected")  # as Generate's caption says it
     if state.done:
         facts.append("done")
     return f"{heading}  \n{' · '.join(facts)}"

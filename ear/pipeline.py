@@ -386,8 +386,8 @@ class EARPipeline:
                 best = (fit, r, last.state)
         assert best is not None
         fit, r, state = best
-        yield Frame(state, None, f"kept round {r + 1} of {refine + 1} (its known cells are likeliest: "
-                    f"{fit:.1f} nats)", renderer)
+        yield Frame(state, None, f"kept round {r + 1} of {refine + 1}: the draw that fits the rest of the "
+                    f"picture best ({fit:.1f} nats)", renderer)
 
     def zoom_out(self, image: ImageSource, times: int, keep: int, class_id: int | str | None = None, *,
                  seed: int | None = None, transition: int = ZOOM_TRANSITION, display_size: int = 256,

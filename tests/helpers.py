@@ -53,6 +53,11 @@ def same_picture(a: object, b: object) -> bool:
     return x.shape == y.shape and int(np.abs(x - y).max(initial=0)) <= 1
 
 
+def is_skip(value: object) -> bool:
+    """Whether a handler's output is `gr.skip()` (leave that component as it is)."""
+    return isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1
+
+
 def noisy_model(seed: int = 0, grid_size: int = 8, **config: object) -> EAR:
     """The engine tests' model: 64 codes, 10 classes (id 10 is the null class), 4 heads."""
     return tiny_ear(64, grid_size, num_classes=10, seed=seed, std=0.2,

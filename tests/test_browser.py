@@ -329,6 +329,8 @@ def test_extend_grows_a_border_and_a_later_error_clears_it(page: Any, steps: int
     assert page.locator("#ext-final img").count() == 0 and page.locator("#ext-canvas img").count() == 0
     assert "Error" not in page.inner_text("#ext-caption") + page.inner_text("#ext-final")
     assert page.locator("#ext-download").is_disabled()
+    page.wait_for_function("() => document.querySelector('#ext-stop').disabled")  # the run has ended
+    assert "Error" not in page.inner_text("#ext-canvas")  # no badge over the canvas either
     page.screenshot(path=ARTIFACTS / "browser-error-after-success.png", full_page=True)
     # A cached example's result can be downloaded like any other.
     page.locator("#ext-examples tbody tr").first.click()

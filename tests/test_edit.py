@@ -20,7 +20,15 @@ from ear.order import SCHEDULES, make_schedule
 from ear.pipeline import PLACES, EARPipeline
 from ear.sampler import UNKNOWN, _as_known, generate, last_drawn_step, sample, state_count
 from ear.serving import Scheduler
-from tests.helpers import CLASS_NAMES, PaletteTokenizer, noisy_model, same_picture, tiny_ear, write_tiny_model
+from tests.helpers import (
+    CLASS_NAMES,
+    PaletteTokenizer,
+    is_skip,
+    noisy_model,
+    same_picture,
+    tiny_ear,
+    write_tiny_model,
+)
 from tests.test_cli import _cli
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -410,6 +418,9 @@ def test_the_edit_endpoint_takes_files_as_an_api_client_sends_them(page, tmp_pat
 @pytest.mark.parametrize(("value", "fragment"), [
     (None, "Upload a picture first"),
     ({"background": None, "layers": []}, "Upload a picture first"),
+    # the editor's own empty canvas (what it sends when nothing was uploaded), painted on
+    ({"background": Image.new("RGBA", (800, 800), "white"), "layers": [brush(800, (300, 300, 400, 400))]},
+     "Upload a picture first"),
     ({"background": stripes(64), "layers": []}, "paints no cell"),
     ({"background": stripes(64), "layers": [brush(64, (0, 0, 64, 64))]}, "covers the whole picture"),
     ({"background": stripes(64), "layers": [brush(32, (0, 0, 8, 8))]}, "32x32 pixels but the picture"),
@@ -420,6 +431,34 @@ def test_the_edit_tab_refuses_in_one_sentence(page, value, fragment) -> None:
         for update in page.edit(value, "cat", 0, 3, 1.5, 1.0, 0, 1.0, page.MODELS.default, "gif"):
             updates.append(update)
     assert len(updates) == 1 and fragment in updates[0][1]
+
+
+def test_an_upload_for_the_editor_is_read_by_the_server_and_shrunk(page, tmp_path: Path) -> None:
+    """The editor gets a picture at most EDITOR_MAX_SIDE px wide (a phone photo at full size
+    would be encoded again by the browser on every Redraw); what will be used of it is said."""
+    Image.new("RGB", (4000, 3000), "olive").save(tmp_path / "photo.jpg")
+    value, note = page.uploaded_picture(str(tmp_path / "photo.jpg"))
+    assert value["background"].size == (1024, 768) and value["layers"] == []
+    assert note == "ℹ️ Shown at 1024 x 768 px (from 4000 x 3000) to paint on."
+    paint = np.zeros((768, 1024, 4), dtype=np.uint8)
+    paint[:300, :300] = 255
+    updates = run_edit(page, {"background": value["background"], "layers": [Image.fromarray(paint, "RGBA")]})
+    assert updates[-1][1].endswith("· done")
+    Image.new("RGB", (1, 1), "red").save(tmp_path / "dot.png")
+    value, note = page.uploaded_picture(str(tmp_path / "dot.png"))
+    assert value["background"].size == (1, 1) and "blocky" in note
+    (tmp_path / "notes.png").write_text("not a picture")
+    value, note = page.uploaded_picture(str(tmp_path / "notes.png"))
+    assert is_skip(value) and note.startswith("⚠️") and "not an image format" in note
+    assert str(tmp_path) not in note
+
+
+def test_the_last_generated_picture_or_a_sentence_when_there_is_none(page) -> None:
+    value, caption = page.last_generated([])
+    assert is_skip(value) and caption == "⚠️ Generate a picture first: there is none to edit yet."
+    picture = stripes(64)
+    value, caption = page.last_generated([(picture, None)])
+    assert value["background"] is picture and caption == ""
 
 
 def test_extend_tab_places_the_picture(page, tmp_path: Path) -> None:
@@ -459,6 +498,40 @@ def browser_page():
         browser.close()
 
 
+EDIT_UPLOAD = "input[data-testid='Upload a picture-upload-button']"  # the Upload button's file input
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_in_chromium_edit_refusals_are_one_sentence_and_leave_the_page_ready(browser_page, tmp_path) -> None:
+    from tests import test_browser as tb
+
+    page, _ = browser_page
+    page.reload(wait_until="domcontentloaded")  # nothing generated yet in this session
+    page.wait_for_selector("#gen-run")
+    tb.open_tab(page, "Edit")
+    page.click("#edit-take")
+    tb.wait_caption(page, "#edit-caption", "Generate a picture first: there is none to edit yet.")
+    fake = tmp_path / "holiday.png"
+    fake.write_text("definitely not a picture")
+    page.set_input_files(EDIT_UPLOAD, str(fake))
+    tb.wait_caption(page, "#edit-caption", "not an image format we can read")
+    # paint on the empty editor and Redraw: the paint is not a picture to edit
+    page.locator("#edit-image button[aria-label='Brush']").first.click()
+    box = page.locator("#edit-image canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 40, y + 30, steps=8)
+    page.mouse.up()
+    page.click("#edit-run")
+    tb.wait_caption(page, "#edit-caption", "Upload a picture first")
+    # the refused run ends like any other: Stop greys out, no "Error" badge over the canvas
+    page.wait_for_function("() => document.querySelector('#edit-stop').disabled")
+    assert "Error" not in page.inner_text("#edit-canvas")
+    page.screenshot(path=tb.ARTIFACTS / "browser-edit-refused.png", full_page=True)
+
+
 @pytest.mark.browser
 @pytest.mark.slow
 def test_in_chromium_the_painted_region_regrows_and_the_rest_stays(browser_page) -> None:
@@ -482,7 +555,7 @@ def test_in_chromium_the_painted_region_regrows_and_the_rest_stays(browser_page)
               " || document.querySelector('#edit-image button[aria-label=\"Undo\"]:not([disabled])')")
     ended = "() => window.__seen.captions.some(([text]) => /done|⚠️/.test(text))"  # this attempt's
     for _attempt in range(3):
-        page.locator("#edit-image input[type=file]").first.set_input_files(str(source))
+        page.set_input_files(EDIT_UPLOAD, str(source))  # through the server (`uploaded_picture`)
         with contextlib.suppress(PlaywrightTimeout):
             page.wait_for_function(loaded, timeout=30_000)
         box = canvas.bounding_box()
