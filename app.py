@@ -685,7 +685,13 @@ def _speedup_values(pipe: EARPipeline) -> list[dict[str, Any]]:
     tau = shipped_tau(pipe)
     return [{"visible": pipe.can_refine, "value": pipe.can_refine},
             {"visible": tau is not None, "value": False},
-            {"visible": tau is not None, "value": ACTIVATION_TAU.hi if tau is None else tau}]
+            {"visible": tau is not None, "value": ACTIVATION_TAU.hi if tau is None else tau,
+             "interactive": False}]  # until activation is ticked (`tau_follows`)
+
+
+def tau_follows(activation: bool) -> dict[str, Any]:
+    """The tau slider can be moved only while dynamic activation is on: it changes nothing else."""
+    return gr.update(interactive=bool(activation))
 
 
 def _speedup_controls(pipe: EARPipeline) -> list[gr.components.Component]:
@@ -709,6 +715,8 @@ def _generate_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list
                               label=NUM_IMAGES.label, info="shown as a grid")
             sampling, refilled = _sampling_controls(pipe, model)
             speedups = _speedup_controls(pipe)
+            speedups[1].change(tau_follows, speedups[1], speedups[2], queue=False, show_progress="hidden",
+                               api_visibility="private")
             fmt = _format_picker()
             run, *buttons = _buttons("Generate", "gen")
         with gr.Column(scale=2):

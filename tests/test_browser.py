@@ -448,7 +448,9 @@ def test_generate_offers_what_the_model_can_speed_up(page: Any, server: tuple[st
         return
     tau = page.locator("#gen-activation-tau input[type=number]")
     assert float(tau.input_value()) == pipe.info()["activation"]["tau"]
+    assert tau.is_disabled()  # tau moves nothing until activation is on
     activation.locator("input[type=checkbox]").check()
+    page.wait_for_function("() => !document.querySelector('#gen-activation-tau input[type=number]').disabled")
     tau.fill("0.5")
     tau.press("Enter")
     page.click("#gen-run")
