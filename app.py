@@ -783,10 +783,10 @@ def _with_editor(editor: gr.ImageEditor, run: Callable[..., Iterator[list[Any]]]
     and the browser sends the editor's pictures as blobs that only the component can find."""
     @functools.wraps(run)
     def with_pictures(value: Any, *args: Any) -> Iterator[list[Any]]:
-        try:
+        # Not an editor's value, or files that are no pictures: `edit_upload` reads what it was
+        # given and says what is wrong.
+        with contextlib.suppress(Exception):
             value = editor.preprocess(gr.components.image_editor.EditorData.model_validate(value))
-        except Exception:  # not an editor's value: `edit_upload` says what is missing
-            value = None
         yield from run(value, *args)
 
     return with_pictures
@@ -890,7 +890,8 @@ def _info_tab(model: gr.Dropdown) -> list[gr.components.Component]:
     with gr.Accordion("As JSON", open=False):
         raw = gr.JSON(info)
     refresh = gr.Button("Refresh", size="sm")
-    refresh.click(model_info, model, [view, raw], api_name="model_info")
+    # unprocessed: a model the picker does not list gets the app's sentence, not Gradio's check
+    refresh.click(model_info, model, [view, raw], api_name="model_info", preprocess=False)
     return [view, raw]
 
 

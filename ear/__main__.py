@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from ear import hub
 from ear.images import load_image, load_mask, save_image
-from ear.pipeline import MAX_BATCH, MAX_REFINE, PLACES, EARPipeline, Frame
-from ear.preview import ANIMATION_SUFFIXES, make_grid, save_animation
+from ear.pipeline import MAX_BATCH, MAX_REFINE, MAX_ZOOM_ROUNDS, PLACES, EARPipeline, Frame
+from ear.preview import ANIMATION_SUFFIXES, DISPLAY_SIZES, MAX_FPS, make_grid, save_animation
 from ear.refine import DEFAULT_THRESHOLD
 
 EXIT_BAD_INPUT = 2
@@ -52,7 +52,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", help="named settings of the model (see `models`), e.g. visual or fid")
     g.add_argument("--seed", type=int, help="random seed (same seed, same picture)")
     g.add_argument("--cfg", type=float, dest="cfg_scale", help="classifier-free guidance scale (>= 0)")
-    g.add_argument("--temperature", type=float, help="sampling temperature (> 0)")
+    g.add_argument("--temperature", type=float, help="sampling temperature (>= 0; 0 = greedy)")
     g.add_argument("--top-k", type=int, dest="top_k", help="keep the k most likely codes (0 = all)")
     g.add_argument("--top-p", type=float, dest="top_p", help="nucleus sampling mass in (0, 1]")
     g.add_argument("--style", help="for a model with styles (see `models`), e.g. Twemoji or Noto: draw "
@@ -198,8 +198,13 @@ def _check_outputs(args: argparse.Namespace) -> None:
     if formats.get(args.out.suffix.lower()) not in Image.SAVE:
         raise ValueError(f"--out must end in an image extension such as .png, .jpg or .webp, got "
                          f"'{args.out.name}'.")
+    lo, hi = DISPLAY_SIZES
+    if not lo <= args.size <= hi:
+        raise ValueError(f"--size must lie in [{lo}, {hi}] pixels, got {args.size}.")
     outputs = [args.out]
     if args.animation is not None:
+        if not 0 < args.fps <= MAX_FPS:
+            raise ValueError(f"--fps must lie in (0, {MAX_FPS}], got {args.fps:g}.")
         if args.animation.suffix.lower() not in ANIMATION_SUFFIXES:
             raise ValueError(f"--animation must end in .gif or .mp4, got '{args.animation.name}'.")
         outputs.append(args.animation)
@@ -282,8 +287,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_extend(args: argparse.Namespace) -> None:
     _check_outputs(args)
-    if args.zoom_out < 0:
-        raise ValueError(f"--zoom-out must be 0 (no zoom) or a number of rounds, got {args.zoom_out}.")
+    if not 0 <= args.zoom_out <= MAX_ZOOM_ROUNDS:
+        raise ValueError(f"--zoom-out must be 0 (no zoom) or a number of rounds up to {MAX_ZOOM_ROUNDS}, "
+                         f"got {args.zoom_out}.")
     if args.zoom_out and args.place != "centre":
         raise ValueError("--zoom-out shrinks the picture into the centre: leave --place at centre.")
     image = load_image(args.image)  # before the model: a bad image should fail fast
@@ -365,6 +371,9 @@ def cmd_activate(args: argparse.Namespace) -> None:
 
     if args.samples < 1 or args.router_steps < 0 or args.distill_steps < 0:
         raise ValueError("--samples must be positive and the step counts not negative")
+    if args.reuse is None and args.tau is not None and not 0 <= args.tau < 1:
+        raise ValueError(f"--tau must lie in [0, 1) for a distillation (1 runs every expert: there is "
+                         f"nothing to learn), got {args.tau:g}.")
     given = {k: v for k, v in (("tau", args.tau), ("dense_lead", args.dense_lead)) if v is not None}
     config = ActivationConfig(experts=args.experts, router_hidden=args.router_hidden,
                               tuned=args.tune_experts, **{"tau": 0.6, "dense_lead": 0.0, **given})

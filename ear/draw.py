@@ -9,6 +9,7 @@ scheduler and bulk sampling rely on that.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -138,10 +139,10 @@ class RowSettings:
 
 
 def check_values(cfg_scale: float, temperature: float, top_k: int, top_p: float) -> None:
-    if not cfg_scale >= 0:
-        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 <= cfg_scale < math.inf:
+        raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg_scale}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 = no limit), got {top_k!r}")
     if not 0 < top_p <= 1:

@@ -174,10 +174,22 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return arr.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def _file_mode() -> int:
+    """What a plain `open(path, "w")` would give a new file here (0o666 under the umask): the
+    temporary file `atomic_output` renames into place is created 0o600, readable only by us."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()  # read once, at import: the umask is process-wide and rarely changes
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path` with the same suffix; rename it into place only when
-    the block succeeds, so a crash or bad input never leaves a half-written file behind."""
+    the block succeeds, so a crash or bad input never leaves a half-written file behind. The file
+    gets the permissions a plain write would (`FILE_MODE`)."""
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"Cannot write '{path}': the folder '{path.parent}' does not exist.")
@@ -186,6 +198,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        tmp_path.chmod(FILE_MODE)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

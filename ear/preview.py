@@ -40,6 +40,8 @@ DECODE_SLACK = 1.0  # ... after this many seconds of decoding, which small model
 OUTLINE_RGB = (255, 176, 32)  # the cells the step added
 CORRECTED_RGB, CORRECTED_COLOUR = (0, 200, 255), "cyan"  # cells nested refinement redrew (captions name it)
 ANIMATION_SUFFIXES = (".gif", ".mp4")
+DISPLAY_SIZES = (16, 4096)  # the smallest and largest display size in pixels
+MAX_FPS = 60
 
 
 def module_device(module: torch.nn.Module) -> torch.device:
@@ -66,8 +68,9 @@ class PreviewRenderer:
     def __init__(self, tokenizer: Tokenizer, display_size: int = 256, outline: bool = True,
                  fill_token: int | None = None, decode_share: float | None = DECODE_SHARE,
                  decode_slack: float = DECODE_SLACK) -> None:
-        if not 16 <= display_size <= 4096:
-            raise ValueError(f"display_size must lie in [16, 4096], got {display_size}")
+        lo, hi = DISPLAY_SIZES
+        if not lo <= display_size <= hi:
+            raise ValueError(f"display_size must lie in [{lo}, {hi}], got {display_size}")
         self.tokenizer, self.display_size, self.outline = tokenizer, display_size, outline
         self.decode_share, self.decode_slack = decode_share, decode_slack
         self.fill_token = neutral_token(tokenizer) if fill_token is None else fill_token
@@ -319,8 +322,8 @@ def animation_target(path: str | os.PathLike, fps: float, hold_last: float) -> P
     if path.suffix.lower() not in ANIMATION_SUFFIXES:
         raise ValueError(f"Animations can be saved as {' or '.join(ANIMATION_SUFFIXES)}, "
                          f"not '{path.suffix or path.name}'.")
-    if not 0 < fps <= 60 or hold_last < 0:
-        raise ValueError(f"fps must lie in (0, 60] and hold_last be >= 0, got {fps} and {hold_last}")
+    if not 0 < fps <= MAX_FPS or hold_last < 0:
+        raise ValueError(f"fps must lie in (0, {MAX_FPS}] and hold_last be >= 0, got {fps} and {hold_last}")
     if path.suffix.lower() == ".mp4" and ffmpeg_exe() is None:
         path = path.with_suffix(".gif")
         warnings.warn(f"No MP4 encoder found (install imageio-ffmpeg or set IMAGEIO_FFMPEG_EXE); "

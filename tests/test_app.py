@@ -558,6 +558,10 @@ def test_model_info_panel(app: types.ModuleType, tiny: str) -> None:
     assert "Parameters" in text and "MIT (test)" in text and "cpu / float32" in text
     assert text.startswith("| Model | tiny-test |")  # a real header row, not an empty one
     assert info["source"] == "local folder 'tiny'" and tiny not in text and tiny not in str(info)
+    # an API client naming a model the picker does not list: the app's sentence, not Gradio's check
+    assert_user_error(lambda: app.model_info("no-such-model"), "Unknown model")
+    fn = next(f for f in app.demo.fns.values() if f.api_name == "model_info")
+    assert not fn.preprocess
 
 
 def test_public_source_never_shows_server_paths(tmp_path: Path) -> None:

@@ -95,7 +95,12 @@ def _bad_runs(model_dir: Path, tmp_path: Path) -> list[tuple[list[str], str]]:
         (["generate", "--model", str(corrupt), "--class-id", "0", "--out", out], "Cannot read the EAR"),
         (["generate", *m, "--class", "unicorn", "--out", out], "Unknown class"),
         (["generate", *m, "--class-id", "0", "--batch", "0", "--out", out], "--batch"),
-        (["generate", *m, "--class-id", "0", "--cfg", "-1", "--out", out], "cfg_scale must be >= 0"),
+        (["generate", *m, "--class-id", "0", "--cfg", "-1", "--out", out], "cfg_scale must be a finite"),
+        (["generate", *m, "--class-id", "0", "--temperature", "inf", "--out", out],
+         "temperature must be a finite"),
+        (["generate", *m, "--class-id", "0", "--size", "0", "--out", out], "--size must lie in [16, 4096]"),
+        (["generate", *m, "--class-id", "0", "--out", out, "--animation", str(tmp_path / "a.gif"),
+          "--fps", "0"], "--fps must lie in (0, 60]"),
         (["generate", *m, "--class-id", "0", "--preset", "nope", "--out", out], "Unknown preset"),
         (["generate", *m, "--class-id", "0", "--style", "Noto", "--out", out], "has no styles"),
         (["generate", *m, "--class-id", "0", "--out", str(tmp_path / "out.txt")], "--out must end"),
@@ -107,6 +112,9 @@ def _bad_runs(model_dir: Path, tmp_path: Path) -> list[tuple[list[str], str]]:
         (["extend", *m, "--image", str(picture), "--keep", "8", "--out", out], "keep must be one of"),
         (["extend", *m, "--image", str(picture), "--keep", "4", "--zoom-out", "-2", "--out", out],
          "--zoom-out"),
+        (["extend", *m, "--image", str(picture), "--keep", "4", "--zoom-out", "1000", "--out", out],
+         "--zoom-out must be 0 (no zoom) or a number of rounds up to 32"),
+        (["activate", *m, "--tau", "2", "--out", str(tmp_path / "act")], "--tau must lie in [0, 1)"),
         (["download", "EAR-adaLN-L"], "not downloaded yet"),
     ]
 

@@ -413,6 +413,15 @@ def test_the_edit_endpoint_takes_files_as_an_api_client_sends_them(page, tmp_pat
     handler = page._with_editor(editor, page.edit)
     updates = list(handler(value, "cat", 0, 3, 1.5, 1.0, 0, 1.0, page.MODELS.default, "gif"))
     assert updates[-1][1].endswith("· done")
+    (tmp_path / "notes.png").write_text("not a picture")
+    for part in ("background", "layers"):  # a file that is no picture is said to be one
+        bad = {**value, part: {"path": str(tmp_path / "notes.png"), **fields}}
+        if part == "layers":
+            bad[part] = [bad[part]]
+        with pytest.raises(gr.Error):
+            list(handler(bad, "cat", 0, 3, 1.5, 1.0, 0, 1.0, page.MODELS.default, "gif"))
+        caption = next(iter(handler(bad, "cat", 0, 3, 1.5, 1.0, 0, 1.0, page.MODELS.default, "gif")))[1]
+        assert ("not an image format" if part == "background" else "layer could not be read") in caption
 
 
 @pytest.mark.parametrize(("value", "fragment"), [

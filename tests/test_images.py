@@ -134,6 +134,13 @@ def test_tensor_round_trip() -> None:
     assert np.array_equal(to_uint8(t[None])[0], np.asarray(img))
 
 
+def test_a_written_file_gets_the_permissions_a_plain_write_would(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.png"
+    plain.write_bytes(b"")
+    written = save_image(Image.new("RGB", (4, 4)), tmp_path / "out.png")
+    assert written.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
 def test_atomic_output_leaves_nothing_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "out.png"
     with pytest.raises(RuntimeError), atomic_output(target) as tmp:

@@ -91,7 +91,7 @@ def test_class_names_ids_and_synonyms(pipe: EARPipeline) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "phrase"),
     [
-        ({"cfg_scale": -1.0}, "cfg_scale must be >= 0"),
+        ({"cfg_scale": -1.0}, "cfg_scale must be a finite number >= 0"),
         ({"temperature": -0.5}, "temperature"),
         ({"top_k": -1}, "top_k"),
         ({"top_p": 0.0}, r"top_p must lie in \(0, 1\]"),

@@ -125,11 +125,13 @@ def test_filter_is_per_row():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"cfg_scale": -1.0}, "cfg_scale must be >= 0"),
+    ({"cfg_scale": -1.0}, "cfg_scale must be a finite number >= 0"),
     ({"top_k": -1}, "top_k must be an integer >= 0"),
     ({"top_p": 0.0}, r"top_p must lie in \(0, 1\]"),
     ({"top_p": 1.5}, r"top_p must lie in \(0, 1\]"),
-    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"temperature": -0.5}, "temperature must be a finite number >= 0"),
+    ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
+    ({"cfg_scale": float("inf")}, "cfg_scale must be a finite number >= 0"),
     ({"prefix": torch.zeros(3, dtype=torch.long)}, "step boundary"),
     ({"prefix": torch.full((4,), 99)}, r"token ids must lie in \[0, 64\)"),
     ({"prefix": torch.zeros(64, dtype=torch.long)}, "at least one step"),
