@@ -15,6 +15,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 from huggingface_hub import constants
 from PIL import Image
@@ -75,8 +76,16 @@ def _add_class_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--class", dest="class_", metavar="NAME", help="class name (e.g. 'tench')")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags get one `error:` line and status 2, as every other bad input (argparse's own
+    error prints its usage lines first); the line says where the usage is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ear", description="EAR Studio: images that grow "
+    parser = _Parser(prog="python -m ear", description="EAR Studio: images that grow "
                                      "from the centre outward, a few tokens per step.")
     parser.add_argument("--verbose", action="store_true", help="log what is loaded and from where")
     sub = parser.add_subparsers(dest="command", required=True)

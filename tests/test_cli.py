@@ -70,6 +70,17 @@ def test_bad_input_in_a_subprocess_is_one_line_without_traceback(model_dir: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.png"]
 
 
+@pytest.mark.parametrize("argv", [["generate", "--class", "cat", "--seed", "abc", "--out", "a.png"],
+                                  ["extend", "--image", "a.png", "--place", "middle", "--out", "b.png"],
+                                  ["generate", "--out", "a.png"], ["nosuch"]])
+def test_bad_flags_are_one_error_line_too(argv: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "--help`" in err
+
+
 @pytest.mark.parametrize("command", ["models", "download", "generate", "extend", "edit", "activate"])
 def test_help(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as info:
