@@ -139,6 +139,9 @@ CSS = """
 #gen-final .grid-container { grid-template-columns: repeat(var(--grid-cols), minmax(0, 1fr));
                              padding-top: 2rem; }
 #model-info td:first-child { white-space: nowrap; padding-right: 1.5em; }
+@media (max-width: 640px) {  /* a phone: the labels wrap too, so the values keep their width */
+  #model-info td:first-child { white-space: normal; padding-right: 0.75em; width: 30%; }
+}
 """
 
 
@@ -751,9 +754,11 @@ def _extend_tab(pace: gr.State) -> tuple[gr.Dropdown, gr.State, list[gr.componen
                          show_progress="hidden", api_visibility="private")
             with gr.Row():
                 place = gr.Dropdown(list(PLACES), value="centre", label="Placement", filterable=False,
-                                    elem_id="ext-place", info="where your picture sits; the canvas grows "
+                                    elem_id="ext-place", min_width=200,
+                                    info="where your picture sits; the canvas grows "
                                     "around it (a side: grows the other way)")
                 keep = gr.Dropdown(keep_choices(pipe), value=default_keep(pipe), label="Kept canvas",
+                                   min_width=200,
                                    info="how much of the final canvas your picture covers (a side: "
                                    "how deep its band is)")
             klass = _optional_class_picker(pipe)
@@ -969,7 +974,8 @@ def build_demo() -> gr.Blocks:
                     "predicts image tokens in a spiral, several per step.")
         with gr.Row(equal_height=True):
             model = gr.Dropdown(MODEL_CHOICES, value=MODELS.default, label="Model", filterable=False,
-                                info="Hub models load only if already downloaded (or online)", scale=3)
+                                info="Hub models load only if already downloaded (or online)", scale=3,
+                                min_width=300)  # a line of its own on a phone: names stay whole
             shown_pace = gr.Radio([("Watch", WATCH), ("Fast", FAST)], value=WATCH, label="Pace", scale=1,
                                   elem_id="pace", info="Watch replays a quick run's growth on the canvas")
         loaded = gr.State(MODELS.default)
