@@ -718,8 +718,9 @@ def _generate_tab(pipe: EARPipeline, model: gr.Dropdown, pace: gr.State) -> list
                               label=NUM_IMAGES.label, info="shown as a grid")
             sampling, refilled = _sampling_controls(pipe, model)
             speedups = _speedup_controls(pipe)
-            speedups[1].change(tau_follows, speedups[1], speedups[2], queue=False, show_progress="hidden",
-                               api_visibility="private")
+            _refine, activation, tau = speedups
+            activation.change(tau_follows, activation, tau, queue=False, show_progress="hidden",
+                              api_visibility="private")
             fmt = _format_picker()
             run, *buttons = _buttons("Generate", "gen")
         with gr.Column(scale=2):
@@ -803,7 +804,7 @@ def last_generated(gallery: Any) -> list[Any]:
     first = gallery[0] if isinstance(gallery, list) and gallery else None
     picture = first[0] if isinstance(first, tuple | list) else first
     if picture is None:
-        return [gr.skip(), "⚠️ Generate a picture first: there is none to edit yet."]
+        return [gr.skip(), _warning(ValueError("Generate a picture first: there is none to edit yet."))]
     return [_editor_value(picture), ""]
 
 
